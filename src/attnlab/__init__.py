@@ -1,0 +1,1 @@
+"""attnlab: train attention models and find out what their attention means."""

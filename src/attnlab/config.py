@@ -1,0 +1,146 @@
+"""The ``params.yaml`` schema: typed, validated once at the edge, clear errors.
+
+Every stage loads the whole file through :func:`load_params`, so an unknown key, a
+wrong type or an unknown experiment anywhere stops the stage before it writes
+anything, with one line naming the key and what was expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A malformed ``params.yaml``; the message is one line naming the key."""
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors listing the accepted ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown key {unknown[0]!r}; accepted: {', '.join(cls.model_fields)}")
+        return data
+
+
+# --------------------------------------------------------------------------- motion
+class MotionPrepare(Section):
+    source: Literal["basic_motions"] = "basic_motions"
+    normalize: bool = True
+
+
+class EncoderModel(Section):
+    d_model: int = Field(32, gt=0)
+    nhead: int = Field(4, gt=0)
+    num_layers: int = Field(3, gt=0)
+    dim_feedforward: int = Field(64, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    pooling: Literal["mean", "cls"] = "mean"
+    positional: bool = False
+    norm_first: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "EncoderModel":
+        if self.d_model % self.nhead:
+            raise ValueError(f"d_model={self.d_model} must be divisible by nhead={self.nhead}")
+        return self
+
+
+class Train(Section):
+    epochs: int = Field(60, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    seed: int = 0
+
+
+class Extract(Section):
+    batch_size: int = Field(16, gt=0)
+
+
+class Report(Section):
+    examples: int = Field(4, gt=0)
+
+
+class MotionParams(Section):
+    prepare: MotionPrepare = MotionPrepare()
+    model: EncoderModel = EncoderModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    report: Report = Report()
+
+
+# --------------------------------------------------------------------------- top level
+EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams}
+
+
+class Params(Section):
+    experiments: list[str]
+    motion: MotionParams | None = None
+
+    @model_validator(mode="after")
+    def _experiments_known(self) -> "Params":
+        for i, name in enumerate(self.experiments):
+            if name not in EXPERIMENTS:
+                raise ValueError(f"experiments[{i}]: unknown experiment {name!r}; accepted: {', '.join(EXPERIMENTS)}")
+            if getattr(self, name) is None:
+                raise ValueError(f"experiments[{i}]: {name!r} is listed but has no '{name}:' section")
+        return self
+
+    def experiment(self, name: str) -> Section:
+        """The section of experiment ``name``; it must be listed in ``experiments``."""
+        if name not in self.experiments:
+            raise ConfigError(f"experiment {name!r} is not listed in params.yaml 'experiments' "
+                              f"(listed: {', '.join(self.experiments) or 'none'})")
+        return getattr(self, name)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] not in ("value_error", "missing") and "input" in first:
+        msg += f" (got {first['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raises :class:`ConfigError` with one line."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_one_line(err)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    return parse_params(data, str(path))
+
+
+def flatten(section: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.002, ...}``: a section's params as flat keys (for MLflow)."""
+    out: dict[str, Any] = {}
+    for key, value in section:
+        name = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,1 @@
+"""Data sources. Each returns tensors + labels (+ evidence masks where known)."""

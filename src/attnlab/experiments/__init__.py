@@ -1,0 +1,20 @@
+"""Experiments: what each pipeline stage does for each experiment named in params.yaml.
+
+The stages in ``stages/`` are the same for every experiment; they look the
+experiment up here and call its methods with its validated params section.
+"""
+from __future__ import annotations
+
+from attnlab.experiments.base import ClassifierExperiment
+from attnlab.experiments.motion import MotionExperiment
+
+REGISTRY: dict[str, type[ClassifierExperiment]] = {"motion": MotionExperiment}
+
+
+def get_experiment(name: str) -> ClassifierExperiment:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown experiment {name!r}; accepted: {', '.join(REGISTRY)}")
+    return REGISTRY[name]()
+
+
+__all__ = ["ClassifierExperiment", "REGISTRY", "get_experiment"]

@@ -1,0 +1,107 @@
+"""The stage logic shared by classification experiments.
+
+An experiment subclass says how to *prepare* its data and which model to build;
+training, attention extraction, the report and MLflow tracking are the same for all.
+Files per stage (all under ``data/<experiment>/<stage>/``):
+
+* prepare: ``dataset.npz`` (x_train, y_train, x_test, y_test[, evidence_test]), ``meta.json``
+* train:   ``model.pt`` (checkpoint), ``metrics.json``, ``history.csv``
+* extract: ``attention.h5`` (every layer's per-head attention of each test sample),
+  ``predictions.npz`` (y, pred, prob)
+* report:  ``report.html`` (self-contained), ``figures/*.png``
+* track:   ``run.json`` (the MLflow run holding this pipeline state)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnlab import io
+from attnlab.config import Section, flatten
+from attnlab.models import load_checkpoint, save_checkpoint
+
+
+class ClassifierExperiment:
+    """Base class; subclasses set ``name`` and implement ``prepare`` and ``model_spec``."""
+
+    name: str = ""
+    item_name: str = "item"          # what the attention's tokens are: timestep, frame, token...
+
+    # ------------------------------------------------------------------ per experiment
+    def prepare(self, cfg: Section, out: Path) -> None:
+        raise NotImplementedError
+
+    def model_spec(self, cfg: Section, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``(factory, kwargs)`` for :func:`attnlab.models.build_model`."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        return model(xb)
+
+    # ------------------------------------------------------------------ shared stages
+    @staticmethod
+    def load_dataset(prepared: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        arrays = io.load_arrays(prepared / "dataset.npz")
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}, io.read_json(prepared / "meta.json")
+
+    def train(self, cfg: Section, prepared: Path, out: Path, *, progress: bool = False) -> None:
+        from attnlab.models import build_model
+        from attnlab.training import fit_classifier
+
+        data, meta = self.load_dataset(prepared)
+        factory, kwargs = self.model_spec(cfg, meta)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(factory, kwargs)
+        history = fit_classifier(model, data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                                 cfg.train, forward=self.forward, progress=progress)
+        save_checkpoint(out / "model.pt", model, factory, kwargs)
+        history.to_csv(out / "history.csv", index=False)
+        final = history.iloc[-1]
+        io.write_json(out / "metrics.json", {
+            "test_accuracy": float(final["test_accuracy"]),
+            "test_macro_f1": float(final["test_macro_f1"]),
+            "test_loss": float(final["test_loss"]),
+            "train_accuracy": float(final["train_accuracy"]),
+            "epochs": int(final["epoch"]),
+        })
+
+    def extract(self, cfg: Section, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
+        from attnlab.store import extract_attention
+        from attnlab.training import predict
+
+        data, _ = self.load_dataset(prepared)
+        model = load_checkpoint(trained / "model.pt")
+        x, y = data["x_test"], data["y_test"]
+        batches = (x[i:i + cfg.extract.batch_size] for i in range(0, len(x), cfg.extract.batch_size))
+        extract_attention(model, batches, out / "attention.h5",
+                          forward=self.forward, progress=progress)
+        prob = predict(model, x, forward=self.forward).softmax(-1)
+        io.save_arrays(out / "predictions.npz", y=y.numpy(), pred=prob.argmax(-1).numpy(),
+                       prob=prob.numpy().astype(np.float32))
+
+    def report(self, cfg: Section, root: Path, out: Path) -> None:
+        from attnlab.report.classifier import write_classifier_report
+
+        write_classifier_report(self, cfg, root, out)
+
+    def track(self, cfg: Section, root: Path, out: Path) -> None:
+        """Log this pipeline state (params, metrics, model, attention, report) to MLflow."""
+        import pandas as pd
+
+        from attnlab import tracking
+
+        train, extract, report = root / "train", root / "extract", root / "report"
+        recorded = [train / "model.pt", train / "metrics.json", train / "history.csv",
+                    extract / "attention.h5", extract / "predictions.npz", report / "report.html"]
+        metrics = {f"final.{k}": v for k, v in io.read_json(train / "metrics.json").items()}
+        run_id, created = tracking.log_pipeline_run(
+            self.name, params=flatten(cfg), metrics=metrics, files=recorded,
+            history=pd.read_csv(train / "history.csv"),
+            model=load_checkpoint(train / "model.pt"),
+            artifacts={"attention": extract, "report": report})
+        io.write_json(out / "run.json", {"experiment": self.name, "run_id": run_id})
+        print(f"{self.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")

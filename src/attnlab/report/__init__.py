@@ -1,0 +1,1 @@
+"""Figures (matplotlib/seaborn) and self-contained HTML reports."""

@@ -1,0 +1,79 @@
+"""params.yaml validation: one clear line naming the key, no partial outputs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attnlab.config import ConfigError, flatten, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.experiments
+    for name in params.experiments:
+        assert params.experiment(name) is not None
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"experiments": ["motion", "walking"], "motion": {}},
+     "experiments[1]: unknown experiment 'walking'; accepted: motion"),
+    ({"experiments": ["motion"], "motion": {"train": {"lrr": 0.1}}},
+     "motion.train: unknown key 'lrr'; accepted: epochs, batch_size, lr, weight_decay, seed"),
+    ({"experiments": ["motion"], "motion": {"train": {"epochs": "many"}}}, "motion.train.epochs:"),
+    ({"experiments": ["motion"], "motion": {"train": {"lr": -1}}}, "motion.train.lr:"),
+    ({"experiments": ["motion"], "motion": {"model": {"pooling": "max"}}}, "motion.model.pooling:"),
+    ({"experiments": ["motion"], "motion": {"model": {"d_model": 30, "nhead": 4}}},
+     "d_model=30 must be divisible by nhead=4"),
+    ({"experiments": ["motion"]}, "'motion' is listed but has no 'motion:' section"),
+    ({"experiments": ["motion"], "motion": {}, "motoin": {}}, "unknown key 'motoin'"),
+])
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_wrong_type_reports_the_value():
+    with pytest.raises(ConfigError, match=r"motion\.train\.epochs: .*\(got 'many'\)"):
+        parse_params({"experiments": ["motion"], "motion": {"train": {"epochs": "many"}}})
+
+
+def test_experiment_not_listed():
+    params = parse_params({"experiments": ["motion"], "motion": {}})
+    with pytest.raises(ConfigError, match="'tokens' is not listed"):
+        params.experiment("tokens")
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(parse_params({"experiments": ["motion"], "motion": {"train": {"lr": 0.5}}}).motion)
+    assert flat["train.lr"] == 0.5 and flat["model.pooling"] == "mean"
+    assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("experiments: [motion\nmotion: {")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML") and "\n" not in str(err.value)
+
+
+def test_stage_with_bad_params_fails_cleanly(tmp_path):
+    """A stage given a malformed params file exits 2 with one stderr line and writes nothing."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["motion"]["prepare"]["normalise"] = True          # misspelt key
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "prepare.py"), "motion",
+                           "--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: {tmp_path / 'params.yaml'}: motion.prepare: unknown key 'normalise'; "
+                     "accepted: source, normalize"]
+    assert not (tmp_path / "data").exists()

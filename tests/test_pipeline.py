@@ -1,0 +1,111 @@
+"""End to end: the real dvc.yaml and stages on a tiny configuration, in a temporary
+git + DVC repository, with MLflow runs checked in the project's SQLite store."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd, cwd, env, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("proj")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("stages", "src", ".dvc"):
+        shutil.copytree(ROOT / name, repo / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp", "cache"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["experiments"] = ["motion"]
+    params["motion"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
+    params["motion"]["train"].update(epochs=3, batch_size=20)
+    params["motion"]["report"]["examples"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("ATTNLAB_ROOT", None)
+    _run(["git", "init", "-q", "-b", "main"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny project"], repo, env)
+    _run([sys.executable, "-c", "from attnlab.tracking import init_store; init_store()"], repo, env)
+    first = _run(["dvc", "repro"], repo, env)
+    return repo, env, first
+
+
+def _runs(repo):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("motion")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_repro_produces_every_output(project):
+    repo, env, _ = project
+    data = repo / "data" / "motion"
+    metrics = json.loads((data / "train" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and "test_macro_f1" in metrics
+    history = (data / "train" / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and len(history) == 1 + 3
+    import h5py
+    with h5py.File(data / "extract" / "attention.h5") as f:
+        shapes = sorted({f[k].shape for k in f})
+        dtypes = {f[k].dtype for k in f}
+    assert shapes == [(40, 2, 100, 100)] and len(list(data.glob("extract/attention.h5"))) == 1
+    assert {str(d) for d in dtypes} == {"float16"}
+    html = (data / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    assert "http://" not in html and "https://" not in html        # opens offline
+    status = _run(["dvc", "status"], repo, env).stdout
+    assert "up to date" in status
+
+
+def test_second_repro_does_nothing(project):
+    repo, env, _ = project
+    out = _run(["dvc", "repro"], repo, env).stdout
+    assert "Running stage" not in out
+
+
+def test_mlflow_run_holds_params_metrics_model_attention(project):
+    repo, env, _ = project
+    client, runs = _runs(repo)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.epochs"] == "3" and run.data.params["model.d_model"] == "16"
+    metrics = json.loads((repo / "data/motion/train/metrics.json").read_text())
+    assert run.data.metrics["final.test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 3
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"attention", "report", "model"} <= arts
+    head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    assert run.data.tags["git.commit"] == head
+    assert run.data.tags["dvc.exp_name"] == "workspace"
+    assert {"dvc.lock.prepare", "dvc.lock.train", "dvc.lock.extract"} <= set(run.data.tags)
+    recorded = json.loads((repo / "data/motion/track/run.json").read_text())
+    assert recorded["run_id"] == run.info.run_id
+
+
+def test_exp_run_with_changed_param_makes_second_run(project):
+    repo, env, _ = project
+    _run(["dvc", "exp", "run", "-S", "motion.train.epochs=4", "--name", "longer"], repo, env)
+    client, runs = _runs(repo)
+    assert len(runs) == 2
+    by_epochs = {r.data.params["train.epochs"]: r for r in runs}
+    assert set(by_epochs) == {"3", "4"}
+    assert by_epochs["4"].data.tags["dvc.exp_name"] == "longer"
+    assert all("final.test_accuracy" in r.data.metrics for r in runs)

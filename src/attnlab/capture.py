@@ -1,7 +1,24 @@
-"""Recording attention probabilities from any PyTorch model."""
+"""Recording attention probabilities (and their gradients) from any PyTorch model.
+
+Two kinds of module are recordable:
+
+* ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoder``/``Decoder`` layers, whose
+  attention is otherwise hidden behind ``need_weights=False`` and fused fast paths);
+* :class:`AttentionProbs`, the marker the project's own attention modules call on
+  their softmax output.
+
+:class:`AttentionRecorder` is a context manager: inside ``with`` the modules record,
+on exit the model is exactly as it was (no hooks, no patched methods, the global MHA
+fast-path flag back to its previous value), also when the block raises.
+"""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,3 +34,341 @@ class AttentionProbs(nn.Module):
 
     def forward(self, probs_bhqk: torch.Tensor) -> torch.Tensor:
         return probs_bhqk
+
+
+_RECORDABLE_NAMES = ("MultiheadAttention", "AttentionProbs")
+_Record = Callable[[torch.Tensor], torch.Tensor]
+
+
+class AttentionRecorder:
+    """Record the attention probabilities of every attention call of ``model``.
+
+    ``with AttentionRecorder(model) as rec: model(x)`` then
+
+    * ``rec.attentions[i]``: ``[B, H, Lq, Lk]`` softmax probabilities of the i-th
+      attention call, before dropout, batch-first whatever the module's
+      ``batch_first`` (an unbatched call gives ``B = 1``); detached. For
+      ``nn.MultiheadAttention`` with ``add_bias_kv`` / ``add_zero_attn`` the extra
+      key columns are included (``Lk = S + 1`` or ``S + 2``), as torch computes them.
+    * ``rec.names[i]``: the qualified name of the module that made the call (a module
+      called three times gives three entries with the same name).
+    * ``rec.gradients[i]`` (``keep_grad=True``, after ``loss.backward()``):
+      ``d loss / d rec.attentions[i]``, taken on the very tensor the module's output
+      was computed from. It works on frozen models too: the probabilities are made to
+      require grad when nothing upstream does.
+
+    Args:
+        model: any ``nn.Module`` containing ``nn.MultiheadAttention`` or
+            :class:`AttentionProbs` modules.
+        modules: qualified names (as in ``model.named_modules()``) of the modules to
+            record; default all of them.
+        keep_grad: also capture the gradient of the loss with respect to each entry.
+
+    Raises:
+        ValueError: ``model`` has no recordable module; a name in ``modules`` is not
+            a recordable module of ``model``; a module cannot be recorded (TorchScript,
+            ``torch.compile``, a subclass of ``nn.MultiheadAttention`` that overrides
+            ``forward``, or a module whose ``forward`` is already patched).
+
+    Inside the block ``torch.backends.mha`` fast path is disabled (globally), because
+    the fused kernels never expose the probabilities. Numerically the recorded model
+    equals the plain one to float rounding; dropout draws the same random numbers as
+    torch's own attention, so seeded train-mode runs are reproduced as well.
+    """
+
+    def __init__(self, model: nn.Module, *, modules: Iterable[str] | str | None = None,
+                 keep_grad: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.keep_grad = bool(keep_grad)
+        self._targets = _select_targets(model, modules)
+        self.attentions: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self._grad_slots: list[list] = []      # one [grad or None, needs_grad] per entry
+        self._restore: list[Callable[[], None]] = []
+        self._active = False
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "AttentionRecorder":
+        if self._active:
+            raise RuntimeError("this AttentionRecorder is already active (entered twice)")
+        try:
+            for name, module in self._targets:
+                if isinstance(module, nn.MultiheadAttention):
+                    self._patch_mha(name, module)
+                else:
+                    handle = module.register_forward_hook(self._probs_hook(name))
+                    self._restore.append(handle.remove)
+            if any(isinstance(m, nn.MultiheadAttention) for _, m in self._targets):
+                previous = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                self._restore.append(lambda: torch.backends.mha.set_fastpath_enabled(previous))
+        except BaseException:
+            self._undo()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._undo()
+        self._active = False
+
+    def _undo(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+    def _patch_mha(self, name: str, mha: nn.MultiheadAttention) -> None:
+        if "forward" in mha.__dict__:
+            raise ValueError(f"module {name!r} already has a patched forward (is another "
+                             "AttentionRecorder active on it?); nested recorders on the "
+                             "same module are not supported")
+        record = self._recorder_for(name)
+
+        def forward(query, key, value, key_padding_mask=None, need_weights=True,
+                    attn_mask=None, average_attn_weights=True, is_causal=False):
+            return _mha_forward(mha, record, query, key, value, key_padding_mask,
+                                need_weights, attn_mask, average_attn_weights, is_causal)
+
+        mha.forward = forward
+        self._restore.append(lambda: mha.__dict__.pop("forward", None))
+
+    def _probs_hook(self, name: str):
+        record = self._recorder_for(name)
+
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                raise ValueError(f"AttentionProbs module {name!r} got "
+                                 f"{getattr(output, 'shape', type(output).__name__)}; "
+                                 "expected a [B, H, Lq, Lk] tensor")
+            return record(output)
+
+        return hook
+
+    # ------------------------------------------------------------------ recording
+    def _recorder_for(self, name: str) -> _Record:
+        """A function that stores ``probs`` under ``name`` and returns the tensor the
+        module must continue with (``probs`` itself, or a grad-requiring leaf)."""
+
+        def record(probs: torch.Tensor) -> torch.Tensor:
+            self.attentions.append(probs.detach())
+            self.names.append(name)
+            slot = [None, False]
+            self._grad_slots.append(slot)
+            if self.keep_grad and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+                if not probs.requires_grad:      # frozen model: start the graph here
+                    probs = probs.detach().requires_grad_()
+                slot[1] = True
+
+                def keep(grad: torch.Tensor) -> None:
+                    slot[0] = grad.detach() if slot[0] is None else slot[0] + grad.detach()
+
+                probs.register_hook(keep)
+            return probs
+
+        return record
+
+    # ------------------------------------------------------------------ results
+    @property
+    def gradients(self) -> list[torch.Tensor]:
+        """``d loss / d attentions[i]`` for every entry, after ``backward()``.
+
+        An entry that the loss does not depend on gets zeros. Gradients accumulate
+        over several ``backward()`` calls, like ``.grad``; :meth:`clear` resets them.
+        """
+        if not self.keep_grad:
+            raise RuntimeError("gradients are only kept with AttentionRecorder(..., keep_grad=True)")
+        for i, (name, (_, needs_grad)) in enumerate(zip(self.names, self._grad_slots)):
+            if not needs_grad:
+                raise RuntimeError(f"entry {i} ({name!r}) was recorded with autograd off "
+                                   "(torch.no_grad / inference_mode): it has no gradient")
+        if not self._grad_slots or all(g is None for g, _ in self._grad_slots):
+            raise RuntimeError("no gradient yet: call backward() on a loss computed from "
+                               "the recorded forward pass first")
+        return [torch.zeros_like(a) if g is None else g
+                for a, (g, _) in zip(self.attentions, self._grad_slots)]
+
+    def by_name(self) -> dict[str, list[torch.Tensor]]:
+        """``{module name: [attention of each call, in call order]}``."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, att in zip(self.names, self.attentions):
+            out.setdefault(name, []).append(att)
+        return out
+
+    def clear(self) -> None:
+        """Forget all entries (and gradients), e.g. between batches."""
+        self.attentions = []
+        self.names = []
+        self._grad_slots = []
+
+    def __len__(self) -> int:
+        return len(self.attentions)
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "inactive"
+        return (f"AttentionRecorder({len(self._targets)} modules, {len(self)} entries, "
+                f"keep_grad={self.keep_grad}, {state})")
+
+
+# ---------------------------------------------------------------------- discovery
+def _select_targets(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    """Recordable ``(name, module)`` pairs of ``model``, restricted to ``modules``."""
+    recordable: list[tuple[str, nn.Module]] = []
+    unrecordable: dict[str, str] = {}            # name -> reason
+    for name, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod"):
+            where = f"{name!r}" if name else "the model"
+            raise ValueError(f"{where} is compiled with torch.compile; attention cannot be "
+                             f"recorded through compiled code: record `{name or 'model'}._orig_mod` "
+                             "instead")
+        if isinstance(m, torch.jit.ScriptModule):
+            if getattr(m, "original_name", "") in _RECORDABLE_NAMES:
+                unrecordable[name] = "is a TorchScript module (scripted or traced); record the eager module instead"
+        elif isinstance(m, nn.MultiheadAttention):
+            if type(m).forward is not nn.MultiheadAttention.forward:
+                if any(isinstance(c, AttentionProbs) for c in m.modules()):
+                    continue                     # recorded through its own marker
+                unrecordable[name] = (f"is a {type(m).__name__}, a subclass of nn.MultiheadAttention "
+                                      "that overrides forward(); call AttentionProbs on its "
+                                      "probabilities instead")
+            else:
+                recordable.append((name, m))
+        elif isinstance(m, AttentionProbs):
+            recordable.append((name, m))
+
+    listing = ", ".join(repr(n) for n, _ in recordable) or "none"
+    if modules is None:
+        if unrecordable:
+            name, why = next(iter(unrecordable.items()))
+            raise ValueError(f"attention module {name!r} {why} (recordable modules: {listing}; "
+                             "pass modules=[...] to record only those)")
+        if not recordable:
+            raise ValueError(f"{type(model).__name__} has no nn.MultiheadAttention or "
+                             "AttentionProbs module to record")
+        return recordable
+
+    wanted = [modules] if isinstance(modules, str) else list(modules)
+    if not wanted:
+        raise ValueError(f"modules is empty; recordable modules: {listing}")
+    canonical = {id(m): n for n, m in recordable}      # a shared module records under its first name
+    all_modules = dict(model.named_modules(remove_duplicate=False))
+    keep = set()
+    for name in wanted:
+        if name in unrecordable:
+            raise ValueError(f"module {name!r} {unrecordable[name]}")
+        if name not in all_modules:
+            raise ValueError(f"modules: {name!r} is not a module of the model; "
+                             f"recordable modules: {listing}")
+        if id(all_modules[name]) not in canonical:
+            raise ValueError(f"modules: {name!r} is a {type(all_modules[name]).__name__}, not an "
+                             f"attention module; recordable modules: {listing}")
+        keep.add(canonical[id(all_modules[name])])
+    return [(n, m) for n, m in recordable if n in keep]
+
+
+# ---------------------------------------------------------------------- MHA maths
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool masks (True = masked) become additive ``-inf`` masks, as torch does."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise TypeError(f"only bool and floating masks are supported, got {mask.dtype}")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
+                 key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal):
+    """``nn.MultiheadAttention.forward`` computed explicitly, recording the
+    probabilities between softmax and dropout. Returns what MHA.forward returns."""
+    if query.is_nested or key.is_nested or value.is_nested:
+        raise ValueError("AttentionRecorder does not support NestedTensor inputs")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
+                           "Transformer module method `generate_square_subsequent_mask` to "
+                           "create this mask.")
+    self_attn = query is key and key is value
+    batched = query.dim() == 3
+    if batched and not mha.batch_first:                 # [L, B, E] -> [B, L, E]
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    elif not batched:                                   # [L, E] -> [1, L, E]
+        query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    bsz, tgt_len, embed_dim = query.shape
+    heads, head_dim = mha.num_heads, mha.head_dim
+    if embed_dim != mha.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {embed_dim}")
+
+    # in-projections: q [B, L, E], k and v [B, S, E]
+    bias = mha.in_proj_bias
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+    if mha._qkv_same_embed_dim:
+        if self_attn:
+            q, k, v = F.linear(query, mha.in_proj_weight, bias).chunk(3, dim=-1)
+        else:
+            w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    else:
+        q = F.linear(query, mha.q_proj_weight, b_q)
+        k = F.linear(key, mha.k_proj_weight, b_k)
+        v = F.linear(value, mha.v_proj_weight, b_v)
+    extra = 0                                           # key columns added below
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.expand(bsz, 1, embed_dim)], dim=1)
+        v = torch.cat([v, mha.bias_v.expand(bsz, 1, embed_dim)], dim=1)
+        extra += 1
+    q = q.reshape(bsz, tgt_len, heads, head_dim).transpose(1, 2)       # [B, H, L, d]
+    k = k.reshape(bsz, -1, heads, head_dim).transpose(1, 2)            # [B, H, S', d]
+    v = v.reshape(bsz, -1, heads, head_dim).transpose(1, 2)
+    if mha.add_zero_attn:
+        zeros = k.new_zeros(bsz, heads, 1, head_dim)
+        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+        extra += 1
+    src_len = k.shape[2]
+
+    # masks, merged additively into one [B or 1, H or 1, L, S'] tensor
+    mask = _float_mask(attn_mask, query.dtype)
+    if mask is not None:
+        if mask.dim() == 3:                             # [B*H, L, S] (or [H, L, S] unbatched)
+            mask = mask.reshape(bsz, heads, tgt_len, -1)
+        elif mask.dim() != 2:
+            raise RuntimeError(f"attn_mask's dimension {mask.dim()} is not supported")
+        if mask.shape[-1] + extra != src_len or mask.shape[-2] != tgt_len:
+            raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not match "
+                               f"target length {tgt_len} and source length {src_len - extra}")
+        mask = F.pad(mask, (0, extra)) if extra else mask
+    kpm = _float_mask(key_padding_mask, query.dtype)
+    if kpm is not None:
+        if tuple(kpm.shape) != (bsz, src_len - extra):
+            raise AssertionError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} "
+                                 f"does not match (batch, source length) = {(bsz, src_len - extra)}")
+        kpm = F.pad(kpm, (0, extra)) if extra else kpm
+        kpm = kpm[:, None, None, :]
+        mask = kpm if mask is None else mask + kpm
+
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(head_dim))   # [B, H, L, S']
+    if mask is not None:
+        scores = scores.add_(mask)
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None and not need_weights:
+        # torch's need_weights=False path (SDPA) gives fully masked rows zero weight
+        # instead of NaN; need_weights=True keeps the NaN, and so do we.
+        dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
+        if bool(dead.any()):
+            probs = probs.masked_fill(dead, 0.0)
+    probs = record(probs)
+    dropped = F.dropout(probs, p=mha.dropout, training=mha.training) if mha.dropout > 0 else probs
+    out = torch.matmul(dropped, v)                                      # [B, H, L, d]
+    # Torch lays the output out as a contiguous [L, B, E] (transposed to [B, L, E] for
+    # batch_first). Keep that memory layout: a following dropout draws its random
+    # numbers in memory order, so the layout decides which elements it drops.
+    out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(tgt_len, bsz, embed_dim)
+    if not batched:
+        out = out.squeeze(1)
+    elif mha.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    weights = dropped.mean(dim=1) if average_attn_weights else dropped
+    return out, (weights.squeeze(0) if not batched else weights)

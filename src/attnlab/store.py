@@ -1,0 +1,214 @@
+"""Streaming attention extraction to HDF5, and reading it back.
+
+File layout (one file per extraction):
+
+* one dataset per recorded entry (attention call), named ``"{call:02d}.{module}"``,
+  e.g. ``"00.encoder.layers.0.self_attn"``; shape ``[N, H, Lq, Lk]`` float16 (or
+  ``[N, k, H, Lq, Lk]`` for a factorised module that batches over ``k·B`` rows, e.g.
+  ``batch·frames``), gzip-compressed, one sample per chunk, resizable along ``N``;
+* file attributes ``names`` (the module name of each entry, in call order) and
+  ``num_samples``; each dataset carries its ``module`` and ``call`` index.
+
+Memory stays bounded by one batch whatever the dataset size.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from attnlab.capture import AttentionRecorder
+
+
+def entry_key(call: int, name: str) -> str:
+    """Dataset name of the ``call``-th recorded entry, made by module ``name``."""
+    return f"{call:02d}.{name or '<model>'}"
+
+
+def _batch_size(batch: Any) -> int:
+    """Number of samples in a batch: dim 0 of its first tensor."""
+    if isinstance(batch, torch.Tensor) and batch.dim() > 0:
+        return batch.shape[0]
+    if isinstance(batch, (tuple, list, dict)):
+        for v in (batch.values() if isinstance(batch, dict) else batch):
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return v.shape[0]
+    raise TypeError(f"cannot tell the number of samples of a {type(batch).__name__} batch: "
+                    "expected a tensor, or a tuple/list/dict whose first tensor is batch-first")
+
+
+def _per_sample(att: torch.Tensor, n: int, key: str) -> torch.Tensor:
+    """``[n·k, H, Lq, Lk]`` -> ``[n, H, Lq, Lk]`` (k = 1) or ``[n, k, H, Lq, Lk]``."""
+    rows = att.shape[0]
+    if rows == n:
+        return att
+    if rows % n:
+        raise ValueError(f"entry {key!r} has {rows} rows for a batch of {n} samples; expected "
+                         "a multiple of the batch size (batch-first attention)")
+    return att.reshape(n, rows // n, *att.shape[1:])
+
+
+def extract_attention(model: nn.Module, batches: Iterable[Any], path: str | os.PathLike, *,
+                      modules: Iterable[str] | None = None,
+                      forward: Callable[[nn.Module, Any], Any] | None = None,
+                      progress: bool = False) -> int:
+    """Run ``model`` over ``batches`` and stream every recorded attention map to ``path``.
+
+    Args:
+        model: run under ``torch.no_grad`` in its current train/eval mode.
+        batches: yields a tensor or a tuple of tensors, passed as ``model(*batch)``;
+            their first tensor is batch-first (dim 0 counts the samples).
+        path: the HDF5 file to write. It is written to a temporary file beside it and
+            renamed at the end, so a failure leaves no partial output (and an existing
+            file at ``path`` untouched).
+        modules: the modules to record (names as in ``model.named_modules()``), default all.
+        forward: ``forward(model, batch)`` runs one batch instead of ``model(*batch)``
+            (keyword arguments, dict batches, seq-first models...).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The number of samples written.
+
+    Raises:
+        ValueError: an entry's shape (or the number of entries) differs between batches.
+    """
+    path = Path(path)
+    recorder = AttentionRecorder(model, modules=modules)      # validates before any I/O
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        n_total = 0
+        with h5py.File(tmp, "w") as f, torch.no_grad(), recorder as rec:
+            keys: list[str] | None = None           # dataset names, set by the first batch
+            if progress:
+                from tqdm.auto import tqdm
+                batches = tqdm(batches, desc=f"extract {path.name}", unit="batch")
+            for batch in batches:
+                rec.clear()
+                if forward is not None:
+                    forward(model, batch)
+                else:
+                    model(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                n = _batch_size(batch)
+                if keys is None:
+                    keys = _create_datasets(f, rec, n)
+                _append(f, keys, rec, n, n_total)
+                n_total += n
+            f.attrs["names"] = [str(f[k].attrs["module"]) for k in keys or []]
+            f.attrs["num_samples"] = n_total
+        os.replace(tmp, path)
+        return n_total
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _create_datasets(f: h5py.File, rec: AttentionRecorder, n: int) -> list[str]:
+    keys = []
+    for call, (name, att) in enumerate(zip(rec.names, rec.attentions)):
+        key = entry_key(call, name)
+        per_sample = _per_sample(att, n, key).shape[1:]
+        ds = f.create_dataset(key, shape=(0, *per_sample), maxshape=(None, *per_sample),
+                              dtype="float16", chunks=(1, *per_sample), compression="gzip",
+                              track_times=False)   # identical content -> identical bytes (DVC hashes)
+        ds.attrs["module"] = name
+        ds.attrs["call"] = call
+        keys.append(key)
+    return keys
+
+
+def _append(f: h5py.File, keys: list[str], rec: AttentionRecorder, n: int, start: int) -> None:
+    if len(rec) != len(keys):
+        raise ValueError(f"batch starting at sample {start} recorded {len(rec)} attention calls, "
+                         f"the first batch {len(keys)} ({keys})")
+    for key, name, att in zip(keys, rec.names, rec.attentions):
+        ds = f[key]
+        if name != ds.attrs["module"]:
+            raise ValueError(f"entry {key!r}: batch starting at sample {start} recorded module "
+                             f"{name!r} at this call index")
+        att = _per_sample(att, n, key)
+        if tuple(att.shape[1:]) != ds.shape[1:]:
+            raise ValueError(f"entry {key!r}: batch starting at sample {start} has per-sample shape "
+                             f"{tuple(att.shape[1:])}, earlier batches {ds.shape[1:]} "
+                             "(pad sequences to a fixed length)")
+        ds.resize(start + n, axis=0)
+        ds[start:start + n] = att.to(torch.float16).cpu().numpy()
+
+
+class _Entry:
+    """Sliceable view of one stored entry: ``entry[i0:i1]`` -> float32 tensor."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self._ds = ds
+        self.shape = tuple(ds.shape)
+        self.name = str(ds.attrs["module"])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self._ds[index], dtype=np.float32))
+
+
+class AttentionReader:
+    """Read a file written by :func:`extract_attention`.
+
+    ``with AttentionReader(path) as r:``
+
+    * ``r.names``: module name of each entry; ``r.keys``: dataset names; ``len(r)``: N.
+    * ``r.sample(i)``: one float32 ``[H, Lq, Lk]`` tensor per entry.
+    * ``r.entry(k)[i0:i1]``: float32 ``[i1 - i0, H, Lq, Lk]`` of entry ``k`` (index or key).
+    * ``r.batches(batch_size)``: yields lists (one per entry) of float32 ``[b, H, Lq, Lk]``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = h5py.File(self.path, "r")
+        try:
+            self.names: list[str] = [str(n) for n in self._file.attrs["names"]]
+            self.num_samples = int(self._file.attrs["num_samples"])
+        except KeyError as err:
+            self._file.close()
+            raise ValueError(f"{self.path} is not an attention file written by "
+                             f"extract_attention (missing attribute {err})") from None
+        self.keys: list[str] = sorted(self._file.keys(), key=lambda k: int(self._file[k].attrs["call"]))
+
+    def __enter__(self) -> "AttentionReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def entry(self, k: int | str) -> _Entry:
+        key = self.keys[k] if isinstance(k, int) else k
+        if key not in self.keys:
+            raise KeyError(f"no entry {key!r}; entries: {self.keys}")
+        return _Entry(self._file[key])
+
+    def sample(self, i: int) -> list[torch.Tensor]:
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        return [self.entry(k)[i] for k in self.keys]
+
+    def batches(self, batch_size: int) -> Iterator[list[torch.Tensor]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        entries: Sequence[_Entry] = [self.entry(k) for k in self.keys]
+        for start in range(0, self.num_samples, batch_size):
+            yield [e[start:start + batch_size] for e in entries]
+
+    def __repr__(self) -> str:
+        return f"AttentionReader({str(self.path)!r}, {len(self.keys)} entries, {self.num_samples} samples)"

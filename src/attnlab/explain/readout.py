@@ -1,0 +1,54 @@
+"""Reading one relevance row out of a joint token×token matrix."""
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from .rollout import check_padding_mask
+
+__all__ = ["readout"]
+
+
+def readout(
+    joint: Tensor,
+    how: Literal["cls", "mean"] | int = "cls",
+    *,
+    padding_mask: Tensor | None = None,
+) -> Tensor:
+    """One row of a joint relevance matrix ``[B, N, N]`` (row = output token, column =
+    input token), as returned by :func:`rollout`, :func:`grad_rollout` or
+    :func:`attention_flow`.
+
+    Args:
+        joint: ``[B, N, N]``.
+        how: ``"cls"`` — row 0 (class-token models); ``"mean"`` — the mean over query
+            rows (mean-pooled models); an ``int`` — that token's row (negative counts
+            from the end, as in Python indexing).
+        padding_mask: optional ``[B, N]`` bool, True = padded; only for ``"mean"``,
+            which then averages over real query rows only (a sample with no real token
+            gives a zero row).
+
+    Returns:
+        ``[B, N]``: relevance of every input token for the chosen output.
+    """
+    if not isinstance(joint, Tensor) or joint.ndim != 3 or joint.shape[1] != joint.shape[2]:
+        shape = tuple(joint.shape) if isinstance(joint, Tensor) else type(joint).__name__
+        raise ValueError(f"joint must be a tensor [B, N, N]; got {shape}")
+    batch, n_tok, _ = joint.shape
+    if padding_mask is not None and how != "mean":
+        raise ValueError(f'padding_mask is only used with how="mean"; got how={how!r}')
+    if how == "cls":
+        return joint[:, 0]
+    if how == "mean":
+        if padding_mask is None:
+            return joint.mean(dim=1)
+        real = ~check_padding_mask(padding_mask, batch, n_tok).to(joint.device)
+        weight = real.to(joint.dtype)
+        count = weight.sum(dim=1, keepdim=True).clamp_min(1)
+        return (weight[:, :, None] * joint).sum(dim=1) / count
+    if isinstance(how, int) and not isinstance(how, bool):
+        if not -n_tok <= how < n_tok:
+            raise ValueError(f"how={how} is out of range for N={n_tok} tokens")
+        return joint[:, how]
+    raise ValueError(f'how must be "cls", "mean" or an int token index; got {how!r}')

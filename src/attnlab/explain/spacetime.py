@@ -1,0 +1,154 @@
+"""Rollout through divided space-time attention (TimeSformer: Bertasius, Wang &
+Torresani, 2021, "Is Space-Time Attention All You Need for Video Understanding?"),
+with the rollout rule of Abnar & Zuidema (2020)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .rollout import (
+    HeadFusion,
+    check_head_fusion,
+    compute_dtype,
+    fused_layer,
+    prepared_layer,
+    renorm_rows_,
+)
+
+__all__ = ["spacetime_rollout"]
+
+
+def _check_blocks(
+    space: object, time: object
+) -> tuple[list[Tensor], list[Tensor], int, int, int]:
+    """Validate the per-block lists; return ``(space, time, B, F, P)``."""
+    for name, seq in (("space", space), ("time", time)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+            raise ValueError(
+                f"{name} must be a list of per-block tensors; got {type(seq).__name__}"
+            )
+    space, time = list(space), list(time)  # type: ignore[arg-type]
+    if not space:
+        raise ValueError("space is empty: need at least one block")
+    if len(space) != len(time):
+        raise ValueError(
+            f"space has {len(space)} blocks but time has {len(time)}: one of each per block"
+        )
+    batch = frames = patches = -1
+    for idx, (s, t) in enumerate(zip(space, time)):
+        if (
+            not isinstance(s, Tensor)
+            or s.ndim not in (4, 5)
+            or s.shape[-1] != s.shape[-2]
+            or s.shape[-1] < 2
+        ):
+            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(
+                f"space[{idx}] must be [B, F, H, 1+P, 1+P] (or fused [B, F, 1+P, 1+P]) "
+                f"with P ≥ 1; got {shape}"
+            )
+        if idx == 0:
+            batch, frames, patches = s.shape[0], s.shape[1], s.shape[-1] - 1
+        elif (s.shape[0], s.shape[1], s.shape[-1]) != (batch, frames, patches + 1):
+            raise ValueError(
+                f"space[{idx}] has shape {tuple(s.shape)} but space[0] has "
+                f"B={batch}, F={frames}, P={patches}"
+            )
+        expected = (batch, patches, frames, frames)
+        if (
+            not isinstance(t, Tensor)
+            or t.ndim not in (4, 5)
+            or (t.shape[0], t.shape[1], t.shape[-2], t.shape[-1]) != expected
+        ):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"time[{idx}] must be [B, P, H, F, F] (or fused [B, P, F, F]) with "
+                f"B={batch}, P={patches}, F={frames} as in space; got {shape}"
+            )
+    return space, time, batch, frames, patches
+
+
+@torch.no_grad()
+def spacetime_rollout(
+    space: Sequence[Tensor],
+    time: Sequence[Tensor],
+    *,
+    head_fusion: HeadFusion = "mean",
+    residual: bool = True,
+) -> Tensor:
+    """Class-token rollout through divided space-time attention, batched.
+
+    Tokens: the class token ``cls`` and patch ``(f, p)`` of frame ``f`` (``F`` frames,
+    ``P`` patches per frame). Block ``l`` (``space[0]``/``time[0]`` is the first) applies
+    time attention, then space attention:
+
+    * time: ``time[l]`` ``[B, P, H, F, F]`` — patch ``p`` attends over frames;
+    * space: ``space[l]`` ``[B, F, H, 1+P, 1+P]`` — frame ``f`` attends over its own
+      patches and over its copy of the class token (index 0). The class token skips
+      time attention; after space attention it is the mean of its ``F`` per-frame copies.
+
+    **Definition.** Fuse heads (``mean``/``max``/``min``) into ``τ_l[p]`` (``F×F``) and
+    ``σ_l[f]`` (``(1+P)×(1+P)``). Over the ``1+F·P`` joint tokens define
+
+    * the joint time matrix ``T_l``: row ``cls`` is ``e_cls``; row ``(f, p)`` has
+      ``τ_l[p][f, f']`` in column ``(f', p)`` and zero elsewhere;
+    * the joint space matrix ``S_l``: row ``(f, p)`` has ``σ_l[f][1+p, 0]`` in column
+      ``cls`` and ``σ_l[f][1+p, 1+p']`` in column ``(f, p')``; row ``cls`` is the mean
+      over ``f`` of frame ``f``'s row 0 mapped the same way (column ``cls`` gets
+      ``mean_f σ_l[f][0, 0]``, column ``(f, p')`` gets ``σ_l[f][0, 1+p'] / F``);
+    * ``T̃_l``, ``S̃_l``: if ``residual``, ``0.5·M + 0.5·I`` on the joint matrix; then
+      every row renormalised to sum 1 (all-zero rows stay zero).
+
+    With ``B_l = S̃_l · T̃_l`` the joint rollout is ``R = B_L ⋯ B_1`` and the result is
+    ``R[cls, (f, p)]`` reshaped to ``[F, P]``: the relevance of each patch of each input
+    frame for the class token after the last block. ``R[cls, cls]`` (relevance of the
+    initial class embedding) is not returned, so an output sums to ``1 − R[cls, cls]``.
+    Patch rows of ``S̃``/``T̃`` equal per-frame / per-patch residual-renormalised
+    attention; the class row of ``S̃`` equals the mean of the per-frame renormalised
+    rows whenever the fused rows sum to 1 (e.g. ``mean`` fusion of softmax outputs).
+
+    Nothing of size ``(1+F·P)²`` is built: only the class row ``e_clsᵀ B_L ⋯ B_1`` is
+    propagated, from the last block down, with batched matrix–vector products.
+
+    Args:
+        space: ``L ≥ 1`` tensors ``[B, F, H, 1+P, 1+P]`` (or fused ``[B, F, 1+P, 1+P]``).
+        time: ``L`` tensors ``[B, P, H, F, F]`` (or fused ``[B, P, F, F]``).
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        residual: model skip connections as ``0.5·M + 0.5·I``.
+
+    Returns:
+        ``[B, F, P]`` in the inputs' floating dtype (at least float32), on their device.
+    """
+    space_l, time_l, batch, frames, patches = _check_blocks(space, time)
+    check_head_fusion(head_fusion)
+    dtype = compute_dtype(space_l + time_l)
+    device = space_l[0].device
+    tiny = torch.finfo(dtype).tiny
+
+    # Row vector over joint tokens, split into its class entry and its patch entries.
+    v_cls = torch.ones(batch, dtype=dtype, device=device)  # [B]
+    v_patch = torch.zeros(batch, frames, patches, dtype=dtype, device=device)  # [B, F, P]
+    for s_attn, t_attn in zip(reversed(space_l), reversed(time_l)):
+        # ---- v ← v · S̃_l
+        sigma, unit = fused_layer(s_attn, head_fusion, dtype, fused_ndim=4)  # [B, F, 1+P, 1+P]
+        cls_rows = sigma[:, :, 0, :]  # [B, F, 1+P], frame f's class-copy row
+        res = float(unit) if residual else 0.0
+        norm = (cls_rows.sum(dim=-1).mean(dim=1) + res).clamp_min(tiny)  # [B]
+        s_cls_cls = (cls_rows[:, :, 0].mean(dim=1) + res) / norm  # [B]
+        s_cls_patch = cls_rows[:, :, 1:] / (frames * norm[:, None, None])  # [B, F, P]
+        patch_rows = sigma[:, :, 1:, :]  # [B, F, P, 1+P]: column 0 = cls, 1+p' = patch p'
+        if residual:
+            patch_rows[..., 1:].diagonal(dim1=-2, dim2=-1).add_(unit)
+        renorm_rows_(patch_rows)
+        new_cls = v_cls * s_cls_cls + (v_patch * patch_rows[..., 0]).sum(dim=(1, 2))
+        new_patch = v_cls[:, None, None] * s_cls_patch + torch.matmul(
+            v_patch[:, :, None, :], patch_rows[..., 1:]
+        ).squeeze(-2)  # [B, F, P]
+        # ---- v ← v · T̃_l   (class entry passes through unchanged)
+        tau = prepared_layer(t_attn, head_fusion, residual, dtype, fused_ndim=4)  # [B, P, F, F]
+        v_patch = torch.matmul(new_patch.transpose(1, 2)[:, :, None, :], tau).squeeze(-2)
+        v_patch = v_patch.transpose(1, 2)  # [B, F, P]
+        v_cls = new_cls
+    return v_patch.contiguous()

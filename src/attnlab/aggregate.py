@@ -1,0 +1,461 @@
+"""Streaming vocabulary x vocabulary aggregation of position x position attention.
+
+Answers "how do I get a vocabulary x vocabulary importance matrix out of
+position x position attention?": every valid (query position ``i``, key position
+``j``) pair of every sequence adds its attention weight to the cell
+``(tokens[b, i], tokens[b, j])`` of a ``[V, V]`` table. Three tables are kept:
+
+- ``sum``       Σ attention[b, i, j] over the valid pairs that land in the cell;
+- ``count``     how many valid position pairs landed in the cell;
+- ``expected``  Σ 1 / (number of valid keys of query ``i``) over the same pairs, i.e.
+                the ``sum`` that *uniform* attention would have produced.
+
+``mean = sum / count`` is the average weight a query token gives a key token;
+``lift = sum / expected`` divides out how often the two tokens co-occur, so a
+frequent token does not look important merely because it is everywhere (lift 1 =
+no more attention than uniform, lift 2 = twice as much).
+
+The aggregator is additive: shards (files, DDP ranks) are merged by summing
+(:meth:`VocabAttention.merge`) and memory stays ``O(V² + one batch)`` however
+long the stream is.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["VocabAttention"]
+
+_FORMAT_VERSION = 1
+_RANK_BY = ("lift", "mean", "sum", "count", "expected")
+
+
+@functools.lru_cache(maxsize=16)
+def _lower_triangle(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat index ``i * n + j``, query ``i`` and key ``j`` of the pairs ``j <= i``."""
+    i, j = torch.tril_indices(n, n)
+    return i * n + j, i, j
+
+
+@functools.lru_cache(maxsize=4)
+def _ones(length: int) -> torch.Tensor:
+    """A cached int64 vector of ones (scatter weights for counts; never written to)."""
+    return torch.ones(length, dtype=torch.int64)
+
+
+def _distinct_per_row(tok_bn: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values of each row and their multiplicities.
+
+    Returns ``tok_bu [B, U]`` (each row's distinct ids, padded with ``fill``) and
+    ``mult_bu [B, U]`` (how often each occurs, 0 on padding), ``U`` = the largest
+    number of distinct ids in a row.
+    """
+    b, n = tok_bn.shape
+    sorted_bn, _ = tok_bn.sort(dim=1)
+    starts = torch.ones_like(sorted_bn, dtype=torch.bool)
+    starts[:, 1:] = sorted_bn[:, 1:] != sorted_bn[:, :-1]
+    group_bn = starts.cumsum(dim=1) - 1                          # index of the distinct id
+    u = int(group_bn[:, -1].max()) + 1
+    mult_bu = torch.zeros(b, u, dtype=torch.int64).scatter_add_(1, group_bn, _ones(b * n).view(b, n))
+    tok_bu = torch.full((b, u), fill, dtype=torch.int64).scatter_(1, group_bn, sorted_bn)
+    return tok_bu, mult_bu
+
+
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected a torch.Tensor or array, got {type(x).__name__}") from exc
+
+
+class VocabAttention:
+    """Token x token aggregation of attention, streamed batch by batch.
+
+    Args:
+        vocab_size: ``V``; token ids must lie in ``[0, V)``.
+        n_heads: ``None`` (default) averages the heads of ``[B, H, N, N]`` attention
+            into one ``[V, V]`` ``sum``. An integer ``H`` keeps one sum per head,
+            ``sum [H, V, V]`` (``count`` and ``expected`` do not depend on the head
+            and stay ``[V, V]``); ``update`` then requires ``[B, H, N, N]``.
+
+    Per layer: keep one aggregator per layer, e.g. with an
+    :class:`~attnlab.AttentionRecorder`::
+
+        aggs = [VocabAttention(V, n_heads=H) for _ in range(n_layers)]
+        for tokens, mask in loader:
+            with AttentionRecorder(model) as rec:
+                model(tokens, src_key_padding_mask=~mask)
+            for agg, attn_bhnn in zip(aggs, rec.attentions):
+                agg.update(tokens, attn_bhnn, mask=mask)
+
+    Masks follow the *valid* convention: ``mask[b, i]`` is True (or 1) where position
+    ``i`` holds a real token. This is the opposite of ``nn.MultiheadAttention``'s
+    ``key_padding_mask`` (True = padding): pass ``~key_padding_mask``.
+
+    Attributes (read-only numpy views; copy them before modifying):
+        sum: ``[V, V]`` (or ``[H, V, V]``) float64.
+        count: ``[V, V]`` int64.
+        expected: ``[V, V]`` float64.
+        n_sequences: number of sequences seen (merged aggregators add up).
+    """
+
+    def __init__(self, vocab_size: int, n_heads: int | None = None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size!r}: expected a positive integer")
+        if n_heads is not None and (isinstance(n_heads, bool) or not isinstance(n_heads, (int, np.integer))
+                                    or n_heads < 1):
+            raise ValueError(f"n_heads={n_heads!r}: expected None or a positive integer")
+        self.vocab_size = int(vocab_size)
+        self.n_heads = None if n_heads is None else int(n_heads)
+        self.n_sequences = 0
+        # Tables are (V + 1) x (V + 1), flattened: id V collects every pair that has a
+        # masked position, so masking costs O(B·N) instead of a selection over B·N·N
+        # pairs. The extra row/column is zeroed after each update and never exposed.
+        side = self.vocab_size + 1
+        n_sum = 1 if self.n_heads is None else self.n_heads
+        self._sum = torch.zeros(n_sum, side * side, dtype=torch.float64)
+        self._count = torch.zeros(side * side, dtype=torch.int64)
+        self._expected = torch.zeros(side * side, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ state
+    def _square(self, flat: torch.Tensor) -> np.ndarray:
+        side = self.vocab_size + 1
+        view = flat.numpy().reshape(*flat.shape[:-1], side, side)[..., :-1, :-1]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def sum(self) -> np.ndarray:
+        """``[V, V]`` float64 (``[H, V, V]`` with ``n_heads``): Σ attention per token pair."""
+        out = self._square(self._sum)
+        return out[0] if self.n_heads is None else out
+
+    @property
+    def count(self) -> np.ndarray:
+        """``[V, V]`` int64: number of valid position pairs per token pair."""
+        return self._square(self._count)
+
+    @property
+    def expected(self) -> np.ndarray:
+        """``[V, V]`` float64: Σ 1 / (valid keys of the query) per token pair."""
+        return self._square(self._expected)
+
+    def mean(self) -> np.ndarray:
+        """``sum / count`` (``[V, V]`` or ``[H, V, V]``); NaN where ``count == 0``."""
+        return self._ratio(self.count.astype(np.float64))
+
+    def lift(self) -> np.ndarray:
+        """``sum / expected`` (``[V, V]`` or ``[H, V, V]``); NaN where ``count == 0``.
+
+        1 = the query token gives the key token the attention uniform attention would;
+        > 1 = more, < 1 = less.
+        """
+        return self._ratio(self.expected)
+
+    def _ratio(self, denominator_vv: np.ndarray) -> np.ndarray:
+        seen = self.count > 0
+        num = self.sum
+        out = np.full(num.shape, np.nan)
+        np.divide(num, denominator_vv, out=out, where=np.broadcast_to(seen, num.shape))
+        return out
+
+    # ----------------------------------------------------------------- update
+    def update(self, tokens: Any, attention: Any, mask: Any = None, causal: bool = False) -> "VocabAttention":
+        """Add one batch.
+
+        Args:
+            tokens: ``[B, N]`` integer token ids in ``[0, V)`` (ids at masked positions
+                are ignored and may be anything, e.g. ``-1``).
+            attention: ``[B, N, N]`` or ``[B, H, N, N]`` (query x key) weights, any float
+                dtype. Heads are averaged unless the aggregator has ``n_heads``. Rows
+                need not sum to 1 (rollout or gradient-weighted maps are fine); entries
+                of invalid pairs are never read, so they may be NaN.
+            mask: ``[B, N]`` bool (or 0/1), True = valid token, False = padding.
+                ``None``: every position is valid.
+            causal: also drop keys after the query (a valid pair needs ``j <= i``).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: shapes that do not fit together, token ids outside ``[0, V)``,
+                mask values other than 0/1, head count different from ``n_heads``.
+            TypeError: non-integer tokens or non-float attention.
+        """
+        tok_bn, attn, valid_bn = self._check(tokens, attention, mask)
+        b, n = tok_bn.shape
+        if b == 0 or n == 0:
+            self.n_sequences += b
+            return self
+        side = self.vocab_size + 1
+        if valid_bn is not None:
+            tok_bn = torch.where(valid_bn, tok_bn, self.vocab_size)    # masked -> sink id V
+        if self.n_heads is None and attn.dim() == 4:
+            # Average heads in the input precision (float16 is promoted to float32).
+            attn = attn.mean(dim=1, dtype=torch.float32 if attn.dtype == torch.float16 else None)
+        attn_flat = attn.reshape(*attn.shape[:-2], n * n)             # [B, (H,) N·N]
+
+        if causal:
+            # Only the lower triangle j <= i is ever read; the number of valid keys of
+            # query i is the number of valid positions up to i.
+            pair_flat, query_of_pair, key_of_pair = _lower_triangle(n)  # [T], T = N(N+1)/2
+            query_bt = query_of_pair.expand(b, -1)      # (gather beats index_select on dim 1)
+            idx = torch.gather(tok_bn, 1, query_bt).mul_(side)
+            idx = idx.add_(torch.gather(tok_bn, 1, key_of_pair.expand(b, -1))).reshape(-1)
+            weight_sum = attn_flat.index_select(-1, pair_flat)          # [B, (H,) T]
+            n_keys_bn = (torch.arange(1, n + 1).expand(b, n) if valid_bn is None
+                         else valid_bn.cumsum(dim=1))
+            inv_keys_bn = 1.0 / n_keys_bn.clamp_min(1).to(torch.float64)
+            pair_idx, pair_count = idx, _ones(idx.numel())
+            pair_expected = torch.gather(inv_keys_bn, 1, query_bt).reshape(-1)
+        else:
+            idx = (tok_bn[:, :, None] * side + tok_bn[:, None, :]).reshape(-1)
+            weight_sum = attn_flat
+            # Without causality every query of sequence b has the same n_b valid keys,
+            # so count and expected only depend on each sequence's token histogram h_b:
+            # count += h_b ⊗ h_b, expected += h_b ⊗ h_b / n_b, over distinct tokens.
+            tok_bu, mult_bu = _distinct_per_row(tok_bn, self.vocab_size)  # [B, U]
+            n_valid_b = (torch.full((b,), n, dtype=torch.int64) if valid_bn is None
+                         else valid_bn.sum(dim=1))
+            pair_idx = (tok_bu[:, :, None] * side + tok_bu[:, None, :]).reshape(-1)
+            pair_count = (mult_bu[:, :, None] * mult_bu[:, None, :]).reshape(-1)
+            share_bu = mult_bu / n_valid_b.clamp_min(1)[:, None].to(torch.float64)   # float64
+            pair_expected = (share_bu[:, :, None] * mult_bu[:, None, :]).reshape(-1)
+
+        weight_sum = weight_sum.to(torch.float64)
+        if self.n_heads is None:
+            self._sum[0].scatter_add_(0, idx, weight_sum.reshape(-1))
+        else:
+            head_offset = (torch.arange(self.n_heads) * (side * side))[None, :, None]
+            idx_h = (idx.view(b, 1, -1) + head_offset).reshape(-1)
+            self._sum.view(-1).scatter_add_(0, idx_h, weight_sum.reshape(-1))
+        self._count.scatter_add_(0, pair_idx, pair_count)
+        self._expected.scatter_add_(0, pair_idx, pair_expected)
+
+        if valid_bn is not None:
+            # Everything involving a masked position went to row/column V: drop it.
+            for table in (self._sum, self._count, self._expected):
+                square = table.view(-1, side, side)
+                square[:, -1, :] = 0
+                square[:, :, -1] = 0
+        self.n_sequences += b
+        return self
+
+    def _check(self, tokens: Any, attention: Any, mask: Any
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tok = _as_tensor(tokens, "tokens")
+        attn = _as_tensor(attention, "attention")
+        if tok.dim() != 2:
+            raise ValueError(f"tokens: expected shape [B, N], got {list(tok.shape)}")
+        if tok.dtype.is_floating_point or tok.dtype.is_complex or tok.dtype == torch.bool:
+            raise TypeError(f"tokens: expected integer token ids, got dtype {tok.dtype}")
+        b, n = tok.shape
+        if not attn.dtype.is_floating_point:
+            raise TypeError(f"attention: expected a float tensor, got dtype {attn.dtype}")
+        if attn.dim() not in (3, 4) or attn.shape[0] != b or attn.shape[-2:] != (n, n):
+            raise ValueError(f"attention: expected [B, N, N] or [B, H, N, N] with B={b}, N={n} "
+                             f"(tokens {list(tok.shape)}), got {list(attn.shape)}")
+        if self.n_heads is not None and (attn.dim() != 4 or attn.shape[1] != self.n_heads):
+            raise ValueError(f"attention: this aggregator keeps n_heads={self.n_heads} per-head sums and "
+                             f"needs [B, {self.n_heads}, N, N], got {list(attn.shape)}")
+        valid = None
+        if mask is not None:
+            m = _as_tensor(mask, "mask")
+            if tuple(m.shape) != (b, n):
+                raise ValueError(f"mask: expected shape [B, N] = {[b, n]} like tokens, got {list(m.shape)}")
+            if m.dtype != torch.bool:
+                bad = m[(m != 0) & (m != 1)]
+                if bad.numel():
+                    raise ValueError(f"mask: expected bool or 0/1 (True/1 = valid token), found {bad[0].item()}")
+                m = m != 0
+            valid = m
+        tok = tok.to(torch.int64)
+        if tok.numel():
+            checked = tok if valid is None else torch.where(valid, tok, 0)
+            lo, hi = int(checked.min()), int(checked.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad_value = lo if lo < 0 else hi
+                raise ValueError(f"tokens: id {bad_value} is outside [0, vocab_size={self.vocab_size})")
+        return tok, attn, valid
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, other: "VocabAttention") -> "VocabAttention":
+        """Add ``other``'s tables into this one (shards, DDP ranks). Returns ``self``."""
+        if not isinstance(other, VocabAttention):
+            raise TypeError(f"merge: expected a VocabAttention, got {type(other).__name__}")
+        if other.vocab_size != self.vocab_size:
+            raise ValueError(f"merge: vocab_size {other.vocab_size} != {self.vocab_size}")
+        if other.n_heads != self.n_heads:
+            raise ValueError(f"merge: n_heads {other.n_heads} != {self.n_heads}")
+        self._sum += other._sum
+        self._count += other._count
+        self._expected += other._expected
+        self.n_sequences += other.n_sequences
+        return self
+
+    def head_mean(self) -> "VocabAttention":
+        """A head-averaged aggregator (``n_heads=None``) with the same count/expected.
+
+        Equal to streaming the same batches with heads averaged, since the per-head
+        sums share their pairs.
+        """
+        out = VocabAttention(self.vocab_size)
+        out._sum = self._sum.mean(dim=0, keepdim=True)
+        out._count = self._count.clone()
+        out._expected = self._expected.clone()
+        out.n_sequences = self.n_sequences
+        return out
+
+    # ---------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain numpy arrays (copies): ``sum``, ``count``, ``expected`` and metadata."""
+        return {
+            "format_version": np.asarray(_FORMAT_VERSION),
+            "vocab_size": np.asarray(self.vocab_size),
+            "n_heads": np.asarray(-1 if self.n_heads is None else self.n_heads),
+            "n_sequences": np.asarray(self.n_sequences),
+            "sum": np.array(self.sum),
+            "count": np.array(self.count),
+            "expected": np.array(self.expected),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "VocabAttention":
+        """Inverse of :meth:`state_dict`."""
+        missing = {"vocab_size", "n_heads", "sum", "count", "expected"} - set(state)
+        if missing:
+            raise ValueError(f"state: missing keys {sorted(missing)}")
+        version = int(np.asarray(state.get("format_version", _FORMAT_VERSION)))
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"state: format_version {version} is not supported (expected {_FORMAT_VERSION})")
+        n_heads = int(np.asarray(state["n_heads"]))
+        out = cls(int(np.asarray(state["vocab_size"])), None if n_heads < 0 else n_heads)
+        v = out.vocab_size
+        sum_shape = (v, v) if out.n_heads is None else (out.n_heads, v, v)
+        for key, shape in (("sum", sum_shape), ("count", (v, v)), ("expected", (v, v))):
+            if tuple(np.shape(state[key])) != shape:
+                raise ValueError(f"state: {key} has shape {list(np.shape(state[key]))}, expected {list(shape)}")
+        side = v + 1
+        sum_sq = out._sum.view(-1, side, side)
+        sum_sq[:, :v, :v] = torch.as_tensor(np.asarray(state["sum"], dtype=np.float64)).reshape(-1, v, v)
+        out._count.view(side, side)[:v, :v] = torch.as_tensor(np.asarray(state["count"], dtype=np.int64))
+        out._expected.view(side, side)[:v, :v] = torch.as_tensor(np.asarray(state["expected"], dtype=np.float64))
+        out.n_sequences = int(np.asarray(state.get("n_sequences", 0)))
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to a compressed ``.npz`` file (written whole or not at all)."""
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"   # np.savez would append it anyway; keep the temp name predictable
+        tmp = path + ".tmp.npz"
+        try:
+            np.savez_compressed(tmp, **self.state_dict())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "VocabAttention":
+        """Read a file written by :meth:`save`."""
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            return cls.from_state_dict({k: data[k] for k in data.files})
+
+    def __getstate__(self) -> dict[str, np.ndarray]:
+        return self.state_dict()
+
+    def __setstate__(self, state: dict[str, np.ndarray]) -> None:
+        self.__dict__.update(VocabAttention.from_state_dict(state).__dict__)
+
+    def __repr__(self) -> str:
+        heads = "" if self.n_heads is None else f", n_heads={self.n_heads}"
+        return (f"VocabAttention(vocab_size={self.vocab_size}{heads}; "
+                f"{self.n_sequences} sequences, {int(self._count.sum())} pairs)")
+
+    # ---------------------------------------------------------------- frames
+    def to_frame(self, itos: Sequence[str] | Mapping[int, str] | Callable[[int], str] | None = None,
+                 *, head: int | None = None) -> pd.DataFrame:
+        """Long table of the token pairs with ``count > 0``.
+
+        Columns: ``query_id, key_id, query_token, key_token, sum, count, expected,
+        mean, lift``; per-head aggregators add a leading ``head`` column (one row per
+        head and pair) unless ``head`` picks one head.
+
+        Args:
+            itos: id -> string (list, mapping or function); ``None`` uses ``str(id)``.
+            head: with ``n_heads``, keep only this head.
+        """
+        q_id, k_id = np.nonzero(self.count)
+        count = self.count[q_id, k_id]
+        expected = self.expected[q_id, k_id]
+        names = self._names(itos, np.union1d(q_id, k_id))
+        sums = self.sum
+        if self.n_heads is not None:
+            if head is not None:
+                if not (isinstance(head, (int, np.integer)) and 0 <= head < self.n_heads):
+                    raise ValueError(f"head={head!r}: expected an integer in [0, {self.n_heads})")
+                sums = sums[head]
+            else:
+                frames = [self._frame(q_id, k_id, sums[h][q_id, k_id], count, expected, names).assign(head=h)
+                          for h in range(self.n_heads)]
+                out = pd.concat(frames, ignore_index=True)
+                return out[["head", *out.columns[:-1]]]
+        elif head is not None:
+            raise ValueError(f"head={head!r}: this aggregator averages heads (n_heads=None)")
+        return self._frame(q_id, k_id, sums[q_id, k_id], count, expected, names)
+
+    @staticmethod
+    def _frame(q_id: np.ndarray, k_id: np.ndarray, s: np.ndarray, count: np.ndarray,
+               expected: np.ndarray, names: dict[int, str]) -> pd.DataFrame:
+        return pd.DataFrame({
+            "query_id": q_id, "key_id": k_id,
+            "query_token": [names[i] for i in q_id.tolist()],
+            "key_token": [names[i] for i in k_id.tolist()],
+            "sum": s, "count": count, "expected": expected,
+            "mean": s / count, "lift": s / expected,
+        })
+
+    def _names(self, itos: Any, ids: np.ndarray) -> dict[int, str]:
+        if itos is None:
+            return {i: str(i) for i in ids.tolist()}
+        if callable(itos) and not isinstance(itos, (Mapping, Sequence)):
+            return {i: str(itos(i)) for i in ids.tolist()}
+        names = {}
+        for i in ids.tolist():
+            try:
+                names[i] = str(itos[i])
+            except (IndexError, KeyError):
+                raise ValueError(f"itos: no string for token id {i} (vocab_size={self.vocab_size})") from None
+        return names
+
+    def top_pairs(self, k: int = 20, *, min_count: int = 1, by: str = "lift",
+                  itos: Sequence[str] | Mapping[int, str] | Callable[[int], str] | None = None,
+                  head: int | None = None) -> pd.DataFrame:
+        """The ``k`` token pairs with the largest ``by`` among pairs seen ``min_count`` times.
+
+        ``by`` is one of ``lift`` (default), ``mean``, ``sum``, ``count``, ``expected``;
+        ties are broken by larger count, then by ids. Columns as :meth:`to_frame`
+        (per-head aggregators rank (head, pair) rows unless ``head`` is given).
+        ``min_count`` guards lift and mean against pairs seen once or twice.
+        """
+        if by not in _RANK_BY:
+            raise ValueError(f"by={by!r}: expected one of {list(_RANK_BY)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"k={k!r}: expected a non-negative integer")
+        frame = self.to_frame(itos, head=head)
+        frame = frame[frame["count"] >= min_count]
+        order = [by, "count", "query_id", "key_id"] if by != "count" else ["count", "query_id", "key_id"]
+        ascending = [False, False, True, True] if by != "count" else [False, True, True]
+        if "head" in frame.columns:
+            order.append("head")
+            ascending.append(True)
+        return frame.sort_values(order, ascending=ascending, kind="stable").head(int(k)).reset_index(drop=True)

@@ -1,0 +1,229 @@
+"""Deletion and insertion curves: is an importance ranking faithful to the model?
+
+Samek et al. (2017, "Evaluating the visualization of what a deep neural network has
+learned") and Petsiuk et al. (2018, RISE): remove the items an explanation ranks
+highest, one after another, and watch the probability of the explained class. A
+faithful ranking makes it collapse early (small deletion AUC); inserting items into
+an all-removed input in the same order makes it rise early (large insertion AUC).
+
+Items are whatever an explanation scores: timesteps, frames, tokens, streams along
+dim 1 of ``x [B, T, ...]``, or frames×patches of a video. The input is perturbed
+through a *masker* ``masker(x [B, ...], keep [B, n_items] bool) -> x'`` that replaces
+the items where ``keep`` is False by a baseline; :func:`sequence_masker` and
+:func:`patch_masker` build the two common ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+Masker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``masker(x [B, ...], keep_bn [B, n_items] bool) -> x'`` with removed items replaced."""
+
+
+def _fill_value(baseline: float | torch.Tensor | str, reference: torch.Tensor | None,
+                mean_dims: tuple[int, ...], who: str) -> float | torch.Tensor:
+    if isinstance(baseline, str):
+        if baseline != "mean":
+            raise ValueError(f"{who}: baseline={baseline!r}; expected a number, a tensor or 'mean'")
+        if reference is None:
+            raise ValueError(f"{who}: baseline='mean' needs reference=<tensor of inputs>")
+        return reference.detach().float().mean(dim=mean_dims)
+    if reference is not None:
+        raise ValueError(f"{who}: reference is only used with baseline='mean'")
+    return baseline.detach() if isinstance(baseline, torch.Tensor) else baseline
+
+
+def _where_keep(keep: torch.Tensor, x: torch.Tensor, fill: float | torch.Tensor) -> torch.Tensor:
+    fill_t = torch.as_tensor(fill, device=x.device).to(x.dtype)
+    return torch.where(keep, x, fill_t)
+
+
+def sequence_masker(baseline: float | torch.Tensor | str = 0.0, *,
+                    reference: torch.Tensor | None = None) -> Masker:
+    """Masker for items along dim 1: ``x [B, T, ...]``, ``keep [B, T]``.
+
+    A removed item is replaced whole by ``baseline``: a number (e.g. 0, or a mask
+    token id for integer token inputs ``[B, T]``), a tensor broadcastable to
+    ``x.shape[2:]``, or ``"mean"`` — the per-feature mean of ``reference [N, T, ...]``
+    over samples and items.
+    """
+    fill = _fill_value(baseline, reference, (0, 1), "sequence_masker")
+
+    def masker(x: torch.Tensor, keep_bn: torch.Tensor) -> torch.Tensor:
+        if keep_bn.shape != x.shape[:2]:
+            raise ValueError(f"sequence_masker: keep has shape {tuple(keep_bn.shape)}, "
+                             f"expected x.shape[:2] = {tuple(x.shape[:2])}")
+        keep = keep_bn.view(*keep_bn.shape, *([1] * (x.dim() - 2)))
+        return _where_keep(keep, x, fill)
+
+    return masker
+
+
+def patch_masker(frames: int, patch: int, size: int,
+                 baseline: float | torch.Tensor | str = 0.0, *,
+                 reference: torch.Tensor | None = None) -> Masker:
+    """Masker for video ``x [B, F, C, S, S]`` whose items are patches.
+
+    Items are the ``F·(S/patch)²`` non-overlapping ``patch×patch`` squares, in
+    frame-major, then row-major order (item ``f·g² + r·g + c`` with ``g = S/patch``),
+    the order of a ViT/TimeSformer patch grid. ``baseline``: a number, a tensor
+    broadcastable to ``[C, S, S]``, or ``"mean"`` — the per-channel mean of
+    ``reference [N, F, C, S, S]``.
+    """
+    if patch <= 0 or size % patch:
+        raise ValueError(f"patch_masker: size={size} is not a positive multiple of patch={patch}")
+    grid = size // patch
+    n_items = frames * grid * grid
+    fill = _fill_value(baseline, reference, (0, 1, 3, 4), "patch_masker")
+    if isinstance(fill, torch.Tensor) and isinstance(baseline, str):
+        fill = fill[:, None, None]                          # [C, 1, 1]
+
+    def masker(x: torch.Tensor, keep_bn: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if x.dim() != 5 or x.shape[1] != frames or x.shape[-2:] != (size, size):
+            raise ValueError(f"patch_masker: x has shape {tuple(x.shape)}, "
+                             f"expected [B, {frames}, C, {size}, {size}]")
+        if keep_bn.shape != (b, n_items):
+            raise ValueError(f"patch_masker: keep has shape {tuple(keep_bn.shape)}, "
+                             f"expected [{b}, {n_items}]")
+        keep = (keep_bn.view(b, frames, grid, 1, grid, 1)
+                .expand(b, frames, grid, patch, grid, patch)
+                .reshape(b, frames, 1, size, size))        # broadcast over channels
+        return _where_keep(keep, x, fill)
+
+    return masker
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A deletion or insertion curve for a batch.
+
+    ``fractions [S]``: share of items removed (deletion) or inserted (insertion);
+    ``probs [B, S]``: softmax probability of ``target`` at each fraction;
+    ``auc [B]``: trapezoid area under ``probs`` over ``fractions``;
+    ``target [B]``: the class tracked; ``mode``: ``"deletion"`` or ``"insertion"``.
+    """
+
+    fractions: torch.Tensor
+    probs: torch.Tensor
+    auc: torch.Tensor
+    target: torch.Tensor
+    mode: str
+
+
+def as_target(target: int | torch.Tensor | None, logits_fn: Callable[[], torch.Tensor],
+              batch: int, device: torch.device) -> torch.Tensor:
+    """``target`` as a long tensor ``[B]``; ``None`` → the model's prediction."""
+    if target is None:
+        return logits_fn().argmax(dim=-1)
+    t = torch.as_tensor(target, device=device).long()
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"target has shape {tuple(t.shape)}, expected an int or [{batch}]")
+    return t
+
+
+def _batch_index(kw: Mapping[str, Any], idx: torch.Tensor, batch: int) -> dict[str, Any]:
+    """Select rows ``idx`` of every tensor kwarg whose leading dim is the batch."""
+    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v)
+            for k, v in kw.items()}
+
+
+def _curve(mode: str, model: nn.Module | Callable[..., torch.Tensor], x: torch.Tensor,
+           importance: torch.Tensor, masker: Masker, target, steps: int | None,
+           batch_size: int, forward_kwargs: Mapping[str, Any] | None) -> Curve:
+    if importance.dim() != 2 or importance.shape[0] != x.shape[0]:
+        raise ValueError(f"importance has shape {tuple(importance.shape)}, "
+                         f"expected [B={x.shape[0]}, n_items]")
+    if torch.isnan(importance).any():
+        raise ValueError("importance contains NaN")
+    if steps is not None and steps < 2:
+        raise ValueError(f"steps={steps}: expected None or an int >= 2")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    b, n = importance.shape
+    dev = x.device
+    kw = dict(forward_kwargs or {})
+
+    if steps is None:
+        counts = torch.arange(n + 1, device=dev)
+    else:
+        counts = torch.round(torch.linspace(0, 1, steps, dtype=torch.float64) * n).long().to(dev)
+    fractions = counts.double() / n                                   # [S]
+
+    # rank[b, i] = position of item i in the order of decreasing importance
+    # (stable sort: equal scores keep ascending item index).
+    order = torch.argsort(-importance.detach().double().to(dev), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
+
+    with torch.no_grad():
+        tgt = as_target(target, lambda: model(x, **kw), b, dev)
+        n_steps = counts.numel()
+        probs = torch.empty(n_steps * b, dtype=torch.float64, device=dev)
+        # Flattened (step, sample) pairs, step-major; each chunk is one model call.
+        for start in range(0, n_steps * b, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n_steps * b), device=dev)
+            sample, step = idx % b, idx // b
+            touched = rank[sample] < counts[step, None]              # [m, n]
+            keep = ~touched if mode == "deletion" else touched
+            logits = model(masker(x[sample], keep), **_batch_index(kw, sample, b))
+            p = logits.double().softmax(dim=-1)
+            probs[idx] = p.gather(1, tgt[sample, None]).squeeze(1)
+    probs_bs = probs.view(n_steps, b).T.contiguous()
+    auc = torch.trapezoid(probs_bs, fractions, dim=1)
+    return Curve(fractions=fractions, probs=probs_bs, auc=auc, target=tgt, mode=mode)
+
+
+def deletion_curve(model: nn.Module | Callable[..., torch.Tensor], x: torch.Tensor,
+                   importance: torch.Tensor, masker: Masker, *,
+                   target: int | torch.Tensor | None = None, steps: int | None = None,
+                   batch_size: int = 256,
+                   forward_kwargs: Mapping[str, Any] | None = None) -> Curve:
+    """Probability of ``target`` as items are removed, most important first.
+
+    Args:
+        model: ``model(x, **forward_kwargs) -> logits [B, C]``; put it in eval mode
+            first (this function does not change its mode).
+        x: the inputs ``[B, ...]``.
+        importance: ``[B, n_items]`` scores; higher = more important. Ties are
+            broken by ascending item index.
+        masker: ``masker(x, keep [B, n_items]) -> x'`` (see :func:`sequence_masker`).
+        target: class to track, an int or ``[B]``; default the model's prediction
+            on the unperturbed ``x``.
+        steps: ``None`` evaluates every fraction ``0, 1/n, …, 1``; an int evaluates
+            that many evenly spaced fractions (rounded to whole items).
+        batch_size: perturbed inputs per model call.
+        forward_kwargs: extra keyword arguments for the model; tensors whose first
+            dim is ``B`` (e.g. ``padding_mask``) follow their sample.
+
+    Returns:
+        :class:`Curve` with ``fractions [S]``, ``probs [B, S]``, ``auc [B]`` (lower
+        = more faithful), ``target [B]``.
+    """
+    return _curve("deletion", model, x, importance, masker, target, steps, batch_size,
+                  forward_kwargs)
+
+
+def insertion_curve(model: nn.Module | Callable[..., torch.Tensor], x: torch.Tensor,
+                    importance: torch.Tensor, masker: Masker, *,
+                    target: int | torch.Tensor | None = None, steps: int | None = None,
+                    batch_size: int = 256,
+                    forward_kwargs: Mapping[str, Any] | None = None) -> Curve:
+    """Probability of ``target`` as items are inserted into an all-removed input,
+    most important first (higher AUC = more faithful). Arguments as in
+    :func:`deletion_curve`; the default target is still the prediction on ``x``."""
+    return _curve("insertion", model, x, importance, masker, target, steps, batch_size,
+                  forward_kwargs)
+
+
+def random_importance(shape: tuple[int, int] | torch.Size, seed: int, *,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Random baseline: i.i.d. uniform scores ``[B, n_items]``, reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen, dtype=torch.float64).to(device or "cpu")

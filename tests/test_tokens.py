@@ -1,0 +1,219 @@
+"""Token sources and the causal LM, checked against literal loops and recomputations."""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.data.tokens import (BOS, PAD, UNK, TokenData, Vocab, bach_sequences, file_sequences,
+                                 planted_sequences, pydoc_sequences, train_test_split)
+from attnlab.models.causal import CausalTransformerLM, lm_loss, lm_metrics
+
+
+def rows_as_strings(data: TokenData) -> list[list[str]]:
+    return [[data.vocab[int(t)] for t, m in zip(tok, msk) if m] for tok, msk in zip(data.tokens, data.mask)]
+
+
+# --------------------------------------------------------------------------- vocab
+def test_vocab_build_orders_by_count_then_name_and_maps_unknown():
+    v = Vocab.build([["b", "a", "c", "b"], ["c", "d", "b"]], min_count=2)
+    assert v.itos == [PAD, UNK, BOS, "b", "c"]                  # b:3, c:2; a, d below min_count
+    assert v.encode(["c", "zzz", "a"]) == [4, 1, 1]
+    assert Vocab.build([["x", "y", "y"]], top_k=1).itos == [PAD, UNK, BOS, "y"]
+    with pytest.raises(ValueError, match="specials"):
+        Vocab(["a", "b"])
+
+
+# --------------------------------------------------------------------------- planted
+def test_planted_rules_hold_in_every_sequence():
+    data = planted_sequences(300, vocab_size=40, length=32, n_rules=8, plants_per_seq=3, seed=3)
+    rules = data.meta["rules"]
+    trig_of = {r["probe"]: r["trigger"] for r in rules}
+    triggers = {r["trigger"] for r in rules}
+    yes, no = data.meta["yes"], data.meta["no"]
+    assert data.tokens.shape == (300, 32) and data.mask.all()
+    assert set(data.true_pairs) == {(r["probe"], r["trigger"]) for r in rules}
+    assert len(set(trig_of)) == len(set(triggers)) == 8 and not set(trig_of) & triggers
+
+    n_present = n_probes = 0
+    for row, seq in enumerate(rows_as_strings(data)):
+        probes_here = 0
+        for i, tok in enumerate(seq):
+            if tok in trig_of:                                  # a probe: next token is the answer
+                probes_here += 1
+                n_probes += 1
+                present = trig_of[tok] in seq[:i]
+                n_present += present
+                assert seq[i + 1] == (yes if present else no)
+                assert data.rule_mask[row, i + 1]
+                key = int(data.true_key[row, i])
+                if present:
+                    assert seq[key] == trig_of[tok] and key < i
+                else:
+                    assert key == -1
+            elif tok in (yes, no):
+                assert seq[i - 1] in trig_of                    # answers only after probes
+            else:
+                assert not data.rule_mask[row, i]
+            if tok in triggers or tok in trig_of:
+                assert seq.count(tok) == 1                      # each rule at most once a row
+        assert probes_here == 3
+        assert int(data.rule_mask[row].sum()) == 3
+        assert int((data.true_key[row] >= 0).sum()) == sum(
+            trig_of[t] in seq for t in seq if t in trig_of)
+    assert 0.35 < n_present / n_probes < 0.65                   # p_present = 0.5
+
+
+def test_planted_is_deterministic_under_seed():
+    a, b = planted_sequences(50, seed=7), planted_sequences(50, seed=7)
+    c = planted_sequences(50, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.true_key, b.true_key)
+    assert a.meta["rules"] == b.meta["rules"] and a.true_pairs == b.true_pairs
+    assert not torch.equal(a.tokens, c.tokens)
+    with pytest.raises(ValueError, match="vocab_size"):
+        planted_sequences(5, vocab_size=10, n_rules=8)
+
+
+def test_train_test_split_by_group_is_disjoint_and_deterministic():
+    data = planted_sequences(100, seed=1)
+    tr, te = train_test_split(data, 0.25, seed=0)
+    assert len(tr) + len(te) == 100 and len(te) >= 25
+    assert not set(tr.group.tolist()) & set(te.group.tolist())
+    tr2, te2 = train_test_split(data, 0.25, seed=0)
+    assert torch.equal(te.tokens, te2.tokens) and torch.equal(te.rule_mask, te2.rule_mask)
+    assert torch.equal(te.tokens, data.tokens[te.group])         # planted: group = row index
+
+
+# --------------------------------------------------------------------------- file
+def test_file_sequences_tokenises_splits_and_maps_unknown(tmp_path):
+    path = tmp_path / "seqs.txt"
+    path.write_text("a b c\n\n   \nb b a d e f g\nzz\n")
+    data = file_sequences(path, max_len=4)
+    # counts: b 3, a 2, then c d e f g zz once each (alphabetical)
+    assert data.vocab[:5] == [PAD, UNK, BOS, "b", "a"]
+    assert rows_as_strings(data) == [["a", "b", "c"], ["b", "b", "a", "d"], ["e", "f", "g"], ["zz"]]
+    assert data.group.tolist() == [0, 1, 1, 2]
+    assert data.tokens[0].tolist()[3] == 0 and data.mask.sum(1).tolist() == [3, 4, 3, 1]
+
+    rare = file_sequences(path, max_len=8, min_count=2)
+    assert rows_as_strings(rare)[1] == ["b", "b", "a", UNK, UNK, UNK, UNK]
+    top1 = file_sequences(path, max_len=8, top_k=1)
+    assert rows_as_strings(top1)[0] == [UNK, "b", UNK]
+
+    other = tmp_path / "test.txt"
+    other.write_text("a q b\n")
+    reused = file_sequences(other, vocab=data.vocab, add_bos=True)
+    assert rows_as_strings(reused) == [[BOS, "a", UNK, "b"]] and reused.vocab == data.vocab
+
+
+def test_file_sequences_empty_file_names_the_path(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        file_sequences(path)
+
+
+# --------------------------------------------------------------------------- pydoc
+def test_pydoc_vocab_and_sequences():
+    from pydoc_data.topics import topics
+
+    data = pydoc_sequences(top_k=100, max_len=32)
+    assert len(data.vocab) == 100 + 3
+    counts = Counter(w for text in topics.values() for w in re.findall(r"[a-z]+", text.lower()))
+    assert data.vocab[3] == counts.most_common(1)[0][0]          # "the"
+    assert len(data) > 100 and data.mask[:, 0].all()
+    assert data.tokens.shape[1] == 32 and (data.tokens[~data.mask] == 0).all()
+
+
+# --------------------------------------------------------------------------- bach
+def test_bach_small_limit_parses_offline(tmp_path, monkeypatch):
+    corpus = pytest.importorskip("music21.corpus", reason="music21 is not installed")
+    if not corpus.getComposer("bach"):
+        pytest.skip("music21's corpus has no Bach chorales")
+    cache = tmp_path / "bach.json"
+    data = bach_sequences(limit=3, max_len=16, cache=cache, progress=False)
+    assert cache.is_file() and len(data.meta["chorales"]) == 3
+    pitch = re.compile(r"^[A-G](#{1,2}|-{1,2})?\d$")
+    tokens = set(data.vocab[3:])
+    assert tokens and all(pitch.match(t) for t in tokens), tokens
+    assert "C5" in tokens or "C4" in tokens
+    assert sorted(set(data.group.tolist())) == [0, 1, 2]
+    def no_parse(*args, **kwargs):
+        raise AssertionError("parsed again despite the cache")
+
+    monkeypatch.setattr(corpus, "parse", no_parse)
+    again = bach_sequences(limit=3, max_len=16, cache=cache, progress=False)
+    assert torch.equal(again.tokens, data.tokens) and again.vocab == data.vocab
+    four = bach_sequences(limit=3, max_len=16, voices="all", rests="token", cache=cache, progress=False)
+    assert set(four.group.tolist()) == {0, 1, 2} and len(four) > len(data)
+
+
+# --------------------------------------------------------------------------- causal LM
+@pytest.fixture
+def lm():
+    torch.manual_seed(0)
+    return CausalTransformerLM(11, d_model=16, nhead=2, num_layers=2, dim_feedforward=32,
+                               dropout=0.0, max_len=12).eval()
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_logits_do_not_depend_on_later_tokens(lm, train_mode):
+    lm.train(train_mode)
+    tokens = torch.randint(3, 11, (3, 10), generator=torch.Generator().manual_seed(1))
+    base = lm(tokens)
+    for i in range(9):
+        changed = tokens.clone()
+        changed[:, i + 1:] = torch.randint(3, 11, changed[:, i + 1:].shape)
+        out = lm(changed)
+        assert torch.allclose(out[:, :i + 1], base[:, :i + 1], atol=1e-5)
+        assert not torch.allclose(out[:, i + 1:], base[:, i + 1:], atol=1e-5)
+
+
+def test_padding_is_ignored_and_never_nan(lm):
+    tokens = torch.randint(3, 11, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2] = False                                              # a row that is all padding
+    logits = lm(tokens, mask)
+    assert logits.shape == (3, 8, 11) and torch.isfinite(logits).all()
+    alone = lm(tokens[1:2, :5])                                   # the real prefix alone
+    assert torch.allclose(logits[1, :5], alone[0], atol=1e-5)
+    junk = tokens.clone()
+    junk[1, 5:] = 3                                               # pad content does not matter
+    assert torch.allclose(lm(junk, mask)[1, :5], logits[1, :5], atol=1e-5)
+
+    lm.train()
+    loss = lm_loss(lm(tokens, mask), tokens, mask)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="right-padded"):
+        lm(tokens, torch.tensor([[False] + [True] * 7] * 3))
+
+
+def test_lm_loss_and_metrics_ignore_pads():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(3))
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 5, 4, 0, 0]])
+    mask = tokens != 0
+    terms = [F.cross_entropy(logits[b, i], tokens[b, i + 1], reduction="sum")
+             for b in range(2) for i in range(4) if mask[b, i] and mask[b, i + 1]]
+    expect = torch.stack(terms).mean()
+    assert len(terms) == 6
+    assert torch.allclose(lm_loss(logits, tokens, mask), expect)
+    garbage = logits.clone()
+    garbage[1, 2:] = 1e3 * torch.randn(3, 7)                      # logits at/after the last real token
+    assert torch.allclose(lm_loss(garbage, tokens, mask), expect)
+
+    m = lm_metrics(logits, tokens, mask)
+    hits = [int(logits[b, i].argmax() == tokens[b, i + 1])
+            for b in range(2) for i in range(4) if mask[b, i] and mask[b, i + 1]]
+    assert m["n_tokens"] == 6 and math.isclose(m["accuracy"], sum(hits) / 6)
+    assert math.isclose(m["perplexity"], math.exp(expect.item()), rel_tol=1e-5)
+    only = torch.zeros_like(mask)
+    only[0, 3] = True                                             # score tokens[0, 3] only
+    m1 = lm_metrics(logits, tokens, mask, target_mask=only)
+    assert m1["n_tokens"] == 1
+    assert math.isclose(m1["loss"], F.cross_entropy(logits[0, 2], tokens[0, 3]).item(), rel_tol=1e-5)

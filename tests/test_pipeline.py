@@ -91,7 +91,12 @@ def test_mlflow_run_holds_params_metrics_model_attention(project):
     assert run.data.metrics["final.test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 3
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"attention", "report", "model"} <= arts
+    assert {"attention", "explain", "report"} <= arts
+    import mlflow.pytorch
+    from attnlab.models import EncoderClassifier
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert type(model) is EncoderClassifier
     head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert run.data.tags["git.commit"] == head
     assert run.data.tags["dvc.exp_name"] == "workspace"

@@ -41,7 +41,7 @@ class MotionPrepare(Section):
 class EncoderModel(Section):
     d_model: int = Field(32, gt=0)
     nhead: int = Field(4, gt=0)
-    num_layers: int = Field(3, gt=0)
+    num_layers: int = Field(2, gt=0)
     dim_feedforward: int = Field(64, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     pooling: Literal["mean", "cls"] = "mean"
@@ -67,6 +67,19 @@ class Extract(Section):
     batch_size: int = Field(16, gt=0)
 
 
+Method = Literal["raw", "received", "rollout", "grad_rollout", "flow"]
+
+
+class Explain(Section):
+    methods: list[Method] = ["raw", "received", "rollout", "grad_rollout", "flow"]
+    head_fusion: Literal["mean", "max", "min"] = "mean"
+    residual: bool = True
+    discard_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(16, gt=0)
+    flow_max_pairs: int | None = Field(200_000, gt=0)   # refuse flow beyond this many max-flow problems per batch
+    examples: int = Field(4, gt=0)                      # samples drawn with every method's importance
+
+
 class Report(Section):
     examples: int = Field(4, gt=0)
 
@@ -76,6 +89,7 @@ class MotionParams(Section):
     model: EncoderModel = EncoderModel()
     train: Train = Train()
     extract: Extract = Extract()
+    explain: Explain = Explain()
     report: Report = Report()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -162,6 +163,8 @@ def _log_model(client: MlflowClient, run_id: str, model: Any) -> None:
 
     package = Path(__file__).resolve().parent
     mlflow.set_tracking_uri(client.tracking_uri)
+    # pickle is chosen knowingly (pt2 reloads a GraphModule, on which hooks never fire)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle",   # pt2 reloads a GraphModule

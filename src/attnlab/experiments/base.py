@@ -8,6 +8,7 @@ Files per stage (all under ``data/<experiment>/<stage>/``):
 * train:   ``model.pt`` (checkpoint), ``metrics.json``, ``history.csv``
 * extract: ``attention.h5`` (every layer's per-head attention of each test sample),
   ``predictions.npz`` (y, pred, prob)
+* explain: ``importance.npz`` (per method ``[N, n_items]``, target, y), ``figures/*.png``
 * report:  ``report.html`` (self-contained), ``figures/*.png``
 * track:   ``run.json`` (the MLflow run holding this pipeline state)
 """
@@ -83,6 +84,53 @@ class ClassifierExperiment:
         io.save_arrays(out / "predictions.npz", y=y.numpy(), pred=prob.argmax(-1).numpy(),
                        prob=prob.numpy().astype(np.float32))
 
+    def readout_how(self, model: nn.Module) -> str:
+        """How a joint token x token matrix becomes per-item importance for this model."""
+        return "cls" if getattr(model, "pooling", "mean") == "cls" else "mean"
+
+    def example_figure(self, data: dict[str, torch.Tensor], meta: dict[str, Any], i: int,
+                       importance: dict[str, np.ndarray], title: str):
+        """The figure of one explained test sample (importance of every method)."""
+        from attnlab.report import figures
+
+        x = data["x_test"][i].numpy()
+        evidence = data["evidence_test"][i].numpy() if "evidence_test" in data else None
+        return figures.importance_bands(importance, title, self.item_name,
+                                        x_tf=x if x.ndim == 2 else None, channels=meta.get("channels", ()),
+                                        evidence=evidence)
+
+    def explain(self, cfg: Section, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
+        """Importance of every attention method for every test sample -> importance.npz, figures/."""
+        from tqdm.auto import tqdm
+
+        from attnlab.attribution import attention_importance
+        from attnlab.report import figures
+        from attnlab.report.html import save_figure
+
+        e = cfg.explain
+        data, meta = self.load_dataset(prepared)
+        model = load_checkpoint(trained / "model.pt")
+        x, y = data["x_test"], data["y_test"]
+        parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
+        targets = []
+        for i in tqdm(range(0, len(x), e.batch_size), desc="explain", disable=not progress):
+            imp, target = attention_importance(
+                model, x[i:i + e.batch_size], n_items=meta["n_items"], methods=e.methods,
+                how=self.readout_how(model), head_fusion=e.head_fusion, residual=e.residual,
+                discard_ratio=e.discard_ratio, flow_max_pairs=e.flow_max_pairs, forward=self.forward)
+            for m in e.methods:
+                parts[m].append(imp[m])
+            targets.append(target)
+        importance = {m: torch.cat(v).numpy().astype(np.float32) for m, v in parts.items()}
+        io.save_arrays(out / "importance.npz", target=torch.cat(targets).numpy(), y=y.numpy(), **importance)
+        (out / "figures").mkdir()
+        classes = meta["classes"]
+        target = torch.cat(targets).numpy()
+        for i in figures.pick_examples(y.numpy(), e.examples):
+            title = f"sample {i}: true {classes[y[i]]}, explained (predicted) {classes[target[i]]}"
+            fig = self.example_figure(data, meta, i, {m: v[i] for m, v in importance.items()}, title)
+            save_figure(fig, out / "figures" / f"sample{i}.png")
+
     def report(self, cfg: Section, root: Path, out: Path) -> None:
         from attnlab.report.classifier import write_classifier_report
 
@@ -94,14 +142,15 @@ class ClassifierExperiment:
 
         from attnlab import tracking
 
-        train, extract, report = root / "train", root / "extract", root / "report"
+        train, extract, explain, report = (root / s for s in ("train", "extract", "explain", "report"))
         recorded = [train / "model.pt", train / "metrics.json", train / "history.csv",
-                    extract / "attention.h5", extract / "predictions.npz", report / "report.html"]
+                    extract / "attention.h5", extract / "predictions.npz", explain / "importance.npz",
+                    report / "report.html"]
         metrics = {f"final.{k}": v for k, v in io.read_json(train / "metrics.json").items()}
         run_id, created = tracking.log_pipeline_run(
             self.name, params=flatten(cfg), metrics=metrics, files=recorded,
             history=pd.read_csv(train / "history.csv"),
             model=load_checkpoint(train / "model.pt"),
-            artifacts={"attention": extract, "report": report})
+            artifacts={"attention": extract, "explain": explain, "report": report})
         io.write_json(out / "run.json", {"experiment": self.name, "run_id": run_id})
         print(f"{self.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")

@@ -12,6 +12,17 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 
+def pick_examples(y: np.ndarray, k: int) -> list[int]:
+    """Up to ``k`` sample indices, cycling over classes so each class is shown."""
+    by_class = [list(np.flatnonzero(y == c)) for c in np.unique(y)]
+    picked: list[int] = []
+    while len(picked) < min(k, len(y)):
+        for rows in by_class:
+            if rows and len(picked) < k:
+                picked.append(int(rows.pop(0)))
+    return sorted(picked)
+
+
 def training_curves(history: pd.DataFrame) -> plt.Figure:
     """Loss and accuracy per epoch, train vs test."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -46,39 +57,61 @@ def head_grid(attn_lhqk: np.ndarray, layer_names: Sequence[str], title: str, ite
     return fig
 
 
-def importance_by_class(importance_nt: np.ndarray, y: np.ndarray, classes: Sequence[str],
-                        item: str = "item", title: str = "") -> plt.Figure:
-    """Mean (± one standard deviation) importance per item position, one panel per class."""
-    n_cls = len(classes)
-    fig, axes = plt.subplots(1, n_cls, figsize=(3.2 * n_cls, 2.8), sharey=True, squeeze=False)
-    t = np.arange(importance_nt.shape[1])
-    for c, ax in enumerate(axes[0]):
-        rows = importance_nt[y == c]
-        if len(rows):
-            mean, std = rows.mean(0), rows.std(0)
-            ax.plot(t, mean, color=sns.color_palette()[c % 10])
-            ax.fill_between(t, mean - std, mean + std, alpha=0.25, color=sns.color_palette()[c % 10])
-        ax.axhline(1.0 / importance_nt.shape[1], color="grey", lw=0.8, ls=":")
-        ax.set(title=f"{classes[c]} (n={len(rows)})", xlabel=item)
-    axes[0, 0].set_ylabel("importance")
-    if title:
-        fig.suptitle(title, fontsize=10)
+def importance_by_class(importance: dict[str, np.ndarray], y: np.ndarray, classes: Sequence[str],
+                        item: str = "item") -> plt.Figure:
+    """Mean (± one standard deviation) importance per item position: one row per
+    method, one column per class; the dotted line is uniform importance."""
+    methods = list(importance)
+    fig, axes = plt.subplots(len(methods), len(classes), figsize=(2.6 * len(classes), 1.9 * len(methods)),
+                             sharex=True, squeeze=False)
+    palette = sns.color_palette()
+    for r, method in enumerate(methods):
+        imp = np.asarray(importance[method])
+        t = np.arange(imp.shape[1])
+        for c, ax in enumerate(axes[r]):
+            rows = imp[y == c]
+            if len(rows):
+                mean, std = rows.mean(0), rows.std(0)
+                ax.plot(t, mean, color=palette[c % 10], lw=1)
+                ax.fill_between(t, mean - std, mean + std, alpha=0.25, color=palette[c % 10])
+            ax.axhline(1.0 / imp.shape[1], color="grey", lw=0.8, ls=":")
+            if r == 0:
+                ax.set_title(f"{classes[c]} (n={len(rows)})", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(method, fontsize=9)
+            if r == len(methods) - 1:
+                ax.set_xlabel(item)
     fig.tight_layout()
     return fig
 
 
-def sequence_with_importance(x_tf: np.ndarray, importance_t: np.ndarray, channels: Sequence[str],
-                             title: str) -> plt.Figure:
-    """A multichannel sequence with its per-timestep importance as a heat band beneath."""
-    fig, (ax, band) = plt.subplots(2, 1, figsize=(9, 3.4), sharex=True,
-                                   gridspec_kw={"height_ratios": [4, 1]})
-    for f in range(x_tf.shape[1]):
-        ax.plot(x_tf[:, f], lw=0.9, label=channels[f] if f < len(channels) else str(f))
-    ax.legend(fontsize=7, ncol=len(channels), loc="upper right")
-    ax.set_title(title, fontsize=10)
-    band.imshow(importance_t[None, :], aspect="auto", cmap="magma", interpolation="nearest",
-                extent=(-0.5, len(importance_t) - 0.5, 0, 1))
-    band.set_yticks([])
-    band.set_xlabel("timestep")
+def importance_bands(importance: dict[str, np.ndarray], title: str, item: str = "item",
+                     x_tf: np.ndarray | None = None, channels: Sequence[str] = (),
+                     evidence: np.ndarray | None = None) -> plt.Figure:
+    """One sample's per-item importance of each method as heat bands (one row per
+    method, each scaled to its own maximum), under the input sequence if given;
+    evidence items, when known, are marked with ticks on the bottom axis."""
+    methods = list(importance)
+    n_rows = len(methods) + (x_tf is not None)
+    ratios = ([3] if x_tf is not None else []) + [0.6] * len(methods)
+    fig, axes = plt.subplots(n_rows, 1, figsize=(9, 0.6 * len(methods) + (2.4 if x_tf is not None else 0.8)),
+                             sharex=True, gridspec_kw={"height_ratios": ratios}, squeeze=False)
+    axes = list(axes[:, 0])
+    if x_tf is not None:
+        ax = axes.pop(0)
+        for f in range(x_tf.shape[1]):
+            ax.plot(x_tf[:, f], lw=0.9, label=channels[f] if f < len(channels) else str(f))
+        ax.legend(fontsize=7, ncol=max(1, len(channels)), loc="upper right")
+    n = len(next(iter(importance.values())))
+    for ax, method in zip(axes, methods):
+        imp = np.asarray(importance[method], dtype=float)
+        ax.imshow(imp[None, :] / max(imp.max(), 1e-12), aspect="auto", cmap="magma", vmin=0, vmax=1,
+                  interpolation="nearest", extent=(-0.5, n - 0.5, 0, 1))
+        ax.set_yticks([0.5], [method], fontsize=8)
+    if evidence is not None:
+        for t in np.flatnonzero(evidence):
+            axes[-1].axvline(t, ymin=-0.35, ymax=0, color="deepskyblue", lw=2, clip_on=False)
+    axes[-1].set_xlabel(item)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

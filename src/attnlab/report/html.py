@@ -17,6 +17,20 @@ th{background:#f3f3f3}.warn{color:#a40000;font-weight:bold}.ok{color:#176b00;fon
 """
 
 
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save_figure(fig, path: Path) -> None:
+    Path(path).write_bytes(figure_png(fig))
+
+
 class HtmlReport:
     """Collects sections, writes one HTML file; figures are saved beside it as PNG too."""
 
@@ -33,12 +47,9 @@ class HtmlReport:
         self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def figure(self, fig, name: str, caption: str = "") -> None:
-        import matplotlib.pyplot as plt
+        self.image(figure_png(fig), name, caption)
 
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        png = buf.getvalue()
+    def image(self, png: bytes, name: str, caption: str = "") -> None:
         self.figures[name] = png
         data = base64.b64encode(png).decode()
         self.parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'

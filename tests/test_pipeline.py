@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -34,6 +35,8 @@ def project(tmp_path_factory):
     params["motion"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
     params["motion"]["train"].update(epochs=3, batch_size=20)
     params["motion"]["report"]["examples"] = 2
+    params["motion"]["explain"].update(ig_steps=4, examples=2)
+    params["motion"]["evaluate"].update(steps=5)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -68,7 +71,18 @@ def test_repro_produces_every_output(project):
         dtypes = {f[k].dtype for k in f}
     assert shapes == [(40, 2, 100, 100)] and len(list(data.glob("extract/attention.h5"))) == 1
     assert {str(d) for d in dtypes} == {"float16"}
+    explained = np.load(data / "explain" / "importance.npz")
+    methods = {"raw", "received", "rollout", "grad_rollout", "flow", "input_x_gradient", "integrated_gradients"}
+    assert set(explained.files) == methods | {"target", "y"}
+    for m in methods:
+        assert explained[m].shape == (40, 100)
+        np.testing.assert_allclose(explained[m].sum(1), 1.0, rtol=1e-4)
+    evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert set(evaluated["faithfulness"]["deletion_auc"]) == methods | {"random"}
+    assert {"most_vertical", "most_important"} <= set(evaluated["heads"])
+    assert (data / "evaluate" / "deletion.csv").read_text().startswith("fraction,")
     html = (data / "report" / "report.html").read_text()
+    assert "Is the explanation faithful?" in html and "most vertical head" in html
     assert html.count("data:image/png;base64,") >= 4
     assert "http://" not in html and "https://" not in html        # opens offline
     status = _run(["dvc", "status"], repo, env).stdout
@@ -90,8 +104,11 @@ def test_mlflow_run_holds_params_metrics_model_attention(project):
     metrics = json.loads((repo / "data/motion/train/metrics.json").read_text())
     assert run.data.metrics["final.test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 3
+    evaluated = json.loads((repo / "data/motion/evaluate/metrics.json").read_text())
+    assert run.data.metrics["evaluate.faithfulness.deletion_auc.rollout"] == pytest.approx(
+        evaluated["faithfulness"]["deletion_auc"]["rollout"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"attention", "explain", "report"} <= arts
+    assert {"attention", "explain", "evaluate", "report"} <= arts
     import mlflow.pytorch
     from attnlab.models import EncoderClassifier
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")

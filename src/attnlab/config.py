@@ -67,17 +67,30 @@ class Extract(Section):
     batch_size: int = Field(16, gt=0)
 
 
-Method = Literal["raw", "received", "rollout", "grad_rollout", "flow"]
+Method = Literal["raw", "received", "rollout", "grad_rollout", "flow",
+                 "input_x_gradient", "integrated_gradients"]
 
 
 class Explain(Section):
-    methods: list[Method] = ["raw", "received", "rollout", "grad_rollout", "flow"]
+    methods: list[Method] = ["raw", "received", "rollout", "grad_rollout", "flow",
+                             "input_x_gradient", "integrated_gradients"]
+    ig_steps: int = Field(32, gt=0)                     # integrated gradients: integration points
+    baseline: float | Literal["mean"] = 0.0   # a removed item's value, for integrated gradients and the
+                                              # deletion/insertion tests ("mean": training mean per feature)
     head_fusion: Literal["mean", "max", "min"] = "mean"
     residual: bool = True
     discard_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(16, gt=0)
     flow_max_pairs: int | None = Field(200_000, gt=0)   # refuse flow beyond this many max-flow problems per batch
     examples: int = Field(4, gt=0)                      # samples drawn with every method's importance
+
+
+class Evaluate(Section):
+    steps: int | None = Field(None, gt=1)      # fractions on the deletion/insertion curves (None: every item)
+    seed: int = 0                              # random-baseline importance
+    sink_k: int | None = Field(None, gt=0)     # keys counted by the sink/vertical score (None: max(1, N/20))
+    ablation: bool = True                      # head importance by zeroing each head
+    batch_size: int = Field(64, gt=0)
 
 
 class Report(Section):
@@ -90,6 +103,7 @@ class MotionParams(Section):
     train: Train = Train()
     extract: Extract = Extract()
     explain: Explain = Explain()
+    evaluate: Evaluate = Evaluate()
     report: Report = Report()
 
 

@@ -1,7 +1,9 @@
 """Wiring shared by the DVC stage scripts in ``stages/``.
 
 ``with stage("train") as s:`` parses ``<experiment> [--params FILE] [--data DIR]``,
-validates the whole params file, looks the experiment up, and gives the stage an
+validates the whole params file, looks the experiment up, sets torch's intra-op
+threads (``ATTNLAB_NUM_THREADS``, default 1: the models here are small, and on a
+2-core machine one thread per process is faster than two fighting), and gives the stage an
 output directory ``s.out`` that replaces ``data/<experiment>/<stage>/`` only if the
 block succeeds. A bad params file or experiment name ends the process with one
 line on stderr and exit status 2, before anything is written.
@@ -42,6 +44,9 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="data")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("ATTNLAB_NUM_THREADS", "1")))
     try:
         cfg = load_params(args.params).experiment(args.experiment)
         experiment = get_experiment(args.experiment)

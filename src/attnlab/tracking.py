@@ -97,6 +97,18 @@ def provenance_tags(root: Path, experiment: str) -> dict[str, str]:
     return tags
 
 
+def flat_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested metrics dict as ``prefix.a.b`` keys (others skipped)."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flat_metrics(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out[name] = float(value)
+    return out
+
+
 def _history_metrics(history: pd.DataFrame, step_col: str) -> list[Metric]:
     now = int(time.time() * 1000)
     return [Metric(str(col), float(v), now, int(step))

@@ -9,6 +9,7 @@ Files per stage (all under ``data/<experiment>/<stage>/``):
 * extract: ``attention.h5`` (every layer's per-head attention of each test sample),
   ``predictions.npz`` (y, pred, prob)
 * explain: ``importance.npz`` (per method ``[N, n_items]``, target, y), ``figures/*.png``
+* evaluate: ``metrics.json``, ``deletion.csv``, ``insertion.csv``, ``heads.csv``, ``figures/``
 * report:  ``report.html`` (self-contained), ``figures/*.png``
 * track:   ``run.json`` (the MLflow run holding this pipeline state)
 """
@@ -99,11 +100,37 @@ class ClassifierExperiment:
                                         x_tf=x if x.ndim == 2 else None, channels=meta.get("channels", ()),
                                         evidence=evidence)
 
+    def baseline_value(self, cfg: Section, data: dict[str, torch.Tensor]) -> float | torch.Tensor:
+        """What a removed item is replaced by: a number, or the training mean per feature."""
+        if cfg.explain.baseline == "mean":
+            x = data["x_train"]
+            return x.float().mean(dim=(0, 1))
+        return float(cfg.explain.baseline)
+
+    def importance_batch(self, cfg: Section, model: nn.Module, xb: torch.Tensor, n_items: int,
+                         baseline: float | torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every configured method's ``[B, n_items]`` importance for the predicted class."""
+        from attnlab.attribution import ATTENTION_METHODS, attention_importance, to_items
+        from attnlab.evaluate import input_x_gradient, integrated_gradients
+
+        e = cfg.explain
+        imp, target = attention_importance(
+            model, xb, n_items=n_items, methods=[m for m in e.methods if m in ATTENTION_METHODS],
+            how=self.readout_how(model), head_fusion=e.head_fusion, residual=e.residual,
+            discard_ratio=e.discard_ratio, flow_max_pairs=e.flow_max_pairs, forward=self.forward)
+        fn = lambda inputs: self.forward(model, inputs)  # noqa: E731
+        if "input_x_gradient" in e.methods:
+            imp["input_x_gradient"] = to_items(input_x_gradient(fn, xb, target), n_items)
+        if "integrated_gradients" in e.methods:
+            base = baseline if isinstance(baseline, float) else baseline.expand_as(xb)
+            imp["integrated_gradients"] = to_items(
+                integrated_gradients(fn, xb, target, n_steps=e.ig_steps, baseline=base), n_items)
+        return {m: imp[m] for m in e.methods}, target
+
     def explain(self, cfg: Section, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
-        """Importance of every attention method for every test sample -> importance.npz, figures/."""
+        """Importance of every method for every test sample -> importance.npz, figures/."""
         from tqdm.auto import tqdm
 
-        from attnlab.attribution import attention_importance
         from attnlab.report import figures
         from attnlab.report.html import save_figure
 
@@ -111,25 +138,34 @@ class ClassifierExperiment:
         data, meta = self.load_dataset(prepared)
         model = load_checkpoint(trained / "model.pt")
         x, y = data["x_test"], data["y_test"]
+        baseline = self.baseline_value(cfg, data)
         parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
         targets = []
         for i in tqdm(range(0, len(x), e.batch_size), desc="explain", disable=not progress):
-            imp, target = attention_importance(
-                model, x[i:i + e.batch_size], n_items=meta["n_items"], methods=e.methods,
-                how=self.readout_how(model), head_fusion=e.head_fusion, residual=e.residual,
-                discard_ratio=e.discard_ratio, flow_max_pairs=e.flow_max_pairs, forward=self.forward)
+            imp, target = self.importance_batch(cfg, model, x[i:i + e.batch_size], meta["n_items"], baseline)
             for m in e.methods:
                 parts[m].append(imp[m])
             targets.append(target)
         importance = {m: torch.cat(v).numpy().astype(np.float32) for m, v in parts.items()}
-        io.save_arrays(out / "importance.npz", target=torch.cat(targets).numpy(), y=y.numpy(), **importance)
+        target = torch.cat(targets).numpy()
+        io.save_arrays(out / "importance.npz", target=target, y=y.numpy(), **importance)
         (out / "figures").mkdir()
         classes = meta["classes"]
-        target = torch.cat(targets).numpy()
         for i in figures.pick_examples(y.numpy(), e.examples):
             title = f"sample {i}: true {classes[y[i]]}, explained (predicted) {classes[target[i]]}"
             fig = self.example_figure(data, meta, i, {m: v[i] for m, v in importance.items()}, title)
             save_figure(fig, out / "figures" / f"sample{i}.png")
+
+    def masker(self, cfg: Section, data: dict[str, torch.Tensor]):
+        """How items are removed for the deletion/insertion tests (items along dim 1)."""
+        from attnlab.evaluate import sequence_masker
+
+        return sequence_masker(self.baseline_value(cfg, data))
+
+    def evaluate(self, cfg: Section, root: Path, out: Path, *, progress: bool = False) -> None:
+        from attnlab.experiments.evaluation import evaluate_classifier
+
+        evaluate_classifier(self, cfg, root, out, progress=progress)
 
     def report(self, cfg: Section, root: Path, out: Path) -> None:
         from attnlab.report.classifier import write_classifier_report
@@ -142,15 +178,17 @@ class ClassifierExperiment:
 
         from attnlab import tracking
 
-        train, extract, explain, report = (root / s for s in ("train", "extract", "explain", "report"))
+        train, extract, explain, evaluate, report = (
+            root / s for s in ("train", "extract", "explain", "evaluate", "report"))
         recorded = [train / "model.pt", train / "metrics.json", train / "history.csv",
                     extract / "attention.h5", extract / "predictions.npz", explain / "importance.npz",
-                    report / "report.html"]
+                    evaluate / "metrics.json", report / "report.html"]
         metrics = {f"final.{k}": v for k, v in io.read_json(train / "metrics.json").items()}
+        metrics.update(tracking.flat_metrics(io.read_json(evaluate / "metrics.json"), "evaluate"))
         run_id, created = tracking.log_pipeline_run(
             self.name, params=flatten(cfg), metrics=metrics, files=recorded,
             history=pd.read_csv(train / "history.csv"),
             model=load_checkpoint(train / "model.pt"),
-            artifacts={"attention": extract, "explain": explain, "report": report})
+            artifacts={"attention": extract, "explain": explain, "evaluate": evaluate, "report": report})
         io.write_json(out / "run.json", {"experiment": self.name, "run_id": run_id})
         print(f"{self.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")

@@ -56,4 +56,60 @@ def write_classifier_report(experiment: Any, cfg: Any, root: Path, out: Path) ->
     for png in sorted((root / "explain" / "figures").glob("*.png"), key=lambda p: int(p.stem[6:])):
         rep.image(png.read_bytes(), f"explain_{png.stem}", f"{png.stem}: every method's importance "
                   f"(each band scaled to its maximum).")
+    add_evaluation(rep, root / "evaluate", item)
     return rep.write(out)
+
+
+def method_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Methods ranked by deletion AUC (lower = more faithful), with every other score."""
+    faith = metrics["faithfulness"]
+    rows = []
+    for method, deletion in faith["deletion_auc"].items():
+        row = {"method": method, "deletion AUC (lower better)": deletion,
+               "insertion AUC (higher better)": faith["insertion_auc"][method]}
+        if "evidence" in metrics:
+            row["evidence AUROC"] = metrics["evidence"]["auroc"][method]
+            row["pointing game"] = metrics["evidence"]["pointing_game"][method]
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("deletion AUC (lower better)", kind="stable").reset_index(drop=True)
+
+
+def heads_paragraph(heads: dict[str, Any]) -> str:
+    v, d = heads["most_vertical"], heads["most_diffuse"]
+    text = (f"The most vertical head is {v['module']} head {v['head']}: on average its queries put "
+            f"{v['sink']:.0%} of their attention on the same few keys (sink score; uniform attention would "
+            f"give far less), which is what vertical stripes in its map mean. The most diffuse is "
+            f"{d['module']} head {d['head']} (normalised entropy {d['entropy']:.2f}, 1 = uniform). ")
+    if "most_important" in heads:
+        m = heads["most_important"]
+        text += (f"Zeroing {m['module']} head {m['head']} costs the most: the predicted class's probability "
+                 f"drops by {m['prob_drop']:.3f} on average.")
+    return text
+
+
+def add_evaluation(rep: HtmlReport, evaluate: Path, item: str) -> None:
+    metrics = io.read_json(evaluate / "metrics.json")
+    table = method_table(metrics)
+    rep.heading("Is the explanation faithful?")
+    rep.paragraph(f"Deletion: remove {item}s most important first and watch the probability of the explained "
+                  f"class fall (a faithful method makes it fall fast: small area). Insertion: start from "
+                  f"nothing and add {item}s most important first (large area is better). 'random' ranks "
+                  "items at random: a method that does not beat it explains nothing.")
+    rep.table(table)
+    random = table.set_index("method").loc["random", "deletion AUC (lower better)"]
+    beaten = [m for m, v in zip(table["method"], table["deletion AUC (lower better)"]) if m != "random" and v < random]
+    failed = [m for m in table["method"] if m != "random" and m not in beaten]
+    rep.paragraph(f"Beat the random baseline on deletion: {', '.join(beaten) or 'none'}. "
+                  f"Did not: {', '.join(failed) or 'none'}.", css="warn" if failed else "ok")
+    if "evidence" in metrics:
+        rep.paragraph("Evidence AUROC: how well each method's importance separates the items that carry the "
+                      "planted evidence from the others (0.5 = chance); pointing game: how often the top item "
+                      "is evidence.")
+    rep.image((evaluate / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
+              "Mean probability of the explained class along the deletion and insertion curves.")
+    rep.heading("What the heads do")
+    rep.paragraph(heads_paragraph(metrics["heads"]))
+    rep.image((evaluate / "figures" / "heads.png").read_bytes(), "heads",
+              "Per head: normalised entropy (1 = uniform), sink score (share of attention on the top keys, "
+              "averaged over queries: high = vertical stripes), locality (mean |i - j| / N), and the drop in "
+              "the predicted class's probability / in accuracy when the head is zeroed.")

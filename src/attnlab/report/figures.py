@@ -115,3 +115,36 @@ def importance_bands(importance: dict[str, np.ndarray], title: str, item: str = 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def faithfulness_curves(curves: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Deletion and insertion curves (mean probability of the explained class) per method."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.4), squeeze=False)
+    for ax, (mode, frame) in zip(axes[0], curves.items()):
+        for method in frame.columns.drop("fraction"):
+            style = dict(color="black", ls="--", lw=1.5) if method == "random" else dict(lw=1.2)
+            ax.plot(frame["fraction"], frame[method], label=method, **style)
+        verb = "removed" if mode == "deletion" else "inserted"
+        ax.set(title=f"{mode} (area: {'lower' if mode == 'deletion' else 'higher'} is better)",
+               xlabel=f"fraction of items {verb}, most important first", ylabel="p(explained class)",
+               ylim=(0, 1.02))
+    axes[0, -1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def head_heatmaps(heads: pd.DataFrame, columns: Sequence[str]) -> plt.Figure:
+    """One layers x heads heatmap per diagnostic (rows: recorded attention entries)."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.0 * len(columns) + 1, 0.45 * heads["entry"].nunique() + 1.6),
+                             squeeze=False)
+    labels = heads.drop_duplicates("entry").set_index("entry")["module"]
+    for ax, column in zip(axes[0], columns):
+        grid = heads.pivot(index="entry", columns="head", values=column)
+        sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", cmap="rocket_r" if column != "entropy" else "mako",
+                    cbar=False, annot_kws={"fontsize": 7}, yticklabels=[labels[i] for i in grid.index])
+        ax.set(title=column, xlabel="head", ylabel="")
+        ax.tick_params(axis="y", labelsize=7)
+        if ax is not axes[0, 0]:
+            ax.set_yticklabels([])
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,113 @@
+"""The evaluate stage of a classification experiment.
+
+Scores every explanation method of the explain stage (and a seeded random
+baseline): deletion and insertion curves (faithfulness), AUROC and pointing game
+against planted evidence where the data has it, and characterises every head
+(entropy, sink/vertical score, locality, importance by ablation). Writes
+``metrics.json`` (nested: faithfulness / evidence / heads), ``deletion.csv`` and
+``insertion.csv`` (mean curve per method), ``heads.csv`` and figures.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from attnlab import io
+from attnlab.models import load_checkpoint
+
+
+def _best(frame: pd.DataFrame, column: str, largest: bool = True) -> dict[str, Any]:
+    row = frame.loc[frame[column].idxmax() if largest else frame[column].idxmin()]
+    return {"module": str(row["module"]), "entry": int(row["entry"]), "head": int(row["head"]),
+            column: float(row[column])}
+
+
+def head_table(reader, names: list[str], *, k: int | None, batch_size: int) -> pd.DataFrame:
+    """Entropy, sink score and locality of every recorded entry's heads, streamed from disk."""
+    from attnlab.evaluate import HeadStats
+
+    stats = HeadStats(k=k)
+    for batch in reader.batches(batch_size):
+        # factorised entries ([N, k, H, L, L], e.g. space-time) count each of their k maps
+        stats.update([a.flatten(0, 1) if a.ndim == 5 else a for a in batch])
+    result = {key: value.numpy() for key, value in stats.result().items()}
+    rows = []
+    for e, name in enumerate(names):
+        for h in range(result["entropy"].shape[1]):
+            if np.isnan(result["entropy"][e, h]):
+                continue
+            rows.append({"entry": e, "module": name, "head": h,
+                         **{key: float(v[e, h]) for key, v in result.items()}})
+    return pd.DataFrame(rows)
+
+
+def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, progress: bool = False) -> None:
+    from attnlab.evaluate import (deletion_curve, evidence_auroc, head_importance, insertion_curve,
+                                  pointing_game, random_importance)
+    from attnlab.report import figures
+    from attnlab.report.html import save_figure
+    from attnlab.store import AttentionReader
+
+    ev = cfg.evaluate
+    data, meta = experiment.load_dataset(root / "prepare")
+    model = load_checkpoint(root / "train" / "model.pt")
+    x, y = data["x_test"], data["y_test"]
+    loaded = io.load_arrays(root / "explain" / "importance.npz")
+    importance = {m: torch.from_numpy(v) for m, v in loaded.items() if m not in ("target", "y")}
+    importance["random"] = random_importance(next(iter(importance.values())).shape, ev.seed).float()
+    target = torch.from_numpy(loaded["target"])
+    masker = experiment.masker(cfg, data)
+    fn = lambda inputs: experiment.forward(model, inputs)  # noqa: E731
+
+    metrics: dict[str, Any] = {"n_samples": len(y),
+                               "accuracy": float((target == y).float().mean()),
+                               "faithfulness": {"deletion_auc": {}, "insertion_auc": {}}}
+    curves: dict[str, pd.DataFrame] = {}
+    with torch.no_grad():
+        for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+            columns = {}
+            for method, imp in importance.items():
+                curve = curve_fn(fn, x, imp, masker, target=target, steps=ev.steps, batch_size=ev.batch_size)
+                metrics["faithfulness"][f"{mode}_auc"][method] = float(curve.auc.mean())
+                columns["fraction"] = curve.fractions.numpy()
+                columns[method] = curve.probs.mean(0).numpy()
+            curves[mode] = pd.DataFrame(columns)
+            curves[mode].to_csv(out / f"{mode}.csv", index=False, float_format="%.6g")
+
+    if "evidence_test" in data:
+        evidence = data["evidence_test"].flatten(1)
+        metrics["evidence"] = {
+            "auroc": {m: float(evidence_auroc(imp, evidence).mean) for m, imp in importance.items()},
+            "pointing_game": {m: float(pointing_game(imp, evidence)) for m, imp in importance.items()}}
+
+    with AttentionReader(root / "extract" / "attention.h5") as reader:
+        names = list(reader.names)
+        heads = head_table(reader, names, k=ev.sink_k, batch_size=ev.batch_size)
+    if ev.ablation:
+        modules = sorted({n for n in names if isinstance(model.get_submodule(n), nn.Module)
+                          and hasattr(model.get_submodule(n), "num_heads")}, key=names.index)
+        batches = [(x[i:i + ev.batch_size], y[i:i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)]
+        ablated = head_importance(model, batches, modules, forward=experiment.forward, progress=progress)
+        drops = pd.DataFrame([{"module": name, "head": h, "accuracy_drop": float(ablated.accuracy_drop[l, h]),
+                               "prob_drop": float(ablated.prob_drop[l, h])}
+                              for l, name in enumerate(ablated.names)
+                              for h in range(ablated.accuracy_drop.shape[1])
+                              if not np.isnan(float(ablated.prob_drop[l, h]))])
+        heads = heads.merge(drops, on=["module", "head"], how="left")
+    heads.to_csv(out / "heads.csv", index=False, float_format="%.6g")
+    metrics["heads"] = {"most_vertical": _best(heads, "sink"), "most_diffuse": _best(heads, "entropy"),
+                        "most_focused": _best(heads, "entropy", largest=False),
+                        "mean_entropy": float(heads["entropy"].mean()), "mean_sink": float(heads["sink"].mean())}
+    if ev.ablation:
+        metrics["heads"]["most_important"] = _best(heads.dropna(subset=["prob_drop"]), "prob_drop")
+    io.write_json(out / "metrics.json", metrics)
+
+    (out / "figures").mkdir()
+    save_figure(figures.faithfulness_curves(curves), out / "figures" / "faithfulness.png")
+    columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if ev.ablation else [])
+    save_figure(figures.head_heatmaps(heads, columns), out / "figures" / "heads.png")

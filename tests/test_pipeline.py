@@ -31,7 +31,11 @@ def project(tmp_path_factory):
         shutil.copytree(ROOT / name, repo / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp", "cache"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["experiments"] = ["motion"]
+    params["experiments"] = ["motion", "tokens"]
+    params["tokens"]["prepare"].update(n=300, max_len=16)
+    params["tokens"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
+    params["tokens"]["train"].update(epochs=1)
+    params["tokens"]["explain"].update(min_count=1, heatmap_tokens=10)
     params["motion"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
     params["motion"]["train"].update(epochs=3, batch_size=20)
     params["motion"]["report"]["examples"] = 2
@@ -51,10 +55,10 @@ def project(tmp_path_factory):
     return repo, env, first
 
 
-def _runs(repo):
+def _runs(repo, experiment="motion"):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("motion")
+    exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id])
 
 
@@ -80,13 +84,29 @@ def test_repro_produces_every_output(project):
     evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
     assert set(evaluated["faithfulness"]["deletion_auc"]) == methods | {"random"}
     assert {"most_vertical", "most_important"} <= set(evaluated["heads"])
-    assert (data / "evaluate" / "deletion.csv").read_text().startswith("fraction,")
+    assert (data / "evaluate" / "results" / "deletion.csv").read_text().startswith("fraction,")
     html = (data / "report" / "report.html").read_text()
     assert "Is the explanation faithful?" in html and "most vertical head" in html
     assert html.count("data:image/png;base64,") >= 4
     assert "http://" not in html and "https://" not in html        # opens offline
     status = _run(["dvc", "status"], repo, env).stdout
     assert "up to date" in status
+
+
+def test_tokens_vocab_attention_outputs(project):
+    repo, env, _ = project
+    data = repo / "data" / "tokens"
+    from attnlab.aggregate import VocabAttention
+    meta = json.loads((data / "prepare" / "meta.json").read_text())
+    agg = VocabAttention.load(data / "explain" / "vocab.npz")
+    assert agg.sum.shape == (len(meta["vocab"]),) * 2
+    pad = meta["vocab"].index("<pad>")
+    assert agg.count[pad].sum() == 0 and agg.count[:, pad].sum() == 0      # padding never counted
+    top = (data / "explain" / "top_pairs.csv").read_text().splitlines()
+    assert top[0].startswith("query_id,key_id,query_token,key_token")
+    evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert 0.0 <= evaluated["planted"]["recall_at_k"] <= 1.0
+    assert "Which token attends to which" in (data / "report" / "report.html").read_text()
 
 
 def test_second_repro_does_nothing(project):
@@ -127,6 +147,7 @@ def test_exp_run_with_changed_param_makes_second_run(project):
     _run(["dvc", "exp", "run", "-S", "motion.train.epochs=4", "--name", "longer"], repo, env)
     client, runs = _runs(repo)
     assert len(runs) == 2
+    assert len(_runs(repo, "tokens")[1]) == 1                   # tokens' state did not change
     by_epochs = {r.data.params["train.epochs"]: r for r in runs}
     assert set(by_epochs) == {"3", "4"}
     assert by_epochs["4"].data.tags["dvc.exp_name"] == "longer"

@@ -217,3 +217,13 @@ def test_lm_loss_and_metrics_ignore_pads():
     m1 = lm_metrics(logits, tokens, mask, target_mask=only)
     assert m1["n_tokens"] == 1
     assert math.isclose(m1["loss"], F.cross_entropy(logits[0, 2], tokens[0, 3]).item(), rel_tol=1e-5)
+
+
+def test_recall_at_k_counts_true_pairs_among_ranked_pairs():
+    import pandas as pd
+
+    from attnlab.experiments.tokens import recall_at_k
+
+    top = pd.DataFrame({"query_token": ["b1", "x", "b2"], "key_token": ["a1", "y", "a9"]})
+    assert recall_at_k(top, [("b1", "a1"), ("b2", "a2")]) == 0.5
+    assert recall_at_k(top, [["b1", "a1"]]) == 1.0                # pairs read back from JSON are lists

@@ -107,13 +107,70 @@ class MotionParams(Section):
     report: Report = Report()
 
 
+# --------------------------------------------------------------------------- tokens
+class TokensPrepare(Section):
+    source: Literal["planted", "bach", "pydoc", "file"] = "planted"
+    path: str | None = None                    # file: one sequence per line, whitespace-separated tokens
+    max_len: int = Field(32, gt=1)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    n: int = Field(6000, gt=0)                 # planted: number of sequences
+    vocab_size: int = Field(40, gt=3)          # planted: tokens including the 3 specials
+    n_rules: int = Field(8, gt=0)              # planted: trigger -> probe rules
+    top_k: int = Field(500, gt=0)              # pydoc / file: keep the most frequent words
+    voices: Literal["soprano", "all"] = "soprano"   # bach
+    limit: int | None = Field(None, gt=0)      # bach: parse only this many chorales
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> "TokensPrepare":
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs 'path' (a text file, one sequence per line)")
+        return self
+
+
+class CausalModel(Section):
+    d_model: int = Field(64, gt=0)
+    nhead: int = Field(4, gt=0)
+    num_layers: int = Field(2, gt=0)
+    dim_feedforward: int = Field(128, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    positional: Literal["learned", "sinusoidal"] = "learned"
+    norm_first: bool = False
+
+
+class VocabExplain(Section):
+    attention: Literal["layer", "mean", "rollout"] = "layer"   # which attention feeds VocabAttention
+    layer: int = 0                             # with attention: layer (negative counts from the end)
+    per_head: bool = True                      # keep one matrix per head as well
+    top_k: int = Field(16, gt=0)               # top pairs by lift (recall@K on planted)
+    min_count: int = Field(20, gt=0)           # pairs seen fewer times are not ranked
+    heatmap_tokens: int = Field(30, gt=1)      # most frequent tokens in the clustered heatmap
+    batch_size: int = Field(64, gt=0)
+
+
+class TokensEvaluate(Section):
+    sink_k: int | None = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class TokensParams(Section):
+    prepare: TokensPrepare = TokensPrepare()
+    model: CausalModel = CausalModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    explain: VocabExplain = VocabExplain()
+    evaluate: TokensEvaluate = TokensEvaluate()
+    report: Report = Report()
+
+
 # --------------------------------------------------------------------------- top level
-EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams}
+EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams}
 
 
 class Params(Section):
     experiments: list[str]
     motion: MotionParams | None = None
+    tokens: TokensParams | None = None
 
     @model_validator(mode="after")
     def _experiments_known(self) -> "Params":

@@ -68,3 +68,65 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
                      "train_accuracy": correct / len(x_train),
                      **{f"test_{k}": v for k, v in test.items()}})
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def lm_evaluate(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128,
+                target_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Token-weighted next-token loss, perplexity and accuracy over a dataset (eval mode)."""
+    from attnlab.models.causal import lm_metrics
+
+    was_training = model.training
+    model.eval()
+    total = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+    try:
+        for i in range(0, len(tokens), batch_size):
+            t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
+            tm = None if target_mask is None else target_mask[i:i + batch_size]
+            if tm is not None and not bool((tm[:, 1:] & m[:, 1:] & m[:, :-1]).any()):
+                continue
+            got = lm_metrics(model(t, m), t, m, target_mask=tm)
+            total["loss"] += got["loss"] * got["n_tokens"]
+            total["accuracy"] += got["accuracy"] * got["n_tokens"]
+            total["n"] += got["n_tokens"]
+    finally:
+        model.train(was_training)
+    n = max(total["n"], 1)
+    loss = total["loss"] / n
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "accuracy": total["accuracy"] / n}
+
+
+def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+           cfg: Train, *, test_target_mask: torch.Tensor | None = None, progress: bool = False) -> pd.DataFrame:
+    """Next-token training with AdamW; returns the per-epoch history.
+
+    Columns: ``epoch, train_loss, train_accuracy, test_loss, test_perplexity,
+    test_accuracy`` and, given ``test_target_mask`` (e.g. the planted rule
+    positions), ``test_target_accuracy``.
+    """
+    from attnlab.models.causal import lm_loss, lm_metrics
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    (x_tr, m_tr), (x_te, m_te) = train, test
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rows = []
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress):
+        model.train()
+        seen = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+        for idx in torch.randperm(len(x_tr), generator=gen).split(cfg.batch_size):
+            logits = model(x_tr[idx], m_tr[idx])
+            loss = lm_loss(logits, x_tr[idx], m_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            got = lm_metrics(logits.detach(), x_tr[idx], m_tr[idx])
+            seen["loss"] += got["loss"] * got["n_tokens"]
+            seen["accuracy"] += got["accuracy"] * got["n_tokens"]
+            seen["n"] += got["n_tokens"]
+        row = {"epoch": epoch, "train_loss": seen["loss"] / seen["n"], "train_accuracy": seen["accuracy"] / seen["n"],
+               **{f"test_{k}": v for k, v in lm_evaluate(model, x_te, m_te).items()}}
+        if test_target_mask is not None:
+            row["test_target_accuracy"] = lm_evaluate(model, x_te, m_te, target_mask=test_target_mask)["accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from attnlab.experiments.base import ClassifierExperiment
 from attnlab.experiments.motion import MotionExperiment
+from attnlab.experiments.tokens import TokensExperiment
 
-REGISTRY: dict[str, type[ClassifierExperiment]] = {"motion": MotionExperiment}
+REGISTRY: dict[str, type[ClassifierExperiment]] = {"motion": MotionExperiment, "tokens": TokensExperiment}
 
 
 def get_experiment(name: str) -> ClassifierExperiment:

@@ -178,17 +178,15 @@ class ClassifierExperiment:
 
         from attnlab import tracking
 
-        train, extract, explain, evaluate, report = (
-            root / s for s in ("train", "extract", "explain", "evaluate", "report"))
-        recorded = [train / "model.pt", train / "metrics.json", train / "history.csv",
-                    extract / "attention.h5", extract / "predictions.npz", explain / "importance.npz",
-                    evaluate / "metrics.json", report / "report.html"]
+        stage_dirs = {name: root / name for name in ("train", "extract", "explain", "evaluate", "report")}
+        train, evaluate = stage_dirs["train"], stage_dirs["evaluate"]
+        recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
         metrics = {f"final.{k}": v for k, v in io.read_json(train / "metrics.json").items()}
         metrics.update(tracking.flat_metrics(io.read_json(evaluate / "metrics.json"), "evaluate"))
         run_id, created = tracking.log_pipeline_run(
             self.name, params=flatten(cfg), metrics=metrics, files=recorded,
             history=pd.read_csv(train / "history.csv"),
             model=load_checkpoint(train / "model.pt"),
-            artifacts={"attention": extract, "explain": explain, "evaluate": evaluate, "report": report})
+            artifacts={("attention" if k == "extract" else k): d for k, d in stage_dirs.items() if k != "train"})
         io.write_json(out / "run.json", {"experiment": self.name, "run_id": run_id})
         print(f"{self.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")

@@ -4,8 +4,9 @@ Scores every explanation method of the explain stage (and a seeded random
 baseline): deletion and insertion curves (faithfulness), AUROC and pointing game
 against planted evidence where the data has it, and characterises every head
 (entropy, sink/vertical score, locality, importance by ablation). Writes
-``metrics.json`` (nested: faithfulness / evidence / heads), ``deletion.csv`` and
-``insertion.csv`` (mean curve per method), ``heads.csv`` and figures.
+``metrics.json`` (nested: faithfulness / evidence / heads) and, under ``results/``,
+``deletion.csv`` and ``insertion.csv`` (mean curve per method), ``heads.csv`` and
+``figures/``.
 """
 from __future__ import annotations
 
@@ -21,29 +22,39 @@ from attnlab import io
 from attnlab.models import load_checkpoint
 
 
-def _best(frame: pd.DataFrame, column: str, largest: bool = True) -> dict[str, Any]:
+def best_head(frame: pd.DataFrame, column: str, largest: bool = True) -> dict[str, Any]:
+    """The head with the largest (smallest) ``column``, as a small dict for metrics.json."""
     row = frame.loc[frame[column].idxmax() if largest else frame[column].idxmin()]
     return {"module": str(row["module"]), "entry": int(row["entry"]), "head": int(row["head"]),
             column: float(row[column])}
 
 
-def head_table(reader, names: list[str], *, k: int | None, batch_size: int) -> pd.DataFrame:
-    """Entropy, sink score and locality of every recorded entry's heads, streamed from disk."""
+def head_summary(heads: pd.DataFrame) -> dict[str, Any]:
+    summary = {"most_vertical": best_head(heads, "sink"), "most_diffuse": best_head(heads, "entropy"),
+               "most_focused": best_head(heads, "entropy", largest=False),
+               "mean_entropy": float(heads["entropy"].mean()), "mean_sink": float(heads["sink"].mean())}
+    if "prob_drop" in heads and heads["prob_drop"].notna().any():
+        summary["most_important"] = best_head(heads.dropna(subset=["prob_drop"]), "prob_drop")
+    return summary
+
+
+def head_table(reader, *, k: int | None, batch_size: int, causal: bool = False,
+               padding: torch.Tensor | None = None) -> pd.DataFrame:
+    """Entropy, sink score and locality of every recorded entry's heads, streamed from
+    disk; ``padding [N, L]`` (True = padded) is sliced per batch."""
     from attnlab.evaluate import HeadStats
 
-    stats = HeadStats(k=k)
+    stats, start = HeadStats(k=k, causal=causal), 0
     for batch in reader.batches(batch_size):
+        stop = start + batch[0].shape[0]
         # factorised entries ([N, k, H, L, L], e.g. space-time) count each of their k maps
-        stats.update([a.flatten(0, 1) if a.ndim == 5 else a for a in batch])
+        stats.update([a.flatten(0, 1) if a.ndim == 5 else a for a in batch],
+                     mask=None if padding is None else padding[start:stop])
+        start = stop
     result = {key: value.numpy() for key, value in stats.result().items()}
-    rows = []
-    for e, name in enumerate(names):
-        for h in range(result["entropy"].shape[1]):
-            if np.isnan(result["entropy"][e, h]):
-                continue
-            rows.append({"entry": e, "module": name, "head": h,
-                         **{key: float(v[e, h]) for key, v in result.items()}})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"entry": e, "module": name, "head": h, **{key: float(v[e, h]) for key, v in result.items()}}
+                         for e, name in enumerate(reader.names) for h in range(result["entropy"].shape[1])
+                         if not np.isnan(result["entropy"][e, h])])
 
 
 def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, progress: bool = False) -> None:
@@ -54,6 +65,8 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     from attnlab.store import AttentionReader
 
     ev = cfg.evaluate
+    res = out / "results"
+    (res / "figures").mkdir(parents=True)
     data, meta = experiment.load_dataset(root / "prepare")
     model = load_checkpoint(root / "train" / "model.pt")
     x, y = data["x_test"], data["y_test"]
@@ -77,7 +90,7 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
                 columns["fraction"] = curve.fractions.numpy()
                 columns[method] = curve.probs.mean(0).numpy()
             curves[mode] = pd.DataFrame(columns)
-            curves[mode].to_csv(out / f"{mode}.csv", index=False, float_format="%.6g")
+            curves[mode].to_csv(res / f"{mode}.csv", index=False, float_format="%.6g")
 
     if "evidence_test" in data:
         evidence = data["evidence_test"].flatten(1)
@@ -87,7 +100,7 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
 
     with AttentionReader(root / "extract" / "attention.h5") as reader:
         names = list(reader.names)
-        heads = head_table(reader, names, k=ev.sink_k, batch_size=ev.batch_size)
+        heads = head_table(reader, k=ev.sink_k, batch_size=ev.batch_size)
     if ev.ablation:
         modules = sorted({n for n in names if isinstance(model.get_submodule(n), nn.Module)
                           and hasattr(model.get_submodule(n), "num_heads")}, key=names.index)
@@ -99,15 +112,10 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
                               for h in range(ablated.accuracy_drop.shape[1])
                               if not np.isnan(float(ablated.prob_drop[l, h]))])
         heads = heads.merge(drops, on=["module", "head"], how="left")
-    heads.to_csv(out / "heads.csv", index=False, float_format="%.6g")
-    metrics["heads"] = {"most_vertical": _best(heads, "sink"), "most_diffuse": _best(heads, "entropy"),
-                        "most_focused": _best(heads, "entropy", largest=False),
-                        "mean_entropy": float(heads["entropy"].mean()), "mean_sink": float(heads["sink"].mean())}
-    if ev.ablation:
-        metrics["heads"]["most_important"] = _best(heads.dropna(subset=["prob_drop"]), "prob_drop")
+    heads.to_csv(res / "heads.csv", index=False, float_format="%.6g")
+    metrics["heads"] = head_summary(heads)
     io.write_json(out / "metrics.json", metrics)
 
-    (out / "figures").mkdir()
-    save_figure(figures.faithfulness_curves(curves), out / "figures" / "faithfulness.png")
+    save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
     columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if ev.ablation else [])
-    save_figure(figures.head_heatmaps(heads, columns), out / "figures" / "heads.png")
+    save_figure(figures.head_heatmaps(heads, columns), res / "figures" / "heads.png")

@@ -105,11 +105,11 @@ def add_evaluation(rep: HtmlReport, evaluate: Path, item: str) -> None:
         rep.paragraph("Evidence AUROC: how well each method's importance separates the items that carry the "
                       "planted evidence from the others (0.5 = chance); pointing game: how often the top item "
                       "is evidence.")
-    rep.image((evaluate / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
+    rep.image((evaluate / "results" / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
               "Mean probability of the explained class along the deletion and insertion curves.")
     rep.heading("What the heads do")
     rep.paragraph(heads_paragraph(metrics["heads"]))
-    rep.image((evaluate / "figures" / "heads.png").read_bytes(), "heads",
+    rep.image((evaluate / "results" / "figures" / "heads.png").read_bytes(), "heads",
               "Per head: normalised entropy (1 = uniform), sink score (share of attention on the top keys, "
               "averaged over queries: high = vertical stripes), locality (mean |i - j| / N), and the drop in "
               "the predicted class's probability / in accuracy when the head is zeroed.")

@@ -148,3 +148,24 @@ def head_heatmaps(heads: pd.DataFrame, columns: Sequence[str]) -> plt.Figure:
             ax.set_yticklabels([])
     fig.tight_layout()
     return fig
+
+
+def vocab_clustermap(agg, itos: Sequence[str], n_tokens: int, *, min_count: int = 1):
+    """Clustered heatmap of log2 lift among the ``n_tokens`` most frequent tokens
+    (query tokens in rows, key tokens in columns); pairs seen fewer than
+    ``min_count`` times are blank. Returns the matplotlib Figure."""
+    count = agg.count
+    freq = count.sum(0) + count.sum(1)
+    keep = [i for i in np.argsort(-freq, kind="stable") if freq[i] > 0 and not itos[i].startswith("<")][:n_tokens]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lift = np.log2(agg.lift()[np.ix_(keep, keep)])
+    lift[(count[np.ix_(keep, keep)] < min_count) | ~np.isfinite(lift)] = np.nan
+    frame = pd.DataFrame(lift, index=[itos[i] for i in keep], columns=[itos[i] for i in keep])
+    filled = frame.fillna(0.0)
+    size = max(5.0, 0.22 * len(keep) + 2)
+    grid = sns.clustermap(filled, mask=frame.isna(), cmap="vlag", center=0, figsize=(size, size),
+                          xticklabels=True, yticklabels=True, cbar_kws={"label": "log2 lift"},
+                          method="average", metric="euclidean")
+    grid.ax_heatmap.set(xlabel="key token", ylabel="query token")
+    grid.ax_heatmap.tick_params(labelsize=7)
+    return grid.figure

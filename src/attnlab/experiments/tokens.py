@@ -1,0 +1,178 @@
+"""``tokens``: next-token prediction with a causal TransformerEncoder, and the
+vocabulary x vocabulary attention of the whole test set (``VocabAttention``).
+
+Stages: prepare (one of the sources of :mod:`attnlab.data.tokens`), train (perplexity,
+accuracy), extract (every layer's per-head attention, causal + padding masks),
+explain (``VocabAttention`` over the test set from a chosen layer, the mean of the
+layers or the rollout: sum/count/expected/mean/lift, the long table, top pairs,
+clustered heatmap), evaluate (recall@K of the planted pairs, head diagnostics),
+report, track.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from attnlab import io
+from attnlab.config import TokensParams
+from attnlab.experiments.base import ClassifierExperiment
+from attnlab.models import load_checkpoint, save_checkpoint
+
+FACTORY = "attnlab.models.causal:CausalTransformerLM"
+
+
+def load_source(cfg: TokensParams):
+    from attnlab.data import tokens as src
+
+    p = cfg.prepare
+    if p.source == "planted":
+        return src.planted_sequences(p.n, vocab_size=p.vocab_size, length=p.max_len, n_rules=p.n_rules, seed=p.seed)
+    if p.source == "bach":
+        return src.bach_sequences(voices=p.voices, max_len=p.max_len, limit=p.limit, progress=False)
+    if p.source == "pydoc":
+        return src.pydoc_sequences(top_k=p.top_k, max_len=p.max_len)
+    return src.file_sequences(p.path, max_len=p.max_len, top_k=p.top_k)
+
+
+def recall_at_k(top: pd.DataFrame, true_pairs: list[tuple[str, str]]) -> float:
+    """Share of the true (query, key) token pairs found among the ranked pairs ``top``."""
+    found = set(zip(top["query_token"], top["key_token"]))
+    return sum(tuple(p) in found for p in true_pairs) / max(len(true_pairs), 1)
+
+
+class TokensExperiment(ClassifierExperiment):
+    name = "tokens"
+    item_name = "token"
+
+    def prepare(self, cfg: TokensParams, out: Path) -> None:
+        from attnlab.data.tokens import train_test_split
+
+        data = load_source(cfg)
+        train, test = train_test_split(data, cfg.prepare.test_fraction, cfg.prepare.seed)
+        arrays = {"tokens_train": train.tokens, "mask_train": train.mask,
+                  "tokens_test": test.tokens, "mask_test": test.mask}
+        if test.rule_mask is not None:
+            arrays |= {"rule_mask_test": test.rule_mask, "true_key_test": test.true_key}
+        io.save_arrays(out / "dataset.npz", **{k: v.numpy() for k, v in arrays.items()})
+        io.write_json(out / "meta.json", {
+            "source": cfg.prepare.source, "vocab": data.vocab, "n_train": len(train), "n_test": len(test),
+            "n_items": data.tokens.shape[1], "true_pairs": [list(p) for p in data.true_pairs or []],
+            "source_meta": data.meta})
+
+    def model_spec(self, cfg: TokensParams, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return FACTORY, {"vocab_size": len(meta["vocab"]), "max_len": meta["n_items"], **cfg.model.model_dump()}
+
+    def forward(self, model, batch):
+        tokens, mask = batch
+        return model(tokens, mask)
+
+    def train(self, cfg: TokensParams, prepared: Path, out: Path, *, progress: bool = False) -> None:
+        from attnlab.models import build_model
+        from attnlab.training import fit_lm
+
+        data, meta = self.load_dataset(prepared)
+        factory, kwargs = self.model_spec(cfg, meta)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(factory, kwargs)
+        history = fit_lm(model, (data["tokens_train"], data["mask_train"]), (data["tokens_test"], data["mask_test"]),
+                         cfg.train, test_target_mask=data.get("rule_mask_test"), progress=progress)
+        save_checkpoint(out / "model.pt", model, factory, kwargs)
+        history.to_csv(out / "history.csv", index=False)
+        final = history.iloc[-1]
+        io.write_json(out / "metrics.json", {k: float(final[k]) for k in history.columns if k != "epoch"}
+                      | {"epochs": int(final["epoch"])})
+
+    def _batches(self, data: dict[str, torch.Tensor], batch_size: int):
+        tokens, mask = data["tokens_test"], data["mask_test"]
+        return ((tokens[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(tokens), batch_size))
+
+    def extract(self, cfg: TokensParams, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
+        from attnlab.store import extract_attention
+
+        data, _ = self.load_dataset(prepared)
+        model = load_checkpoint(trained / "model.pt")
+        extract_attention(model, self._batches(data, cfg.extract.batch_size), out / "attention.h5", progress=progress)
+
+    def explain(self, cfg: TokensParams, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
+        """VocabAttention over the test set, streamed from the extracted attention."""
+        from attnlab.aggregate import VocabAttention
+        from attnlab.explain import rollout
+        from attnlab.report import figures
+        from attnlab.report.html import save_figure
+        from attnlab.store import AttentionReader
+
+        e = cfg.explain
+        data, meta = self.load_dataset(prepared)
+        itos = meta["vocab"]
+        tokens, mask = data["tokens_test"], data["mask_test"]
+        agg, heads = VocabAttention(len(itos)), None
+        with AttentionReader(out.parent / "extract" / "attention.h5") as reader:
+            n_layers = len(reader.names)
+            if not -n_layers <= e.layer < n_layers:
+                raise ValueError(f"explain.layer={e.layer}: the model has {n_layers} layers")
+            start = 0
+            for batch in reader.batches(e.batch_size):
+                stop = start + batch[0].shape[0]
+                t, m = tokens[start:stop], mask[start:stop]
+                if e.attention == "layer":
+                    att = batch[e.layer]                               # [B, H, N, N]
+                elif e.attention == "mean":
+                    att = torch.stack(batch).mean(0)
+                else:
+                    att = rollout(batch, padding_mask=~m)              # [B, N, N]
+                agg.update(t, att, mask=m, causal=True)
+                if e.per_head and att.ndim == 4:
+                    heads = heads or VocabAttention(len(itos), n_heads=att.shape[1])
+                    heads.update(t, att, mask=m, causal=True)
+                start = stop
+        agg.save(out / "vocab.npz")
+        agg.to_frame(itos).to_csv(out / "pairs.csv.gz", index=False, float_format="%.6g")
+        agg.top_pairs(e.top_k, min_count=e.min_count, itos=itos).to_csv(out / "top_pairs.csv", index=False)
+        if heads is not None:
+            heads.save(out / "vocab_heads.npz")
+            per_head = pd.concat([heads.top_pairs(e.top_k, min_count=e.min_count, itos=itos, head=h).assign(head=h)
+                                  for h in range(heads.sum.shape[0])])
+            per_head.to_csv(out / "top_pairs_per_head.csv", index=False)
+        (out / "figures").mkdir()
+        save_figure(figures.vocab_clustermap(agg, itos, e.heatmap_tokens, min_count=e.min_count),
+                    out / "figures" / "vocab_lift.png")
+
+    def evaluate(self, cfg: TokensParams, root: Path, out: Path, *, progress: bool = False) -> None:
+        from attnlab.aggregate import VocabAttention
+        from attnlab.experiments.evaluation import head_summary, head_table
+        from attnlab.report import figures
+        from attnlab.report.html import save_figure
+        from attnlab.store import AttentionReader
+
+        e, meta = cfg.explain, io.read_json(root / "prepare" / "meta.json")
+        metrics: dict[str, Any] = {"n_sequences": meta["n_test"]}
+        if meta["true_pairs"]:
+            itos = meta["vocab"]
+            agg = VocabAttention.load(root / "explain" / "vocab.npz")
+            top = agg.top_pairs(e.top_k, min_count=e.min_count, itos=itos)
+            metrics["planted"] = {"recall_at_k": recall_at_k(top, meta["true_pairs"]), "k": e.top_k,
+                                  "n_true_pairs": len(meta["true_pairs"])}
+            if (root / "explain" / "vocab_heads.npz").exists():
+                heads = VocabAttention.load(root / "explain" / "vocab_heads.npz")
+                per_head = [recall_at_k(heads.top_pairs(e.top_k, min_count=e.min_count, itos=itos, head=h),
+                                        meta["true_pairs"]) for h in range(heads.sum.shape[0])]
+                metrics["planted"]["recall_at_k_per_head"] = {str(h): r for h, r in enumerate(per_head)}
+                metrics["planted"]["recall_at_k_best_head"] = max(per_head)
+        data, _ = self.load_dataset(root / "prepare")
+        with AttentionReader(root / "extract" / "attention.h5") as reader:
+            heads = head_table(reader, k=cfg.evaluate.sink_k, batch_size=cfg.evaluate.batch_size,
+                               causal=True, padding=~data["mask_test"])
+        res = out / "results"
+        (res / "figures").mkdir(parents=True)
+        heads.to_csv(res / "heads.csv", index=False, float_format="%.6g")
+        metrics["heads"] = head_summary(heads)
+        io.write_json(out / "metrics.json", metrics)
+        save_figure(figures.head_heatmaps(heads, ["entropy", "sink", "locality_norm"]), res / "figures" / "heads.png")
+
+    def report(self, cfg: TokensParams, root: Path, out: Path) -> None:
+        from attnlab.report.tokens import write_tokens_report
+
+        write_tokens_report(self, cfg, root, out)

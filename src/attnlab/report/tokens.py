@@ -1,0 +1,65 @@
+"""The report of the ``tokens`` experiment: a language model's vocabulary x vocabulary attention."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from attnlab import io
+from attnlab.report import figures
+from attnlab.report.classifier import heads_paragraph
+from attnlab.report.html import HtmlReport
+
+
+def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Path:
+    from attnlab.store import AttentionReader
+
+    meta = io.read_json(root / "prepare" / "meta.json")
+    metrics = io.read_json(root / "train" / "metrics.json")
+    evaluated = io.read_json(root / "evaluate" / "metrics.json")
+    e = cfg.explain
+    rep = HtmlReport(f"attnlab — {experiment.name}")
+    rep.paragraph(f"Data: {meta['source']} ({meta['n_train']} training, {meta['n_test']} test sequences of up to "
+                  f"{meta['n_items']} tokens, vocabulary of {len(meta['vocab'])} tokens). Model: causal "
+                  "nn.TransformerEncoder trained to predict the next token.")
+    rep.heading("Training")
+    rep.table(pd.DataFrame([{"metric": k, "value": v} for k, v in metrics.items()]))
+    rep.figure(figures.training_curves(pd.read_csv(root / "train" / "history.csv")), "training_curves",
+               "Next-token loss and accuracy per epoch.")
+
+    rep.heading("Attention per layer and head")
+    with AttentionReader(root / "extract" / "attention.h5") as reader:
+        names = list(reader.names)
+        for i in range(min(cfg.report.examples, len(reader))):
+            maps = np.stack([a.numpy() for a in reader.sample(i)])
+            rep.figure(figures.head_grid(maps, names, f"test sequence {i}", "token"), f"heads_seq{i}",
+                       f"Causal attention of test sequence {i} (padding keys get 0).")
+
+    source = {"layer": f"layer {e.layer}", "mean": "the mean of all layers", "rollout": "the attention rollout"}
+    rep.heading("Which token attends to which")
+    rep.paragraph(f"VocabAttention over the whole test set, fed with {source[e.attention]} (heads averaged). "
+                  "For each (query token, key token) pair: the attention summed over every valid position pair "
+                  "(causal: key at or before the query), how often the pair occurred, and the lift = attention "
+                  "received / what uniform attention would have given (1 = no preference; corrects for "
+                  f"frequent tokens). Top {e.top_k} pairs by lift among pairs seen at least {e.min_count} times:")
+    rep.table(pd.read_csv(root / "explain" / "top_pairs.csv"))
+    if "planted" in evaluated:
+        planted = evaluated["planted"]
+        true = ", ".join(f"{q}→{k}" for q, k in meta["true_pairs"])
+        ok = planted["recall_at_k"] >= 0.9
+        rep.paragraph(f"Planted pairs (query→key): {true}. Recall of these among the top {planted['k']} pairs "
+                      f"by lift: {planted['recall_at_k']:.2f}" +
+                      (f" (best single head: {planted['recall_at_k_best_head']:.2f})"
+                       if "recall_at_k_best_head" in planted else "") +
+                      (" — meets the 0.9 goal." if ok else " — BELOW the 0.9 goal."), css="ok" if ok else "warn")
+    rep.image((root / "explain" / "figures" / "vocab_lift.png").read_bytes(), "vocab_lift",
+              f"log2 lift among the {e.heatmap_tokens} most frequent tokens, rows and columns clustered "
+              "(red: attended more than uniform; blank: too rare).")
+    rep.heading("What the heads do")
+    rep.paragraph(heads_paragraph(evaluated["heads"]))
+    rep.image((root / "evaluate" / "results" / "figures" / "heads.png").read_bytes(), "heads",
+              "Per head, over real tokens only: normalised entropy (causal rows normalised by their number of "
+              "keys), sink score, locality.")
+    return rep.write(out)

@@ -8,8 +8,10 @@ with scikit-learn; nothing is downloaded):
   (the "RGB" stream);
 * ``structure [N, K, S, S]``: ``K`` keypoint heatmaps (the "pose" stream). The keypoints
   are ``K`` points spread along the strokes by farthest-point sampling over the bright
-  pixels of the digit (source value ≥ 8 of 16), listed in raster order; channel ``k``
-  holds a unit-height Gaussian (σ = ``S / 16`` pixels) centred on keypoint ``k``.
+  pixels of the digit (source value ≥ 8 of 16), started from a random stroke pixel (so
+  each seed gives a slightly different, equally valid set: a noisy "keypoint detector"),
+  listed in raster order; channel ``k`` holds a unit-height Gaussian (σ = ``S / 16``
+  pixels) centred on keypoint ``k``.
 
 Either stream can be made uninformative on a fraction of the samples (``corrupted``
 records which), to check whether a fusion model learns to rely on the other stream.
@@ -46,7 +48,10 @@ def digit_split(split: str) -> np.ndarray:
         raise ValueError(f"split={split!r}: expected one of {_SPLITS}")
     from sklearn.datasets import load_digits
 
-    target = load_digits().target
+    return _split_rows(load_digits().target, split)
+
+
+def _split_rows(target: np.ndarray, split: str) -> np.ndarray:
     rng = np.random.default_rng(_SPLIT_SEED)
     halves = {"train": [], "test": []}
     for c in np.unique(target):
@@ -76,7 +81,8 @@ def make_two_stream(split: str = "train", *, size: int = 16, n_keypoints: int = 
             sample the stream of another corrupted sample (one random cycle through them),
             so the stream's values are only permuted (same marginal distribution) but no
             longer belong to the label.
-        seed: seeds every random draw (colours, noise, which samples, the permutation).
+        seed: seeds every random draw (colours, noise, keypoint starts, which samples are
+            corrupted, the noise, the permutation).
 
     Returns:
         dict with
@@ -90,6 +96,8 @@ def make_two_stream(split: str = "train", *, size: int = 16, n_keypoints: int = 
     Raises:
         ValueError: an argument outside its accepted values (the message names it).
     """
+    if split not in _SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {_SPLITS}")
     if size < 8:
         raise ValueError(f"size={size}: expected >= 8")
     if n_keypoints < 1:
@@ -103,14 +111,14 @@ def make_two_stream(split: str = "train", *, size: int = 16, n_keypoints: int = 
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    index = digit_split(split)                                       # validates `split`
+    index = _split_rows(digits.target, split)
     images = digits.images[index].astype(np.float32)                 # [N, 8, 8], 0..16
     y = digits.target[index].astype(np.int64)
     n = len(index)
-    rng_app, _, rng_cor = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    rng_app, rng_kp, rng_cor = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
 
     appearance = _render_appearance(images, size, rng_app)           # [N, 3, S, S]
-    keypoints = _keypoints(images >= _BRIGHT, size, n_keypoints)     # [N, K, 2]
+    keypoints = _keypoints(images >= _BRIGHT, size, n_keypoints, rng_kp)  # [N, K, 2]
     structure = _heatmaps(keypoints, size, sigma=size / 16)          # [N, K, S, S]
 
     corrupted = np.zeros((n, len(STREAMS)), dtype=bool)
@@ -154,9 +162,10 @@ def _render_appearance(images: np.ndarray, size: int, rng: np.random.Generator) 
     return (bg + (fg - bg) * ink + noise).astype(np.float32)
 
 
-def _keypoints(bright: np.ndarray, size: int, k: int) -> np.ndarray:
+def _keypoints(bright: np.ndarray, size: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Farthest-point sampling of ``k`` pixels of the ``S × S`` grid whose source pixel is
-    bright, started from the first such pixel in raster order; returned in raster order.
+    bright, started from a random such pixel (ties of the farthest distance go to the
+    first in raster order); returned in raster order.
 
     ``bright [N, 8, 8]`` bool → ``[N, k, 2]`` int64 (row, col). With fewer than ``k``
     candidate pixels, points repeat.
@@ -167,7 +176,7 @@ def _keypoints(bright: np.ndarray, size: int, k: int) -> np.ndarray:
     rc = np.stack(np.divmod(np.arange(size * size), size), axis=-1).astype(np.float64)  # [S·S, 2]
     d2_all = ((rc[:, None] - rc[None]) ** 2).sum(-1)                 # [S·S, S·S]
     chosen = np.empty((n, k), dtype=np.int64)
-    chosen[:, 0] = cand.argmax(1)                                    # first candidate (raster order)
+    chosen[:, 0] = np.where(cand, rng.random(cand.shape), -1.0).argmax(1)  # a random candidate
     nearest = np.where(cand, d2_all[chosen[:, 0]], -1.0)             # [N, S·S]; -1 off the strokes
     for j in range(1, k):
         chosen[:, j] = nearest.argmax(1)

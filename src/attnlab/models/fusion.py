@@ -210,3 +210,21 @@ class TwoStreamClassifier(nn.Module):
 
     def forward(self, appearance: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
         return self.forward_with_weights(appearance, structure)[0]
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0,
+                     fusion_lr_scale: float = 10.0) -> list[dict]:
+        """Optimizer parameter groups: everything at ``lr`` with ``weight_decay``, except the
+        fusion's own parameters, at ``fusion_lr_scale · lr`` and without weight decay.
+
+        Why: the backbones can also silence an uninformative stream (by mapping it to a
+        constant), and once they have, nothing pushes the fusion weights any further;
+        weight decay even pulls them back to equal. Giving the fusion a faster learning
+        rate lets it take the decision first. ``torch.optim.AdamW(model.param_groups(3e-3, 1e-4))``.
+        """
+        fusion = list(self.fusion.parameters())
+        ids = {id(p) for p in fusion}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+        if fusion:
+            groups.append({"params": fusion, "lr": lr * fusion_lr_scale, "weight_decay": 0.0})
+        return groups

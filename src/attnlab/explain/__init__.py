@@ -10,6 +10,7 @@ from .flow import attention_flow
 from .grad_rollout import grad_rollout
 from .readout import readout
 from .rollout import rollout
-from .spacetime import spacetime_rollout
+from .spacetime import spacetime_grad_rollout, spacetime_rollout
 
-__all__ = ["rollout", "grad_rollout", "attention_flow", "spacetime_rollout", "readout"]
+__all__ = ["rollout", "grad_rollout", "attention_flow", "spacetime_rollout", "spacetime_grad_rollout",
+           "readout"]

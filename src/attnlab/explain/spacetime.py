@@ -152,3 +152,48 @@ def spacetime_rollout(
         v_patch = v_patch.transpose(1, 2)  # [B, F, P]
         v_cls = new_cls
     return v_patch.contiguous()
+
+
+def spacetime_grad_rollout(
+    space: Sequence[Tensor],
+    time: Sequence[Tensor],
+    space_grads: Sequence[Tensor],
+    time_grads: Sequence[Tensor],
+) -> Tensor:
+    """Gradient-weighted rollout (Chefer et al. 2021) through divided space-time attention.
+
+    Per sub-layer the rule of :func:`~attnlab.explain.grad_rollout` is applied to the
+    joint ``1+F·P`` token matrices of :func:`spacetime_rollout`: ``Ā = mean_h(max(∇A ⊙ A, 0))``
+    fused per frame (space) or per patch (time), laid into the joint matrices ``Ā_T``
+    (class row zero: the class token skips time attention) and ``Ā_S`` (class row the
+    mean of its per-frame copies' rows), and ``R = ∏_l (I + Ā_S,l)(I + Ā_T,l)`` (last
+    block on the left). Returns ``R[cls, (f, p)]`` as ``[B, F, P]``; like
+    ``spacetime_rollout`` only the class row is propagated.
+
+    Args:
+        space, time: as in :func:`spacetime_rollout` (unfused ``[.., H, .., ..]``).
+        space_grads, time_grads: the gradients of the same tensors.
+    """
+    space_l, time_l, batch, frames, patches = _check_blocks(space, time)
+    space_g, time_g, *_ = _check_blocks(space_grads, time_grads)
+    for name, att, grad in (("space", space_l, space_g), ("time", time_l, time_g)):
+        for i, (a, g) in enumerate(zip(att, grad)):
+            if a.ndim != 5 or a.shape != g.shape:
+                raise ValueError(f"{name}[{i}] {tuple(a.shape)} and {name}_grads[{i}] {tuple(g.shape)}: "
+                                 "expected equal unfused shapes (with a heads dimension)")
+    dtype = compute_dtype(space_l + time_l)
+    weigh = lambda a, g: (a.to(dtype) * g.to(dtype)).clamp_min(0).mean(dim=-3)  # noqa: E731  mean over heads
+    v_cls = torch.ones(batch, dtype=dtype, device=space_l[0].device)            # [B]
+    v_patch = torch.zeros(batch, frames, patches, dtype=dtype, device=v_cls.device)  # [B, F, P]
+    for s_a, s_g, t_a, t_g in zip(reversed(space_l), reversed(space_g), reversed(time_l), reversed(time_g)):
+        sigma = weigh(s_a, s_g)                                    # [B, F, 1+P, 1+P]
+        cls_rows, patch_rows = sigma[:, :, 0, :], sigma[:, :, 1:, :]
+        # ---- v ← v · (I + Ā_S)
+        new_cls = v_cls * (1 + cls_rows[:, :, 0].mean(dim=1)) + (v_patch * patch_rows[..., 0]).sum(dim=(1, 2))
+        new_patch = (v_patch + v_cls[:, None, None] * cls_rows[:, :, 1:] / frames
+                     + torch.matmul(v_patch[:, :, None, :], patch_rows[..., 1:]).squeeze(-2))
+        # ---- v ← v · (I + Ā_T)   (class entry unchanged)
+        tau = weigh(t_a, t_g)                                      # [B, P, F, F]
+        moved = torch.matmul(new_patch.transpose(1, 2)[:, :, None, :], tau).squeeze(-2).transpose(1, 2)
+        v_patch, v_cls = new_patch + moved, new_cls
+    return v_patch.contiguous()

@@ -163,14 +163,69 @@ class TokensParams(Section):
     report: Report = Report()
 
 
+# --------------------------------------------------------------------------- frames / video
+class FramesPrepare(Section):
+    n_train: int = Field(1500, gt=0)
+    n_test: int = Field(300, gt=0)
+    frames: int = Field(24, gt=1)
+    size: int = Field(32, gt=7)
+    n_key: int = Field(3, gt=0)                # key frames showing the clip's class
+    distractor: Literal["digits", "noise", "none"] = "digits"
+    noise: float = Field(0.3, ge=0.0)
+    seed: int = 0
+
+
+class VideoPrepare(Section):
+    n_train: int = Field(1500, gt=0)
+    n_test: int = Field(300, gt=0)
+    frames: int = Field(8, gt=1)
+    size: int = Field(32, gt=7)
+    patch: int = Field(8, gt=0)
+    noise: float = Field(0.2, ge=0.0)
+    clutter: int = Field(0, ge=0)              # static scrambled digits in every frame
+    max_speed: int = Field(2, gt=0)
+    seed: int = 0
+
+
+class SpaceTimeModel(Section):
+    d_model: int = Field(48, gt=0)
+    nhead: int = Field(4, gt=0)
+    num_layers: int = Field(2, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class FramesParams(Section):
+    prepare: FramesPrepare = FramesPrepare()
+    model: EncoderModel = EncoderModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    explain: Explain = Explain()
+    evaluate: Evaluate = Evaluate()
+    report: Report = Report()
+
+
+class VideoParams(Section):
+    prepare: VideoPrepare = VideoPrepare()
+    model: SpaceTimeModel = SpaceTimeModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    explain: Explain = Explain()
+    evaluate: Evaluate = Evaluate()
+    report: Report = Report()
+
+
 # --------------------------------------------------------------------------- top level
-EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams}
+EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams,
+                                          "frames": FramesParams, "video": VideoParams}
 
 
 class Params(Section):
     experiments: list[str]
     motion: MotionParams | None = None
     tokens: TokensParams | None = None
+    frames: FramesParams | None = None
+    video: VideoParams | None = None
 
     @model_validator(mode="after")
     def _experiments_known(self) -> "Params":

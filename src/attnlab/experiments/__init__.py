@@ -6,10 +6,12 @@ experiment up here and call its methods with its validated params section.
 from __future__ import annotations
 
 from attnlab.experiments.base import ClassifierExperiment
+from attnlab.experiments.clips import FramesExperiment, VideoExperiment
 from attnlab.experiments.motion import MotionExperiment
 from attnlab.experiments.tokens import TokensExperiment
 
-REGISTRY: dict[str, type[ClassifierExperiment]] = {"motion": MotionExperiment, "tokens": TokensExperiment}
+REGISTRY: dict[str, type[ClassifierExperiment]] = {
+    "motion": MotionExperiment, "tokens": TokensExperiment, "frames": FramesExperiment, "video": VideoExperiment}
 
 
 def get_experiment(name: str) -> ClassifierExperiment:

@@ -101,9 +101,10 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     with AttentionReader(root / "extract" / "attention.h5") as reader:
         names = list(reader.names)
         heads = head_table(reader, k=ev.sink_k, batch_size=ev.batch_size)
-    if ev.ablation:
-        modules = sorted({n for n in names if isinstance(model.get_submodule(n), nn.Module)
-                          and hasattr(model.get_submodule(n), "num_heads")}, key=names.index)
+    # head ablation needs modules that expose num_heads and an out_proj (nn.MultiheadAttention)
+    modules = [n for n in dict.fromkeys(names)
+               if hasattr(model.get_submodule(n), "num_heads") and hasattr(model.get_submodule(n), "out_proj")]
+    if ev.ablation and modules:
         batches = [(x[i:i + ev.batch_size], y[i:i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)]
         ablated = head_importance(model, batches, modules, forward=experiment.forward, progress=progress)
         drops = pd.DataFrame([{"module": name, "head": h, "accuracy_drop": float(ablated.accuracy_drop[l, h]),
@@ -117,5 +118,5 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     io.write_json(out / "metrics.json", metrics)
 
     save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
-    columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if ev.ablation else [])
+    columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if "prob_drop" in heads else [])
     save_figure(figures.head_heatmaps(heads, columns), res / "figures" / "heads.png")

@@ -29,19 +29,22 @@ def write_classifier_report(experiment: Any, cfg: Any, root: Path, out: Path) ->
     rep.figure(figures.training_curves(history), "training_curves", "Loss and accuracy per epoch.")
 
     examples = figures.pick_examples(preds["y"], cfg.report.examples)
-    heads = {}
     with AttentionReader(root / "extract" / "attention.h5") as reader:
         names = list(reader.names)
-        for i in examples:
-            heads[i] = np.stack([a.numpy() for a in reader.sample(i)])
+        samples = {i: [a.numpy() for a in reader.sample(i)] for i in examples}
 
     rep.heading("Attention per layer and head")
     rep.paragraph("Softmax probabilities before dropout, recorded from every attention call "
                   "(rows: layers, columns: heads; bright = high). Vertical stripes mean every query "
-                  f"attends to the same {item}s.")
+                  f"attends to the same {item}s. Factorised attention (one map per frame or per patch) "
+                  "shows its first map.")
     for i in examples:
         label = f"sample {i}: true {classes[preds['y'][i]]}, predicted {classes[preds['pred'][i]]}"
-        rep.figure(figures.head_grid(heads[i], names, label, item), f"heads_sample{i}", label)
+        maps = [m[0] if m.ndim == 4 else m for m in samples[i]]
+        for shape in dict.fromkeys(m.shape for m in maps):        # entries of one shape share a grid
+            group = [k for k, m in enumerate(maps) if m.shape == shape]
+            rep.figure(figures.head_grid(np.stack([maps[k] for k in group]), [names[k] for k in group],
+                                         label, item), f"heads_sample{i}_{shape[-1]}", label)
 
     explained = io.load_arrays(root / "explain" / "importance.npz")
     methods = [m for m in explained if m not in ("target", "y")]

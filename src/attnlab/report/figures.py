@@ -169,3 +169,66 @@ def vocab_clustermap(agg, itos: Sequence[str], n_tokens: int, *, min_count: int 
     grid.ax_heatmap.set(xlabel="key token", ylabel="query token")
     grid.ax_heatmap.tick_params(labelsize=7)
     return grid.figure
+
+
+def frame_strip(frames_thw: np.ndarray, importance: dict[str, np.ndarray], evidence_t: np.ndarray,
+                title: str) -> plt.Figure:
+    """A clip as a strip of frames (evidence frames framed in blue) with each method's
+    per-frame importance as a heat band beneath (each scaled to its maximum); the
+    top-ranked frames of each method are marked with a white dot."""
+    t_len = frames_thw.shape[0]
+    methods = list(importance)
+    fig, axes = plt.subplots(1 + len(methods), t_len, figsize=(0.62 * t_len + 1.2, 0.72 * (1 + len(methods)) + 0.5),
+                             gridspec_kw={"height_ratios": [2.2] + [1] * len(methods)}, squeeze=False)
+    n_key = max(int(evidence_t.sum()), 1)
+    for t in range(t_len):
+        ax = axes[0, t]
+        ax.imshow(frames_thw[t], cmap="gray")
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set(color="deepskyblue" if evidence_t[t] else "none", lw=3)
+    for r, method in enumerate(methods, start=1):
+        imp = np.asarray(importance[method], dtype=float)
+        top = set(np.argsort(-imp, kind="stable")[:n_key])
+        for t in range(t_len):
+            ax = axes[r, t]
+            ax.imshow([[imp[t] / max(imp.max(), 1e-12)]], cmap="magma", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if t in top:
+                ax.plot(0, 0, "o", color="white", ms=4)
+        axes[r, 0].set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title + "  (blue: evidence frames; dot: a method's top frames)", fontsize=9)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    return fig
+
+
+def video_overlay(frames_thw: np.ndarray, maps: dict[str, np.ndarray], evidence_fgg: np.ndarray,
+                  title: str) -> plt.Figure:
+    """Frames (top row, evidence patches outlined) and each method's frames x patches
+    importance overlaid on them (one row per method, shared scale per method)."""
+    f_len, grid = evidence_fgg.shape[0], evidence_fgg.shape[1]
+    size = frames_thw.shape[-1]
+    cell = size / grid
+    methods = list(maps)
+    fig, axes = plt.subplots(1 + len(methods), f_len, figsize=(1.3 * f_len + 1.2, 1.3 * (1 + len(methods))),
+                             squeeze=False)
+    for t in range(f_len):
+        ax = axes[0, t]
+        ax.imshow(frames_thw[t], cmap="gray")
+        for gy, gx in zip(*np.nonzero(evidence_fgg[t])):
+            ax.add_patch(plt.Rectangle((gx * cell - 0.5, gy * cell - 0.5), cell, cell, fill=False,
+                                       ec="deepskyblue", lw=1))
+        ax.set_title(f"frame {t}", fontsize=7)
+    for r, method in enumerate(methods, start=1):
+        vmax = max(float(maps[method].max()), 1e-12)
+        for t in range(f_len):
+            ax = axes[r, t]
+            ax.imshow(frames_thw[t], cmap="gray")
+            ax.imshow(maps[method][t], cmap="magma", alpha=0.6, vmin=0, vmax=vmax,
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")
+        axes[r, 0].set_ylabel(method, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title + "  (blue: evidence patches)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -12,8 +12,8 @@ covers are known exactly, and the evidence masks are computed from them.
   experiment: divided space-time attention); evidence per frame and patch.
 
 Train and test clips draw from disjoint halves of the 1797 source images
-(``split="train"|"test"``; within each class the first half of its images, in dataset
-order, is ``train``, the rest ``test``), so test accuracy is honest. Everything is
+(``split="train"|"test"``; within each class its images, in dataset order, alternate
+between ``train`` and ``test``), so test accuracy is honest. Everything is
 deterministic under ``seed`` (``numpy.random.default_rng``; no global state); the seed
 is combined with the split, and the random structure of a clip (labels, frames,
 positions, source images) does not depend on ``noise``, ``distractor`` or ``clutter``,
@@ -51,15 +51,14 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 def split_indices(split: str, n_classes: int = 10) -> list[np.ndarray]:
     """Source-image indices (into ``load_digits``) of each class ``0..n_classes-1`` in
-    ``split``: the first half (rounded down) of each class's images is ``train``."""
+    ``split``: a class's images, in dataset order, alternate train, test, train, ..."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
     _, target = _digits()
     pools = []
     for c in range(n_classes):
         idx = np.flatnonzero(target == c)
-        half = len(idx) // 2
-        pools.append(idx[:half] if split == "train" else idx[half:])
+        pools.append(idx[SPLITS.index(split)::2])
     return pools
 
 
@@ -166,8 +165,8 @@ def make_frame_clips(n: int, *, frames: int = 24, size: int = 32, n_key: int = 3
     ds = 8 * scale
     if size < ds:
         raise ValueError(f"size={size!r}: expected >= 8·scale = {ds}")
-    rng, rng_noise = _rngs(seed, split)
     pools = split_indices(split, n_classes)
+    rng, rng_noise = _rngs(seed, split)
     images, _ = _digits()
     ar = np.arange(n)
 
@@ -267,8 +266,8 @@ def make_video_clips(n: int, *, frames: int = 8, size: int = 32, patch: int = 8,
     if size - ds < travel:
         raise ValueError(f"max_speed={max_speed!r}: the digit ({ds} px) travels up to {travel} px "
                          f"in {frames} frames, more than the canvas allows (size={size})")
-    rng, rng_noise = _rngs(seed, split)
     pools = split_indices(split, n_classes)
+    rng, rng_noise = _rngs(seed, split)
     all_pools = [np.concatenate(pools)]
     images, _ = _digits()
     grid = size // patch

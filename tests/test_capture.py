@@ -18,15 +18,6 @@ from attnlab.capture import AttentionProbs, AttentionRecorder
 D, H, T, B = 16, 4, 6, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- independent reference
 def capture_calls(model):
     """Record (name, args, kwargs) of every nn.MultiheadAttention call with pre-hooks."""

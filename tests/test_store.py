@@ -15,15 +15,6 @@ D, H, T = 8, 2, 5
 FP16 = dict(atol=1e-3, rtol=0)          # float16 storage of values in [0, 1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(D, H, 16, 0.0, batch_first=True)

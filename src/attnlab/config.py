@@ -97,14 +97,20 @@ class Report(Section):
     examples: int = Field(4, gt=0)
 
 
-class MotionParams(Section):
-    prepare: MotionPrepare = MotionPrepare()
-    model: EncoderModel = EncoderModel()
+class ClassifierParams(Section):
+    """The stage sections every classification experiment shares; each adds
+    ``prepare`` and ``model``."""
+
     train: Train = Train()
     extract: Extract = Extract()
     explain: Explain = Explain()
     evaluate: Evaluate = Evaluate()
     report: Report = Report()
+
+
+class MotionParams(ClassifierParams):
+    prepare: MotionPrepare = MotionPrepare()
+    model: EncoderModel = EncoderModel()
 
 
 # --------------------------------------------------------------------------- tokens
@@ -195,24 +201,14 @@ class SpaceTimeModel(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class FramesParams(Section):
+class FramesParams(ClassifierParams):
     prepare: FramesPrepare = FramesPrepare()
     model: EncoderModel = EncoderModel()
-    train: Train = Train()
-    extract: Extract = Extract()
-    explain: Explain = Explain()
-    evaluate: Evaluate = Evaluate()
-    report: Report = Report()
 
 
-class VideoParams(Section):
+class VideoParams(ClassifierParams):
     prepare: VideoPrepare = VideoPrepare()
     model: SpaceTimeModel = SpaceTimeModel()
-    train: Train = Train()
-    extract: Extract = Extract()
-    explain: Explain = Explain()
-    evaluate: Evaluate = Evaluate()
-    report: Report = Report()
 
 
 # --------------------------------------------------------------------------- top level

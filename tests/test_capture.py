@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attnlab.capture import AttentionProbs, AttentionRecorder

@@ -113,7 +113,7 @@ def _check(name: str, value: int, low: int) -> None:
 
 def make_frame_clips(n: int, *, frames: int = 24, size: int = 32, n_key: int = 3,
                      n_classes: int = 10, distractor: str = "digits", n_distractors: int | None = 4,
-                     distractor_repeat: int = 1, noise: float = 0.3, scale: int = 2, split: str = "train",
+                     distractor_repeat: int = 1, noise: float = 0.2, scale: int = 2, split: str = "train",
                      seed: int = 0) -> dict[str, torch.Tensor]:
     """Clips whose class is decided by ``n_key`` key frames hidden among distractors.
 
@@ -122,15 +122,17 @@ def make_frame_clips(n: int, *, frames: int = 24, size: int = 32, n_key: int = 3
     * the class ``y`` is uniform over ``0..n_classes-1``;
     * ``n_key`` **key frames**, at distinct random times, each show a digit of class
       ``y``, each a different source image;
-    * ``distractor="digits"``: every other class appears in at most
-      ``distractor_repeat`` (< ``n_key``) frames. The distractor frames are the first
-      ``k = min(frames - n_key, (n_classes - 1) · distractor_repeat)`` entries of a
-      random shuffle of the multiset {each class ≠ y, ``distractor_repeat`` times},
-      placed at random non-key times (source images drawn with replacement). So ``y``
-      is the **unique class shown more than ``distractor_repeat`` times** (exactly
-      ``n_key`` times). With the defaults (24 frames, 3 key, repeat 1) every one of the
-      10 classes is shown, the nine others once each, and 12 frames are blank: a single
-      frame tells nothing, the clip must be read as a whole;
+    * ``distractor="digits"``: ``k = n_distractors`` other frames (at random non-key
+      times) each show a digit of a class ≠ ``y``, every such class in at most
+      ``distractor_repeat`` (< ``n_key``) frames: their classes are the first ``k``
+      entries of a random shuffle of the multiset {each class ≠ y, ``distractor_repeat``
+      times} (source images drawn with replacement). ``n_distractors=None`` takes the
+      most allowed, ``min(frames - n_key, (n_classes - 1) · distractor_repeat)``. So
+      ``y`` is the **unique class shown more than ``distractor_repeat`` times** (exactly
+      ``n_key`` times): the label is the repeated digit. With the defaults (24 frames,
+      3 key, 4 distractors shown once each, 17 blank frames) a frame holding a digit is
+      a key frame with probability 3/7: no single frame decides the clip, the model
+      must compare frames;
     * ``distractor="noise"``: the same ``k`` frames instead show a *scrambled* digit
       (the 64 pixels of a random source image permuted) — the easy variant;
     * ``distractor="none"``: those frames stay blank;

@@ -13,8 +13,9 @@ from attnlab.models.encoder import EncoderClassifier
 
 
 def _conv_block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, pool: bool = False) -> nn.Sequential:
-    # GroupNorm, not BatchNorm: each frame's embedding must not depend on the other
-    # frames of the batch, in train mode too.
+    # BatchNorm: with weak (clip-level) labels, GroupNorm or no norm sat at chance far
+    # longer. In eval mode each frame's embedding depends on that frame alone; in train
+    # mode the batch statistics are shared by the B·T frames.
     layers = [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
     if pool:
         layers.append(nn.MaxPool2d(2))
@@ -27,7 +28,8 @@ class FrameCNN(nn.Module):
     A 4×4 stride-2 conv (``width`` channels, H/2), a 3×3 conv (``2·width``) + 2×2 max
     pool (H/4), a 3×3 conv (``4·width``), global max pooling (the evidence may be
     anywhere in the frame) and a Linear to ``d_model``. Cheap on purpose: it runs on
-    every frame of every clip. Any ``H, W`` ≥ 4 works.
+    every frame of every clip. Any ``H, W`` ≥ 4 works. In eval mode token ``t`` depends
+    on frame ``t`` only (BatchNorm uses batch statistics in train mode).
     """
 
     def __init__(self, in_channels: int = 1, d_model: int = 32, width: int = 8):
@@ -56,7 +58,8 @@ def frames_classifier(n_classes: int, *, d_model: int = 32, nhead: int = 4, num_
 
     ``forward(x [B, T, C, H, W], padding_mask [B, T] | None)`` → logits ``[B, n_classes]``.
     The encoder sees ``T`` tokens (``1 + T`` with ``pooling="cls"``), one per frame in
-    time order.
+    time order. ``norm_first=False`` is ``nn.TransformerEncoderLayer``'s default
+    (post-norm), as in the models users ask about; it needs a learning-rate warm-up.
     """
     return EncoderClassifier(in_channels, n_classes, d_model=d_model, nhead=nhead,
                              num_layers=num_layers, dim_feedforward=dim_feedforward,

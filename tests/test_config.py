@@ -20,9 +20,9 @@ def test_project_params_are_valid():
 
 @pytest.mark.parametrize("data, message", [
     ({"experiments": ["motion", "walking"], "motion": {}},
-     "experiments[1]: unknown experiment 'walking'; accepted: motion"),
+     "experiments[1]: unknown experiment 'walking'; accepted: motion, tokens, frames, video"),
     ({"experiments": ["motion"], "motion": {"train": {"lrr": 0.1}}},
-     "motion.train: unknown key 'lrr'; accepted: epochs, batch_size, lr, weight_decay, seed"),
+     "motion.train: unknown key 'lrr'; accepted: epochs, batch_size, lr, weight_decay, schedule, warmup, seed"),
     ({"experiments": ["motion"], "motion": {"train": {"epochs": "many"}}}, "motion.train.epochs:"),
     ({"experiments": ["motion"], "motion": {"train": {"lr": -1}}}, "motion.train.lr:"),
     ({"experiments": ["motion"], "motion": {"model": {"pooling": "max"}}}, "motion.model.pooling:"),

@@ -60,6 +60,8 @@ class Train(Section):
     batch_size: int = Field(8, gt=0)
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    schedule: Literal["constant", "onecycle"] = "constant"   # onecycle: warm-up then cosine decay (per step)
+    warmup: float = Field(0.15, ge=0.0, lt=1.0)              # onecycle: share of the steps spent warming up
     seed: int = 0
 
 

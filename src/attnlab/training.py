@@ -39,6 +39,14 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, f
     }
 
 
+def make_schedule(opt: torch.optim.Optimizer, cfg: Train, steps_per_epoch: int):
+    """Per-step learning-rate schedule: constant, or one-cycle (warm-up then cosine)."""
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                   pct_start=cfg.warmup)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
 def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                    x_test: torch.Tensor, y_test: torch.Tensor, cfg: Train, *,
                    forward: Forward = _plain, progress: bool = False) -> pd.DataFrame:
@@ -51,6 +59,7 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_train) // cfg.batch_size))
     rows = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress):
         model.train()
@@ -61,6 +70,7 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item() * len(idx))
             correct += int((logits.argmax(-1) == y_train[idx]).sum())
         test = classification_metrics(predict(model, x_test, forward=forward), y_test)
@@ -110,6 +120,7 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
     gen = torch.Generator().manual_seed(cfg.seed)
     (x_tr, m_tr), (x_te, m_te) = train, test
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_tr) // cfg.batch_size))
     rows = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress):
         model.train()
@@ -120,6 +131,7 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             got = lm_metrics(logits.detach(), x_tr[idx], m_tr[idx])
             seen["loss"] += got["loss"] * got["n_tokens"]
             seen["accuracy"] += got["accuracy"] * got["n_tokens"]

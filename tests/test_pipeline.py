@@ -31,7 +31,12 @@ def project(tmp_path_factory):
         shutil.copytree(ROOT / name, repo / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp", "cache"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["experiments"] = ["motion", "tokens"]
+    params["experiments"] = ["motion", "tokens", "frames", "video"]
+    for name in ("frames", "video"):
+        params[name]["prepare"].update(n_train=64, n_test=16)
+        params[name]["train"].update(epochs=1)
+        params[name]["explain"].update(ig_steps=2, examples=1)
+        params[name]["evaluate"].update(steps=3)
     params["tokens"]["prepare"].update(n=300, max_len=16)
     params["tokens"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
     params["tokens"]["train"].update(epochs=1)
@@ -107,6 +112,20 @@ def test_tokens_vocab_attention_outputs(project):
     evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
     assert 0.0 <= evaluated["planted"]["recall_at_k"] <= 1.0
     assert "Which token attends to which" in (data / "report" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name, n_items", [("frames", 24), ("video", 8 * 16)])
+def test_planted_evidence_experiments(project, name, n_items):
+    repo, env, _ = project
+    data = repo / "data" / name
+    explained = np.load(data / "explain" / "importance.npz")
+    assert explained["rollout"].shape == (16, n_items)
+    evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert {"auroc", "pointing_game"} == set(evaluated["evidence"])
+    assert "random" in evaluated["evidence"]["auroc"] and "rollout" in evaluated["evidence"]["auroc"]
+    assert len(list((data / "explain" / "figures").glob("*.png"))) == 1
+    html = (data / "report" / "report.html").read_text()
+    assert "Is the explanation faithful?" in html and "evidence AUROC" in html
 
 
 def test_second_repro_does_nothing(project):

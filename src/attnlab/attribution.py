@@ -32,6 +32,35 @@ def to_items(relevance: torch.Tensor, n_items: int) -> torch.Tensor:
     return relevance / relevance.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def record_target(model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | None = None,
+                  forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                  keep_grad: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+    """One recorded forward in eval mode (and, with ``keep_grad``, the backward of the
+    ``target`` logit, default the prediction): ``(attentions, gradients, target)``.
+
+    The model's parameters are frozen meanwhile, so gradients reach the attention
+    only and the model's ``.grad`` fields and mode are left as they were.
+    """
+    forward = forward or (lambda m, xb: m(xb))
+    was_training = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), AttentionRecorder(model, keep_grad=keep_grad) as rec:
+            logits = forward(model, x)
+            if target is None:
+                target = logits.argmax(-1)
+            if keep_grad:
+                logits.gather(1, target[:, None]).sum().backward()
+        return rec.attentions, (rec.gradients if keep_grad else None), target.detach()
+    finally:
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
                          methods: Sequence[str] = ATTENTION_METHODS, how: str | int = "mean",
                          head_fusion: str = "mean", residual: bool = True, discard_ratio: float = 0.0,
@@ -50,25 +79,8 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
     unknown = sorted(set(methods) - set(ATTENTION_METHODS))
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; accepted: {', '.join(ATTENTION_METHODS)}")
-    forward = forward or (lambda m, xb: m(xb))
-    was_training = model.training
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
-    for p in frozen:                      # gradients reach the attention only; the model's
-        p.requires_grad_(False)           # .grad fields are left as they were
-    try:
-        with torch.enable_grad(), AttentionRecorder(model, keep_grad="grad_rollout" in methods) as rec:
-            logits = forward(model, x)
-            if target is None:
-                target = logits.argmax(-1)
-            if "grad_rollout" in methods:
-                logits.gather(1, target[:, None]).sum().backward()
-        atts = rec.attentions
-        grads = rec.gradients if "grad_rollout" in methods else None
-    finally:
-        model.train(was_training)
-        for p in frozen:
-            p.requires_grad_(True)
+    atts, grads, target = record_target(model, x, target=target, forward=forward,
+                                        keep_grad="grad_rollout" in methods)
     if not atts:
         raise ValueError(f"{type(model).__name__} recorded no attention; nothing to explain")
 
@@ -93,4 +105,4 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
             rel = readout(attention_flow(atts, head_fusion=head_fusion, residual=residual,
                                          max_pairs=flow_max_pairs, progress=False), how)
         out[method] = to_items(rel.detach().float(), n_items)
-    return out, target.detach()
+    return out, target

@@ -96,8 +96,7 @@ class VideoExperiment(ClassifierExperiment):
         """raw: last block's class-token space attention (its per-frame copies, / F);
         received: space attention each patch receives, mean over blocks, heads and
         queries; rollout / grad_rollout: space-time rollouts of the class token."""
-        from attnlab.attribution import to_items
-        from attnlab.capture import AttentionRecorder
+        from attnlab.attribution import record_target, to_items
         from attnlab.evaluate import input_x_gradient, integrated_gradients
         from attnlab.explain import spacetime_grad_rollout, spacetime_rollout
 
@@ -107,19 +106,9 @@ class VideoExperiment(ClassifierExperiment):
             raise ValueError(f"video.explain.methods: {unsupported[0]!r} is not defined for divided "
                              "space-time attention; use raw, received, rollout, grad_rollout, "
                              "input_x_gradient, integrated_gradients")
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            with torch.enable_grad(), AttentionRecorder(model, keep_grad=True) as rec:
-                logits = model(xb)
-                target = logits.argmax(-1)
-                logits.gather(1, target[:, None]).sum().backward()
-            space, time = model.split_attentions(rec.attentions)
-            space_g, time_g = model.split_attentions(rec.gradients)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        atts, grads, target = record_target(model, xb)
+        space, time = model.split_attentions(atts)
+        space_g, time_g = model.split_attentions(grads)
         fuse = {"mean": lambda a: a.mean(2), "max": lambda a: a.amax(2), "min": lambda a: a.amin(2)}[e.head_fusion]
         frames = space[0].shape[1]
         imp: dict[str, torch.Tensor] = {}
@@ -138,7 +127,7 @@ class VideoExperiment(ClassifierExperiment):
                 base = baseline if isinstance(baseline, float) else float(baseline)
                 rel = integrated_gradients(model, xb, target, n_steps=e.ig_steps, baseline=base, patch=model.patch)
             imp[m] = to_items(rel.detach().flatten(1).float(), n_items)
-        return imp, target.detach()
+        return imp, target
 
     def example_figure(self, data, meta, i, importance, title):
         from attnlab.report import figures

@@ -129,7 +129,8 @@ class TokensExperiment(ClassifierExperiment):
                     heads.update(t, att, mask=m, causal=True)
                 start = stop
         agg.save(out / "vocab.npz")
-        agg.to_frame(itos).to_csv(out / "pairs.csv.gz", index=False, float_format="%.6g")
+        agg.to_frame(itos).to_csv(out / "pairs.csv.gz", index=False, float_format="%.6g",
+                                  compression={"method": "gzip", "mtime": 0})   # reproducible bytes
         agg.top_pairs(e.top_k, min_count=e.min_count, itos=itos).to_csv(out / "top_pairs.csv", index=False)
         if heads is not None:
             heads.save(out / "vocab_heads.npz")

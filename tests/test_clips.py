@@ -199,3 +199,31 @@ def test_video_clips_reject_bad_arguments():
         make_video_clips(2, size=32, patch=5)
     with pytest.raises(ValueError, match="max_speed="):
         make_video_clips(2, frames=8, size=32, max_speed=3)
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.5, "mean"])
+def test_frames_perturbation_on_cached_embeddings_equals_masked_clips(baseline):
+    """The frames experiment's deletion test runs the encoder on cached per-frame
+    embeddings; it must give the same curve as the whole model on masked clips."""
+    from attnlab.config import FramesParams
+    from attnlab.evaluate import deletion_curve, sequence_masker
+    from attnlab.experiments import get_experiment
+    from attnlab.models.frames import frames_classifier
+
+    torch.manual_seed(0)
+    model = frames_classifier(10, d_model=16, nhead=2, num_layers=2)
+    model.train()
+    with torch.no_grad():                        # non-trivial BatchNorm running statistics
+        model(torch.rand(8, 6, 1, 16, 16) * 2 + 0.3)
+    model.eval()
+    clips = make_frame_clips(10, frames=6, size=16, n_key=2, n_distractors=2, seed=3)
+    train = make_frame_clips(12, frames=6, size=16, n_key=2, n_distractors=2, seed=4)
+    data = {"x_test": clips["x"], "x_train": train["x"]}
+    cfg = FramesParams.model_validate({"explain": {"baseline": baseline}})
+    fn, h, masker = get_experiment("frames").perturbation_inputs(cfg, model, data)
+    assert h.shape == (10, 6, 16)
+    importance = torch.rand(10, 6, generator=torch.Generator().manual_seed(5))
+    fill = train["x"].mean(dim=(0, 1)) if baseline == "mean" else baseline
+    expected = deletion_curve(model, clips["x"], importance, sequence_masker(fill), batch_size=4)
+    got = deletion_curve(fn, h, importance, masker, batch_size=4)
+    torch.testing.assert_close(got.probs, expected.probs, rtol=1e-4, atol=1e-5)

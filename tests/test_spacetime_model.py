@@ -180,3 +180,32 @@ def test_frame_cnn_is_applied_per_frame():
         assert torch.equal(changed, expected)
     # the same frame gives the same embedding whatever the clip around it
     torch.testing.assert_close(cnn(x[:, 2:3])[:, 0], base[:, 2])
+
+
+@pytest.mark.parametrize("module", ["blocks.0.attn_time", "blocks.1.attn_space"])
+def test_head_ablation_equals_zeroing_the_heads_output(clip, module):
+    """ablate_heads on the model's own attention equals removing head h's slice of the
+    per-head outputs before the projection (a pre-hook, independent of out_proj)."""
+    from attnlab.evaluate import ablate_heads
+    from attnlab.experiments.evaluation import ablation_module
+
+    model, h = _model(), 1
+    assert ablation_module(model, f"{module}.attn_probs") == module
+    with torch.no_grad(), ablate_heads(model, {module: [h]}):
+        ablated = model(clip)
+    dh = 16 // H
+
+    def zero_head(_, args):
+        out = args[0].clone()
+        out[..., h * dh:(h + 1) * dh] = 0
+        return (out,)
+
+    handle = model.get_submodule(module).proj.register_forward_pre_hook(zero_head)
+    try:
+        with torch.no_grad():
+            expected = model(clip)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(ablated, expected)
+    with torch.no_grad():
+        assert not torch.allclose(model(clip), ablated)

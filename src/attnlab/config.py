@@ -180,6 +180,7 @@ class FramesPrepare(Section):
     n_key: int = Field(3, gt=0)                # key frames showing the clip's class
     distractor: Literal["digits", "noise", "none"] = "digits"
     noise: float = Field(0.3, ge=0.0)
+    scale: int = Field(2, gt=0)                # digits are 8x8, upsampled to 8*scale pixels
     seed: int = 0
 
 
@@ -192,6 +193,7 @@ class VideoPrepare(Section):
     noise: float = Field(0.2, ge=0.0)
     clutter: int = Field(0, ge=0)              # static scrambled digits in every frame
     max_speed: int = Field(2, gt=0)
+    scale: int = Field(2, gt=0)                # digits are 8x8, upsampled to 8*scale pixels
     seed: int = 0
 
 
@@ -213,9 +215,57 @@ class VideoParams(ClassifierParams):
     model: SpaceTimeModel = SpaceTimeModel()
 
 
+# --------------------------------------------------------------------------- fusion
+Stream = Literal["appearance", "structure"]
+
+
+class FusionPrepare(Section):
+    size: int = Field(16, gt=7)                # side of both streams' images
+    n_keypoints: int = Field(17, gt=0)         # structure stream: keypoint heatmap channels
+    corrupt_stream: Stream | None = "structure"  # the stream made uninformative (null: none)
+    corrupt_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    corrupt_mode: Literal["noise", "shuffle"] = "noise"
+    seed: int = 0
+
+
+class FusionModel(Section):
+    fusion: Literal["sum", "scalar", "convex", "channel", "attention"] = "attention"
+    d: int = Field(32, gt=0)                   # common token size of the two streams
+    nhead: int = Field(1, gt=0)                # attention fusion heads
+
+
+class FusionTrain(Train):
+    fusion_lr_scale: float = Field(10.0, gt=0.0)   # the fusion's own parameters learn this much faster
+
+
+class FusionExplain(Section):
+    methods: list[Literal["weights", "input_x_gradient", "integrated_gradients"]] = [
+        "weights", "input_x_gradient", "integrated_gradients"]
+    ig_steps: int = Field(32, gt=0)
+    baseline: float = 0.0                      # a removed stream's value (IG baseline, deletion/insertion)
+    batch_size: int = Field(128, gt=0)
+
+
+class FusionEvaluate(Section):
+    seed: int = 0                              # random-baseline importance
+    batch_size: int = Field(256, gt=0)
+    goal: float = Field(0.8, gt=0.0, le=1.0)   # weight on the informative stream that counts as found
+
+
+class FusionParams(Section):
+    prepare: FusionPrepare = FusionPrepare()
+    model: FusionModel = FusionModel()
+    train: FusionTrain = FusionTrain()
+    extract: Extract = Extract()
+    explain: FusionExplain = FusionExplain()
+    evaluate: FusionEvaluate = FusionEvaluate()
+    report: Report = Report()
+
+
 # --------------------------------------------------------------------------- top level
 EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams,
-                                          "frames": FramesParams, "video": VideoParams}
+                                          "frames": FramesParams, "video": VideoParams,
+                                          "fusion": FusionParams}
 
 
 class Params(Section):
@@ -224,6 +274,7 @@ class Params(Section):
     tokens: TokensParams | None = None
     frames: FramesParams | None = None
     video: VideoParams | None = None
+    fusion: FusionParams | None = None
 
     @model_validator(mode="after")
     def _experiments_known(self) -> "Params":

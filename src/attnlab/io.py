@@ -43,8 +43,9 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
-    np.savez_compressed(path, **arrays)
+def save_arrays(path: str | Path, *, compress: bool = True, **arrays: np.ndarray) -> None:
+    """``.npz`` of the arrays; ``compress=False`` for noise-like data (zlib costs time, gains nothing)."""
+    (np.savez_compressed if compress else np.savez)(path, **arrays)
 
 
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:

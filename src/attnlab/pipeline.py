@@ -2,8 +2,8 @@
 
 ``with stage("train") as s:`` parses ``<experiment> [--params FILE] [--data DIR]``,
 validates the whole params file, looks the experiment up, sets torch's intra-op
-threads (``ATTNLAB_NUM_THREADS``, default 1: the models here are small, and on a
-2-core machine one thread per process is faster than two fighting), and gives the stage an
+threads when ``ATTNLAB_NUM_THREADS`` is set (default: torch's, one per core; set it to 1
+when several stages run at once, e.g. ``dvc queue start -j 2``), and gives the stage an
 output directory ``s.out`` that replaces ``data/<experiment>/<stage>/`` only if the
 block succeeds. A bad params file or experiment name ends the process with one
 line on stderr and exit status 2, before anything is written.
@@ -46,7 +46,8 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     args = parser.parse_args(argv)
     import torch
 
-    torch.set_num_threads(int(os.environ.get("ATTNLAB_NUM_THREADS", "1")))
+    if os.environ.get("ATTNLAB_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["ATTNLAB_NUM_THREADS"]))
     try:
         cfg = load_params(args.params).experiment(args.experiment)
         experiment = get_experiment(args.experiment)

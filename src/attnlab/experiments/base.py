@@ -44,11 +44,17 @@ class ClassifierExperiment:
     def forward(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
         return model(xb)
 
+    def param_groups(self, cfg: Section, model: nn.Module) -> list[dict] | None:
+        """Optimizer parameter groups for training (None: one group at ``train.lr``)."""
+        return None
+
     # ------------------------------------------------------------------ shared stages
     @staticmethod
     def load_dataset(prepared: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         arrays = io.load_arrays(prepared / "dataset.npz")
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}, io.read_json(prepared / "meta.json")
+        data = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        data = {k: v.float() if v.dtype == torch.float16 else v for k, v in data.items()}  # stored compact
+        return data, io.read_json(prepared / "meta.json")
 
     def train(self, cfg: Section, prepared: Path, out: Path, *, progress: bool = False) -> None:
         from attnlab.models import build_model
@@ -59,7 +65,8 @@ class ClassifierExperiment:
         torch.manual_seed(cfg.train.seed)
         model = build_model(factory, kwargs)
         history = fit_classifier(model, data["x_train"], data["y_train"], data["x_test"], data["y_test"],
-                                 cfg.train, forward=self.forward, progress=progress)
+                                 cfg.train, forward=self.forward, param_groups=self.param_groups(cfg, model),
+                                 progress=progress)
         save_checkpoint(out / "model.pt", model, factory, kwargs)
         history.to_csv(out / "history.csv", index=False)
         final = history.iloc[-1]
@@ -161,6 +168,13 @@ class ClassifierExperiment:
         from attnlab.evaluate import sequence_masker
 
         return sequence_masker(self.baseline_value(cfg, data))
+
+    def perturbation_inputs(self, cfg: Section, model: nn.Module, data: dict[str, torch.Tensor]):
+        """What the deletion/insertion tests and head ablation run: ``(fn, x, masker)``
+        with ``fn(x') -> logits`` and ``masker`` removing items of ``x``. By default the
+        model on the test inputs; an experiment may substitute an exactly equivalent,
+        cheaper pair (e.g. cached per-item embeddings)."""
+        return (lambda inputs: self.forward(model, inputs)), data["x_test"], self.masker(cfg, data)
 
     def evaluate(self, cfg: Section, root: Path, out: Path, *, progress: bool = False) -> None:
         from attnlab.experiments.evaluation import evaluate_classifier

@@ -23,8 +23,10 @@ CLASSES = [str(d) for d in range(10)]
 
 
 def _save_clips(out: Path, train: dict, test: dict, meta: dict[str, Any]) -> None:
-    io.save_arrays(out / "dataset.npz", x_train=train["x"].numpy(), y_train=train["y"].numpy(),
-                   x_test=test["x"].numpy(), y_test=test["y"].numpy(),
+    # pixels in [0, 1] plus Gaussian noise: float16 (loaded as float32) halves the file,
+    # and zlib would spend seconds on incompressible noise
+    io.save_arrays(out / "dataset.npz", compress=False, x_train=train["x"].half().numpy(),
+                   y_train=train["y"].numpy(), x_test=test["x"].half().numpy(), y_test=test["y"].numpy(),
                    evidence_test=test["evidence"].numpy())
     io.write_json(out / "meta.json", {"classes": CLASSES, "n_train": len(train["y"]),
                                       "n_test": len(test["y"]), **meta})
@@ -38,7 +40,8 @@ class FramesExperiment(ClassifierExperiment):
         from attnlab.data.clips import make_frame_clips
 
         p = cfg.prepare
-        kw = dict(frames=p.frames, size=p.size, n_key=p.n_key, distractor=p.distractor, noise=p.noise)
+        kw = dict(frames=p.frames, size=p.size, n_key=p.n_key, distractor=p.distractor, noise=p.noise,
+                  scale=p.scale)
         train = make_frame_clips(p.n_train, split="train", seed=p.seed, **kw)
         test = make_frame_clips(p.n_test, split="test", seed=p.seed + 1, **kw)
         _save_clips(out, train, test, {"source": "sklearn digits, key frames among distractors",
@@ -47,6 +50,22 @@ class FramesExperiment(ClassifierExperiment):
     def model_spec(self, cfg: FramesParams, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return "attnlab.models.frames:frames_classifier", {"n_classes": len(meta["classes"]),
                                                            **cfg.model.model_dump()}
+
+    def perturbation_inputs(self, cfg: FramesParams, model: nn.Module, data: dict[str, torch.Tensor]):
+        """The CNN embeds every frame on its own (in eval mode BatchNorm uses its running
+        statistics), so a clip with frames removed has the embeddings of its kept frames
+        and the baseline frame's embedding elsewhere. The tests therefore perturb cached
+        embeddings ``[N, T, D]`` and run only the encoder: the same logits, with the CNN
+        run once per test frame instead of once per perturbed clip."""
+        from attnlab.evaluate import sequence_masker
+
+        model.eval()
+        x = data["x_test"]
+        base = torch.as_tensor(self.baseline_value(cfg, data), dtype=torch.float32)
+        with torch.no_grad():
+            h = torch.cat([model.embed(x[i:i + 256]) for i in range(0, len(x), 256)])
+            fill = model.embed(base.expand(1, 1, *x.shape[2:]))[0, 0]                # [D]
+        return model.forward_embedded, h, sequence_masker(fill)
 
     def example_figure(self, data, meta, i, importance, title):
         from attnlab.report import figures
@@ -66,7 +85,7 @@ class VideoExperiment(ClassifierExperiment):
 
         p = cfg.prepare
         kw = dict(frames=p.frames, size=p.size, patch=p.patch, noise=p.noise, clutter=p.clutter,
-                  max_speed=p.max_speed)
+                  max_speed=p.max_speed, scale=p.scale)
         train = make_video_clips(p.n_train, split="train", seed=p.seed, **kw)
         test = make_video_clips(p.n_test, split="test", seed=p.seed + 1, **kw)
         grid = p.size // p.patch

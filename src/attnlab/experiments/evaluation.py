@@ -56,6 +56,18 @@ def head_table(reader, *, k: int | None, batch_size: int, causal: bool = False,
                          if not np.isnan(result["entropy"][e, h])])
 
 
+def ablation_module(model: torch.nn.Module, name: str) -> str | None:
+    """The module whose heads :func:`~attnlab.evaluate.ablate_heads` zeroes for the
+    recorded attention ``name``: itself if it has ``num_heads`` and ``out_proj``, else its
+    parent if that has them (a recorded ``AttentionProbs`` marker), else None."""
+    for candidate in (name, name.rpartition(".")[0]):
+        module = model.get_submodule(candidate)
+        if isinstance(getattr(module, "num_heads", None), int) and isinstance(
+                getattr(module, "out_proj", None), torch.nn.Linear):
+            return candidate
+    return None
+
+
 def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, progress: bool = False) -> None:
     from attnlab.evaluate import (deletion_curve, evidence_auroc, head_importance, insertion_curve,
                                   pointing_game, random_importance)
@@ -68,13 +80,12 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     (res / "figures").mkdir(parents=True)
     data, meta = experiment.load_dataset(root / "prepare")
     model = load_checkpoint(root / "train" / "model.pt")
-    x, y = data["x_test"], data["y_test"]
+    y = data["y_test"]
     loaded = io.load_arrays(root / "explain" / "importance.npz")
     importance = {m: torch.from_numpy(v) for m, v in loaded.items() if m not in ("target", "y")}
     importance["random"] = random_importance(next(iter(importance.values())).shape, ev.seed).float()
     target = torch.from_numpy(loaded["target"])
-    masker = experiment.masker(cfg, data)
-    fn = lambda inputs: experiment.forward(model, inputs)  # noqa: E731
+    fn, x_items, masker = experiment.perturbation_inputs(cfg, model, data)
 
     metrics: dict[str, Any] = {"n_samples": len(y),
                                "accuracy": float((target == y).float().mean()),
@@ -84,7 +95,7 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
         for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
             columns = {}
             for method, imp in importance.items():
-                curve = curve_fn(fn, x, imp, masker, target=target, steps=ev.steps, batch_size=ev.batch_size)
+                curve = curve_fn(fn, x_items, imp, masker, target=target, steps=ev.steps, batch_size=ev.batch_size)
                 metrics["faithfulness"][f"{mode}_auc"][method] = float(curve.auc.mean())
                 columns["fraction"] = curve.fractions.numpy()
                 columns[method] = curve.probs.mean(0).numpy()
@@ -100,13 +111,15 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     with AttentionReader(root / "extract" / "attention.h5") as reader:
         names = list(reader.names)
         heads = head_table(reader, k=ev.sink_k, batch_size=ev.batch_size)
-    # head ablation needs modules that expose num_heads and an out_proj (nn.MultiheadAttention)
-    modules = [n for n in dict.fromkeys(names)
-               if hasattr(model.get_submodule(n), "num_heads") and hasattr(model.get_submodule(n), "out_proj")]
+    # head ablation zeroes a head's slice of out_proj: the recorded module (an
+    # nn.MultiheadAttention) or the attention module holding a recorded AttentionProbs
+    ablatable = {n: a for n in dict.fromkeys(names) if (a := ablation_module(model, n)) is not None}
+    modules = list(ablatable.values())
     if ev.ablation and modules:
-        batches = [(x[i:i + ev.batch_size], y[i:i + ev.batch_size]) for i in range(0, len(x), ev.batch_size)]
-        ablated = head_importance(model, batches, modules, forward=experiment.forward, progress=progress)
-        drops = pd.DataFrame([{"module": name, "head": h, "accuracy_drop": float(ablated.accuracy_drop[l, h]),
+        batches = [(x_items[i:i + ev.batch_size], y[i:i + ev.batch_size]) for i in range(0, len(y), ev.batch_size)]
+        ablated = head_importance(model, batches, modules, forward=lambda _, inputs: fn(inputs), progress=progress)
+        recorded = {a: n for n, a in ablatable.items()}
+        drops = pd.DataFrame([{"module": recorded[name], "head": h, "accuracy_drop": float(ablated.accuracy_drop[l, h]),
                                "prob_drop": float(ablated.prob_drop[l, h])}
                               for l, name in enumerate(ablated.names)
                               for h in range(ablated.accuracy_drop.shape[1])

@@ -54,7 +54,11 @@ class EncoderClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoded tokens ``[B, T(+1), D]``; ``padding_mask [B, T]`` is True at padding."""
-        h = self.embed(x)                                   # [B, T, D]
+        return self.encode(self.embed(x), padding_mask)
+
+    def encode(self, h: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder on already embedded items ``h [B, T, D]`` (class token and positions
+        added here) → ``[B, T(+1), D]``."""
         if self.cls_token is not None:
             h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
             if padding_mask is not None:
@@ -73,3 +77,8 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, padding_mask), padding_mask)
+
+    def forward_embedded(self, h: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from embedded items ``h [B, T, D]`` (= ``self.embed(x)``): ``forward``
+        without the embedding, for tests that perturb whole items of a costly embedding."""
+        return self.forward_head(self.encode(h, padding_mask), padding_mask)

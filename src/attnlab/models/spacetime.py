@@ -41,6 +41,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
+    # nn.MultiheadAttention's names, so head ablation (evaluate.ablate_heads) applies
+    @property
+    def num_heads(self) -> int:
+        return self.nhead
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.proj
+
     def forward(self, x_bld: torch.Tensor) -> torch.Tensor:
         b, l, d = x_bld.shape
         qkv = self.qkv(x_bld).reshape(b, l, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)

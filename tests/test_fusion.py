@@ -284,3 +284,69 @@ def test_model_arguments_are_validated():
         TwoStreamClassifier(3, fusion="gated")
     with pytest.raises(ValueError, match="nhead"):
         TwoStreamClassifier(3, d=10, nhead=4)
+
+
+# --------------------------------------------------------------------------- the fusion experiment
+def test_stream_masker_replaces_exactly_the_removed_streams_channels():
+    from attnlab.evaluate import stream_masker
+
+    x = torch.randn(4, 3 + 5, 6, 6)
+    keep = torch.tensor([[True, True], [True, False], [False, True], [False, False]])
+    out = stream_masker([3, 5], baseline=-7.0)(x, keep)
+    for b in range(4):                                            # literal loop over samples and channels
+        for c in range(8):
+            stream = 0 if c < 3 else 1
+            expected = x[b, c] if keep[b, stream] else torch.full_like(x[b, c], -7.0)
+            assert torch.equal(out[b, c], expected)
+    with pytest.raises(ValueError, match="keep has shape"):
+        stream_masker([3, 5])(x, keep[:, :1])
+    with pytest.raises(ValueError, match=r"expected \[B, 8"):
+        stream_masker([3, 5])(x[:, :7], keep)
+
+
+def test_stream_weight_summary_matches_a_literal_computation():
+    from attnlab.experiments.fusion import stream_weight_summary
+
+    rng = np.random.default_rng(0)
+    w1 = rng.random(50)
+    weights = np.stack([w1, 1 - w1], axis=1)
+    y = rng.integers(0, 3, 50)
+    corrupted = np.zeros((50, 2), dtype=bool)
+    corrupted[:20, 1] = True                                      # structure corrupted on 20 samples
+    corrupted[20:25, 0] = True                                    # appearance on 5
+    corrupted[25:27] = True                                       # both on 2 (no informative stream)
+    s = stream_weight_summary(weights, y, corrupted, ["a", "b", "c"])
+    informative = [weights[i, 0] for i in range(20)] + [weights[i, 1] for i in range(20, 25)]
+    assert s["informative"] == pytest.approx(sum(informative) / len(informative))
+    assert s["mean"]["appearance"] == pytest.approx(w1.mean())
+    assert s["per_class"]["b"]["structure"] == pytest.approx(np.mean([1 - w1[i] for i in range(50) if y[i] == 1]))
+    rows = [i for i in range(50) if corrupted[i, 1]]
+    assert s["structure_corrupted"]["appearance"] == pytest.approx(np.mean(w1[rows]))
+    none = stream_weight_summary(weights, y, np.zeros((50, 2), dtype=bool), ["a", "b", "c"])
+    assert none["informative"] is None and "structure_corrupted" not in none
+
+
+def test_fusion_experiment_forward_and_importance_use_the_two_streams():
+    """The packed input is split into the model's two streams; every method gives each
+    sample a weight per stream summing to 1, and 'weights' are the fusion's own."""
+    from attnlab.config import FusionParams
+    from attnlab.experiments import get_experiment
+
+    exp = get_experiment("fusion")
+    torch.manual_seed(0)
+    model = TwoStreamClassifier(10, fusion="channel", structure_channels=17).eval()
+    data = make_two_stream("test", size=16, seed=0)
+    a, s = data["appearance"][:6], data["structure"][:6]
+    x = torch.cat([a, s], dim=1)
+    torch.testing.assert_close(exp.forward(model, x), model(a, s))
+    cfg = FusionParams.model_validate({"explain": {"ig_steps": 4}})
+    imp, target = exp.importance_batch(cfg, model, x, 2, 0.0)
+    assert set(imp) == {"weights", "input_x_gradient", "integrated_gradients"}
+    for v in imp.values():
+        assert v.shape == (6, 2)
+        torch.testing.assert_close(v.sum(1), torch.ones(6))
+    torch.testing.assert_close(imp["weights"], model.forward_with_weights(a, s)[1])
+    assert torch.equal(target, model(a, s).argmax(-1))
+    groups = exp.param_groups(FusionParams(), model)
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.fusion.parameters()}

@@ -31,12 +31,14 @@ def project(tmp_path_factory):
         shutil.copytree(ROOT / name, repo / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp", "cache"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["experiments"] = ["motion", "tokens", "frames", "video"]
+    params["experiments"] = ["motion", "tokens", "frames", "video", "fusion"]
     for name in ("frames", "video"):
         params[name]["prepare"].update(n_train=64, n_test=16)
         params[name]["train"].update(epochs=1)
         params[name]["explain"].update(ig_steps=2, examples=1)
         params[name]["evaluate"].update(steps=3)
+    params["fusion"]["train"].update(epochs=1)
+    params["fusion"]["explain"].update(ig_steps=2)
     params["tokens"]["prepare"].update(n=300, max_len=16)
     params["tokens"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
     params["tokens"]["train"].update(epochs=1)
@@ -114,9 +116,11 @@ def test_tokens_vocab_attention_outputs(project):
     assert "Which token attends to which" in (data / "report" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("name, n_items", [("frames", 24), ("video", 8 * 16)])
-def test_planted_evidence_experiments(project, name, n_items):
+@pytest.mark.parametrize("name", ["frames", "video"])
+def test_planted_evidence_experiments(project, name):
     repo, env, _ = project
+    p = yaml.safe_load((repo / "params.yaml").read_text())[name]["prepare"]
+    n_items = p["frames"] * (p["size"] // p["patch"]) ** 2 if name == "video" else p["frames"]
     data = repo / "data" / name
     explained = np.load(data / "explain" / "importance.npz")
     assert explained["rollout"].shape == (16, n_items)
@@ -171,3 +175,38 @@ def test_exp_run_with_changed_param_makes_second_run(project):
     assert set(by_epochs) == {"3", "4"}
     assert by_epochs["4"].data.tags["dvc.exp_name"] == "longer"
     assert all("final.test_accuracy" in r.data.metrics for r in runs)
+
+
+def test_fusion_outputs_and_queued_sweep_over_modes(project):
+    """The fusion experiment's weights and report; then the README's sweep: one queued
+    `dvc exp run` per fusion mode and `dvc queue start`, each mode its own MLflow run."""
+    import time
+
+    repo, env, _ = project
+    data = repo / "data" / "fusion"
+    evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert evaluated["fusion"] == "attention" and evaluated["weights"]["informative"] is not None
+    assert set(evaluated["faithfulness"]["deletion_auc"]) == {"weights", "input_x_gradient",
+                                                               "integrated_gradients", "random"}
+    weights = np.load(data / "extract" / "weights.npz")["weights"]
+    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
+    assert "Which stream does the fusion weigh?" in (data / "report" / "report.html").read_text()
+
+    for mode in ("sum", "channel"):
+        _run(["dvc", "exp", "run", "--queue", "-S", f"fusion.model.fusion={mode}", "-S", "experiments=[fusion]"],
+             repo, env)
+    _run(["dvc", "queue", "start"], repo, env)
+    deadline = time.monotonic() + 600
+    while True:
+        status = _run(["dvc", "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, status
+    _, runs = _runs(repo, "fusion")
+    by_mode = {r.data.params["model.fusion"]: r for r in runs}
+    assert set(by_mode) == {"attention", "sum", "channel"} and len(runs) == 3
+    for mode, run in by_mode.items():
+        assert "evaluate.weights.mean.appearance" in run.data.metrics, mode
+    assert by_mode["sum"].data.metrics["evaluate.weights.mean.appearance"] == pytest.approx(0.5)

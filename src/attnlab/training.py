@@ -42,15 +42,21 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, f
 def make_schedule(opt: torch.optim.Optimizer, cfg: Train, steps_per_epoch: int):
     """Per-step learning-rate schedule: constant, or one-cycle (warm-up then cosine)."""
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+        # each parameter group peaks at its own learning rate (e.g. a faster fusion)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=cfg.epochs * steps_per_epoch,
                                                    pct_start=cfg.warmup)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
 def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                    x_test: torch.Tensor, y_test: torch.Tensor, cfg: Train, *,
-                   forward: Forward = _plain, progress: bool = False) -> pd.DataFrame:
+                   forward: Forward = _plain, param_groups: list[dict] | None = None,
+                   progress: bool = False) -> pd.DataFrame:
     """Train with AdamW and cross-entropy; returns the per-epoch history.
+
+    ``param_groups``: AdamW parameter groups with their own ``lr``/``weight_decay``
+    (default: all parameters at ``cfg.lr`` and ``cfg.weight_decay``).
 
     Columns: ``epoch, train_loss, train_accuracy, test_loss, test_accuracy,
     test_macro_f1``. Shuffling uses its own generator seeded with ``cfg.seed``, so a
@@ -58,7 +64,7 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_train) // cfg.batch_size))
     rows = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress):

@@ -7,7 +7,8 @@
 """
 from attnlab.evaluate.baselines import attributions_to_items, input_x_gradient, integrated_gradients
 from attnlab.evaluate.faithfulness import (Curve, Masker, deletion_curve, insertion_curve,
-                                           patch_masker, random_importance, sequence_masker)
+                                           patch_masker, random_importance, sequence_masker,
+                                           stream_masker)
 from attnlab.evaluate.groundtruth import AurocResult, evidence_auroc, pointing_game
 from attnlab.evaluate.heads import (HeadImportance, HeadStats, ablate_heads, head_diagnostics,
                                     head_importance)
@@ -17,5 +18,5 @@ __all__ = [
     "ablate_heads", "attributions_to_items", "deletion_curve", "evidence_auroc",
     "head_diagnostics", "head_importance", "input_x_gradient", "insertion_curve",
     "integrated_gradients", "patch_masker", "pointing_game", "random_importance",
-    "sequence_masker",
+    "sequence_masker", "stream_masker",
 ]

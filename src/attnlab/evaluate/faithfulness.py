@@ -15,7 +15,7 @@ the items where ``keep`` is False by a baseline; :func:`sequence_masker` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -94,6 +94,28 @@ def patch_masker(frames: int, patch: int, size: int,
                 .expand(b, frames, grid, patch, grid, patch)
                 .reshape(b, frames, 1, size, size))        # broadcast over channels
         return _where_keep(keep, x, fill)
+
+    return masker
+
+
+def stream_masker(channels: Sequence[int], baseline: float | torch.Tensor = 0.0) -> Masker:
+    """Masker for multi-stream inputs packed along dim 1: ``x [B, C, ...]`` whose items
+    are consecutive channel groups (stream ``s`` has ``channels[s]`` channels, ``Σ = C``);
+    ``keep [B, len(channels)]``. A removed stream's channels are replaced by ``baseline``
+    (a number, or a tensor broadcastable to ``x.shape[1:]``)."""
+    sizes = [int(c) for c in channels]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"stream_masker: channels={list(channels)!r}; expected positive channel counts")
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))   # [C] stream of each channel
+
+    def masker(x: torch.Tensor, keep_bn: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != len(owner):
+            raise ValueError(f"stream_masker: x has shape {tuple(x.shape)}, expected [B, {len(owner)}, ...]")
+        if keep_bn.shape != (x.shape[0], len(sizes)):
+            raise ValueError(f"stream_masker: keep has shape {tuple(keep_bn.shape)}, "
+                             f"expected [{x.shape[0]}, {len(sizes)}]")
+        keep = keep_bn[:, owner.to(keep_bn.device)].view(*x.shape[:2], *([1] * (x.dim() - 2)))
+        return _where_keep(keep, x, baseline.detach() if isinstance(baseline, torch.Tensor) else baseline)
 
     return masker
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from attnlab.experiments.base import ClassifierExperiment
 from attnlab.experiments.clips import FramesExperiment, VideoExperiment
+from attnlab.experiments.fusion import FusionExperiment
 from attnlab.experiments.motion import MotionExperiment
 from attnlab.experiments.tokens import TokensExperiment
 
 REGISTRY: dict[str, type[ClassifierExperiment]] = {
-    "motion": MotionExperiment, "tokens": TokensExperiment, "frames": FramesExperiment, "video": VideoExperiment}
+    "motion": MotionExperiment, "tokens": TokensExperiment, "frames": FramesExperiment, "video": VideoExperiment,
+    "fusion": FusionExperiment}
 
 
 def get_experiment(name: str) -> ClassifierExperiment:

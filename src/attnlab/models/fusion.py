@@ -174,6 +174,7 @@ class TwoStreamClassifier(nn.Module):
         if d < 1 or d % nhead:
             raise ValueError(f"d={d}, nhead={nhead}: expected d >= 1 divisible by nhead")
         self.fusion_name = fusion
+        self.channels = (appearance_channels, structure_channels)
         # Different feature sizes on purpose: the projections bring both to d.
         self.appearance = StreamCNN(appearance_channels, 48, width=16)
         self.structure = StreamCNN(structure_channels, 24, width=16)

@@ -110,6 +110,8 @@ def add_evaluation(rep: HtmlReport, evaluate: Path, item: str) -> None:
                       "is evidence.")
     rep.image((evaluate / "results" / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
               "Mean probability of the explained class along the deletion and insertion curves.")
+    if "heads" not in metrics:
+        return
     rep.heading("What the heads do")
     rep.paragraph(heads_paragraph(metrics["heads"]))
     rep.image((evaluate / "results" / "figures" / "heads.png").read_bytes(), "heads",

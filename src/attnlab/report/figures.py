@@ -232,3 +232,35 @@ def video_overlay(frames_thw: np.ndarray, maps: dict[str, np.ndarray], evidence_
     fig.suptitle(title + "  (blue: evidence patches)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def stream_weights_by_class(weights_bs: np.ndarray, y: np.ndarray, classes: Sequence[str],
+                            streams: Sequence[str]) -> plt.Figure:
+    """Distribution of each stream's fusion weight per class (box plots; dotted: equal weights)."""
+    frame = pd.DataFrame({"class": np.asarray(classes)[y].repeat(len(streams)),
+                          "stream": np.tile(list(streams), len(y)), "weight": weights_bs.reshape(-1)})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(classes)), 3.2))
+    sns.boxplot(frame, x="class", y="weight", hue="stream", order=list(classes), ax=ax, fliersize=1.5)
+    ax.axhline(1.0 / len(streams), color="grey", lw=0.8, ls=":")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("fusion weight of each stream, per class")
+    fig.tight_layout()
+    return fig
+
+
+def stream_weights_by_corruption(weights_bs: np.ndarray, corrupted_bs: np.ndarray,
+                                 streams: Sequence[str]) -> plt.Figure:
+    """Per-sample weight of each stream, split by which stream of the sample was corrupted."""
+    state = np.array(["none corrupted"] * len(weights_bs), dtype=object)
+    for i, s in enumerate(streams):
+        state[corrupted_bs[:, i]] = f"{s} corrupted"
+    frame = pd.DataFrame({"sample": np.repeat(state, len(streams)),
+                          "stream": np.tile(list(streams), len(weights_bs)), "weight": weights_bs.reshape(-1)})
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    sns.stripplot(frame, x="sample", y="weight", hue="stream", dodge=True, size=2, alpha=0.5, ax=ax,
+                  order=sorted(set(state)))
+    ax.axhline(1.0 / len(streams), color="grey", lw=0.8, ls=":")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("per-sample fusion weights against corruption")
+    fig.tight_layout()
+    return fig

@@ -450,3 +450,17 @@ def test_rollout_rejects_bad_padding_mask():
         rollout([torch.rand(2, 2, 4, 4)], padding_mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="padding_mask"):
         rollout([torch.rand(2, 2, 4, 4)], padding_mask=torch.zeros(2, 4))
+
+
+def test_readout_per_sample_rows_match_indexing():
+    from attnlab.explain import readout
+
+    joint = torch.rand(4, 6, 6)
+    rows = torch.tensor([0, 5, 2, 3])
+    out = readout(joint, rows)
+    for b in range(4):
+        assert torch.equal(out[b], joint[b, rows[b]])
+    with pytest.raises(ValueError, match="outside"):
+        readout(joint, torch.tensor([0, 6, 1, 1]))
+    with pytest.raises(ValueError, match="int64"):
+        readout(joint, torch.tensor([0, 1]))

@@ -113,6 +113,9 @@ def test_tokens_vocab_attention_outputs(project):
     assert top[0].startswith("query_id,key_id,query_token,key_token")
     evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
     assert 0.0 <= evaluated["planted"]["recall_at_k"] <= 1.0
+    assert {"raw", "rollout", "random"} <= set(evaluated["faithfulness"]["deletion_auc"])
+    assert "rollout" in evaluated["evidence"]["auroc"]
+    assert (data / "evaluate" / "results" / "deletion.csv").read_text().startswith("fraction,")
     assert "Which token attends to which" in (data / "report" / "report.html").read_text()
 
 

@@ -5,6 +5,7 @@ import math
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +228,41 @@ def test_recall_at_k_counts_true_pairs_among_ranked_pairs():
     top = pd.DataFrame({"query_token": ["b1", "x", "b2"], "key_token": ["a1", "y", "a9"]})
     assert recall_at_k(top, [("b1", "a1"), ("b2", "a2")]) == 0.5
     assert recall_at_k(top, [["b1", "a1"]]) == 1.0                # pairs read back from JSON are lists
+
+
+def test_explained_positions_and_faithfulness_of_a_causal_lm():
+    """One next-token prediction per planted test sequence: the first probe whose trigger
+    is present, with the trigger as evidence (literal loop); the curves track the
+    model's own prediction there, and later tokens never count."""
+    from attnlab.config import TokensParams
+    from attnlab.experiments.tokens import explained_positions, faithfulness, next_token_logits
+
+    data = planted_sequences(40, length=16, n_rules=8, plants_per_seq=2, seed=5)
+    d = {"tokens_test": data.tokens, "mask_test": data.mask, "true_key_test": data.true_key}
+    rows, position, evidence = explained_positions(d)
+    expected = [(r, next(q for q in range(16) if data.true_key[r, q] >= 0))
+                for r in range(40) if (data.true_key[r] >= 0).any()]
+    assert [(int(r), int(q)) for r, q in zip(rows, position)] == expected
+    for i, (r, q) in enumerate(expected):
+        assert evidence[i].nonzero().flatten().tolist() == [int(data.true_key[r, q])]
+
+    torch.manual_seed(0)
+    model = CausalTransformerLM(len(data.vocab), max_len=16, d_model=16, nhead=2, num_layers=2,
+                                dim_feedforward=32).eval()
+    cfg = TokensParams.model_validate({"evaluate": {"steps": None}})
+    metrics, curves = faithfulness(model, d, data.vocab, cfg)
+    assert metrics["n_explained"] == len(expected)
+    assert set(metrics["deletion_auc"]) == {"raw", "received", "rollout", "grad_rollout", "random"}
+    # the curve starts at the model's own probability of its prediction at the position
+    with torch.no_grad():
+        p = next_token_logits(model, data.tokens[rows], position, data.mask[rows]).softmax(-1).amax(-1)
+    assert curves["deletion"]["raw"][0] == pytest.approx(float(p.mean()), rel=1e-5)
+    # later tokens are ranked last: once the first max(position) + 1 are gone, the
+    # rest of the curve is flat (removing tokens after the position changes nothing)
+    assert curves["deletion"].shape[0] == 17
+    first = int(position.max()) + 1
+    assert first < 16
+    for method in ("raw", "received", "random"):
+        values = curves["deletion"][method].to_numpy()
+        np.testing.assert_allclose(values[first:], values[first], atol=1e-12)
+    assert 0.0 <= metrics["evidence"]["auroc"]["rollout"] <= 1.0

@@ -62,7 +62,7 @@ def record_target(model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | N
 
 
 def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
-                         methods: Sequence[str] = ATTENTION_METHODS, how: str | int = "mean",
+                         methods: Sequence[str] = ATTENTION_METHODS, how: str | int | torch.Tensor = "mean",
                          head_fusion: str = "mean", residual: bool = True, discard_ratio: float = 0.0,
                          target: torch.Tensor | None = None, flow_max_pairs: int | None = None,
                          forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
@@ -70,7 +70,9 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
     """Importance ``{method: [B, n_items]}`` and the explained ``target [B]``.
 
     ``how`` is the readout of the joint matrices: ``"mean"`` for mean-pooled models,
-    ``"cls"`` for class-token models (the class token's own column is then dropped).
+    ``"cls"`` for class-token models (the class token's own column is then dropped),
+    or the explained row: an int, or an int64 ``[B]`` tensor of per-sample positions
+    (a causal LM's next-token prediction at that position).
     ``raw`` is the last layer's head-fused attention, ``received`` the column mean
     over layers, ``rollout``/``flow`` as in Abnar & Zuidema (2020), ``grad_rollout``
     as in Chefer et al. (2021) with gradients of the target logit (read out without

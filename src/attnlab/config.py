@@ -159,6 +159,11 @@ class VocabExplain(Section):
 class TokensEvaluate(Section):
     sink_k: int | None = Field(None, gt=0)
     batch_size: int = Field(64, gt=0)
+    # deletion/insertion of the tokens behind one next-token prediction per test sequence
+    methods: list[Literal["raw", "received", "rollout", "grad_rollout"]] = [
+        "raw", "received", "rollout", "grad_rollout"]
+    steps: int | None = Field(9, gt=1)         # points on the curves (None: one per token)
+    seed: int = 0                              # random-baseline importance
 
 
 class TokensParams(Section):

@@ -43,6 +43,85 @@ def recall_at_k(top: pd.DataFrame, true_pairs: list[tuple[str, str]]) -> float:
     return sum(tuple(p) in found for p in true_pairs) / max(len(true_pairs), 1)
 
 
+def explained_positions(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Which next-token prediction of each test sequence the faithfulness test explains:
+    ``(rows [M], position [M], evidence [M, L] | None)``. Planted data: the first probe
+    whose trigger is present (its answer is the prediction at the probe), with the
+    trigger's position as evidence; otherwise the last real token of every sequence of
+    at least two tokens."""
+    tokens, mask = data["tokens_test"], data["mask_test"]
+    if "true_key_test" in data:
+        key = data["true_key_test"]
+        rows = (key >= 0).any(1).nonzero().squeeze(1)
+        position = (key[rows] >= 0).int().argmax(1)
+        evidence = torch.zeros(len(rows), tokens.shape[1], dtype=torch.bool)
+        evidence[torch.arange(len(rows)), key[rows, position]] = True
+        return rows, position, evidence
+    length = mask.sum(1)
+    rows = (length >= 2).nonzero().squeeze(1)
+    return rows, length[rows] - 1, None
+
+
+def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """The logits ``[B, V]`` of the next token at ``position [B]`` of each sequence."""
+    return model(tokens, mask)[torch.arange(len(tokens)), position]
+
+
+def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: list[str], cfg: Any,
+                 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    """Deletion/insertion AUC (and, on planted data, evidence AUROC and pointing game)
+    of each attention method's importance for one next-token prediction per sequence.
+
+    Only the tokens at or before the explained position can matter to a causal model;
+    every method (the random baseline too) ranks later positions last. A removed token
+    becomes ``<unk>``."""
+    from attnlab.attribution import attention_importance
+    from attnlab.data.tokens import UNK
+    from attnlab.evaluate import (deletion_curve, evidence_auroc, insertion_curve, pointing_game,
+                                  random_importance, sequence_masker)
+
+    ev = cfg.evaluate
+    rows, position, evidence = explained_positions(data)
+    tokens, mask = data["tokens_test"][rows], data["mask_test"][rows]
+    n_items = tokens.shape[1]
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in ev.methods}
+    targets = []
+    for i in range(0, len(rows), ev.batch_size):
+        sl = slice(i, i + ev.batch_size)
+        fwd = lambda m, x, sl=sl: next_token_logits(m, x, position[sl], mask[sl])  # noqa: E731
+        imp, target = attention_importance(model, tokens[sl], n_items=n_items, methods=ev.methods,
+                                           how=position[sl], forward=fwd)
+        for m in ev.methods:
+            parts[m].append(imp[m])
+        targets.append(target)
+    importance = {m: torch.cat(v) for m, v in parts.items()}
+    importance["random"] = random_importance((len(rows), n_items), ev.seed).float()
+    later = torch.arange(n_items)[None, :] > position[:, None]
+    importance = {m: v.masked_fill(later, -1.0) for m, v in importance.items()}
+    target = torch.cat(targets)
+    masker = sequence_masker(vocab.index(UNK))
+    kw = {"position": position, "mask": mask}
+    fn = lambda x, position, mask: next_token_logits(model, x, position, mask)  # noqa: E731
+    metrics: dict[str, Any] = {"n_explained": len(rows), "deletion_auc": {}, "insertion_auc": {}}
+    curves: dict[str, pd.DataFrame] = {}
+    with torch.no_grad():
+        for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+            columns = {}
+            for method, imp in importance.items():
+                curve = curve_fn(fn, tokens, imp, masker, target=target, steps=ev.steps,
+                                 batch_size=4 * ev.batch_size, forward_kwargs=kw)
+                metrics[f"{mode}_auc"][method] = float(curve.auc.mean())
+                columns["fraction"] = curve.fractions.numpy()
+                columns[method] = curve.probs.mean(0).numpy()
+            curves[mode] = pd.DataFrame(columns)
+    if evidence is not None:
+        metrics["evidence"] = {
+            "auroc": {m: float(evidence_auroc(imp, evidence, valid=~later).mean) for m, imp in importance.items()},
+            "pointing_game": {m: float(pointing_game(imp, evidence, valid=~later)) for m, imp in importance.items()}}
+    return metrics, curves
+
+
 class TokensExperiment(ClassifierExperiment):
     name = "tokens"
     item_name = "token"
@@ -163,14 +242,21 @@ class TokensExperiment(ClassifierExperiment):
                 metrics["planted"]["recall_at_k_per_head"] = {str(h): r for h, r in enumerate(per_head)}
                 metrics["planted"]["recall_at_k_best_head"] = max(per_head)
         data, _ = self.load_dataset(root / "prepare")
+        model = load_checkpoint(root / "train" / "model.pt")
+        faith, curves = faithfulness(model, data, meta["vocab"], cfg)
+        metrics["faithfulness"] = {k: faith.pop(k) for k in ("deletion_auc", "insertion_auc")}
+        metrics |= faith
         with AttentionReader(root / "extract" / "attention.h5") as reader:
             heads = head_table(reader, k=cfg.evaluate.sink_k, batch_size=cfg.evaluate.batch_size,
                                causal=True, padding=~data["mask_test"])
         res = out / "results"
         (res / "figures").mkdir(parents=True)
+        for mode, frame in curves.items():
+            frame.to_csv(res / f"{mode}.csv", index=False, float_format="%.6g")
         heads.to_csv(res / "heads.csv", index=False, float_format="%.6g")
         metrics["heads"] = head_summary(heads)
         io.write_json(out / "metrics.json", metrics)
+        save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
         save_figure(figures.head_heatmaps(heads, ["entropy", "sink", "locality_norm"]), res / "figures" / "heads.png")
 
     def report(self, cfg: TokensParams, root: Path, out: Path) -> None:

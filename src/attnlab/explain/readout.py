@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from .rollout import check_padding_mask
@@ -12,7 +13,7 @@ __all__ = ["readout"]
 
 def readout(
     joint: Tensor,
-    how: Literal["cls", "mean"] | int = "cls",
+    how: Literal["cls", "mean"] | int | Tensor = "cls",
     *,
     padding_mask: Tensor | None = None,
 ) -> Tensor:
@@ -24,7 +25,8 @@ def readout(
         joint: ``[B, N, N]``.
         how: ``"cls"`` — row 0 (class-token models); ``"mean"`` — the mean over query
             rows (mean-pooled models); an ``int`` — that token's row (negative counts
-            from the end, as in Python indexing).
+            from the end, as in Python indexing); an int64 tensor ``[B]`` — one row per
+            sample (e.g. the position whose next-token prediction is explained).
         padding_mask: optional ``[B, N]`` bool, True = padded; only for ``"mean"``,
             which then averages over real query rows only (a sample with no real token
             gives a zero row).
@@ -47,6 +49,12 @@ def readout(
         weight = real.to(joint.dtype)
         count = weight.sum(dim=1, keepdim=True).clamp_min(1)
         return (weight[:, :, None] * joint).sum(dim=1) / count
+    if isinstance(how, Tensor):
+        if how.shape != (batch,) or how.dtype != torch.int64:
+            raise ValueError(f"how as a tensor must be int64 [B={batch}]; got {how.dtype} {tuple(how.shape)}")
+        if ((how < 0) | (how >= n_tok)).any():
+            raise ValueError(f"how has rows outside 0..{n_tok - 1}")
+        return joint[torch.arange(batch, device=joint.device), how.to(joint.device)]
     if isinstance(how, int) and not isinstance(how, bool):
         if not -n_tok <= how < n_tok:
             raise ValueError(f"how={how} is out of range for N={n_tok} tokens")

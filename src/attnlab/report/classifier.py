@@ -92,6 +92,19 @@ def heads_paragraph(heads: dict[str, Any]) -> str:
 
 def add_evaluation(rep: HtmlReport, evaluate: Path, item: str) -> None:
     metrics = io.read_json(evaluate / "metrics.json")
+    add_faithfulness(rep, evaluate, metrics, item)
+    if "heads" not in metrics:
+        return
+    rep.heading("What the heads do")
+    rep.paragraph(heads_paragraph(metrics["heads"]))
+    rep.image((evaluate / "results" / "figures" / "heads.png").read_bytes(), "heads",
+              "Per head: normalised entropy (1 = uniform), sink score (share of attention on the top keys, "
+              "averaged over queries: high = vertical stripes), locality (mean |i - j| / N), and the drop in "
+              "the predicted class's probability / in accuracy when the head is zeroed.")
+
+
+def add_faithfulness(rep: HtmlReport, evaluate: Path, metrics: dict[str, Any], item: str) -> None:
+    """The methods ranked by deletion AUC beside the random baseline, and the curves."""
     table = method_table(metrics)
     rep.heading("Is the explanation faithful?")
     rep.paragraph(f"Deletion: remove {item}s most important first and watch the probability of the explained "
@@ -110,11 +123,3 @@ def add_evaluation(rep: HtmlReport, evaluate: Path, item: str) -> None:
                       "is evidence.")
     rep.image((evaluate / "results" / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
               "Mean probability of the explained class along the deletion and insertion curves.")
-    if "heads" not in metrics:
-        return
-    rep.heading("What the heads do")
-    rep.paragraph(heads_paragraph(metrics["heads"]))
-    rep.image((evaluate / "results" / "figures" / "heads.png").read_bytes(), "heads",
-              "Per head: normalised entropy (1 = uniform), sink score (share of attention on the top keys, "
-              "averaged over queries: high = vertical stripes), locality (mean |i - j| / N), and the drop in "
-              "the predicted class's probability / in accuracy when the head is zeroed.")

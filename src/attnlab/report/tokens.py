@@ -9,7 +9,7 @@ import pandas as pd
 
 from attnlab import io
 from attnlab.report import figures
-from attnlab.report.classifier import heads_paragraph
+from attnlab.report.classifier import add_faithfulness, heads_paragraph
 from attnlab.report.html import HtmlReport
 
 
@@ -57,6 +57,13 @@ def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
     rep.image((root / "explain" / "figures" / "vocab_lift.png").read_bytes(), "vocab_lift",
               f"log2 lift among the {e.heatmap_tokens} most frequent tokens, rows and columns clustered "
               "(red: attended more than uniform; blank: too rare).")
+    add_faithfulness(rep, root / "evaluate", evaluated, "token")
+    rep.paragraph(f"Explained: one next-token prediction per test sequence ({evaluated['n_explained']} "
+                  "sequences): " + ("the answer predicted at the first probe whose trigger is present; the "
+                                    "evidence is the trigger's position." if "evidence" in evaluated else
+                                    "the prediction after the last token.") +
+                  " Only tokens at or before that position can matter (causal model); every method ranks the "
+                  "later ones last, and a removed token becomes <unk>.")
     rep.heading("What the heads do")
     rep.paragraph(heads_paragraph(evaluated["heads"]))
     rep.image((root / "evaluate" / "results" / "figures" / "heads.png").read_bytes(), "heads",

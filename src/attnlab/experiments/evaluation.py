@@ -68,9 +68,42 @@ def ablation_module(model: torch.nn.Module, name: str) -> str | None:
     return None
 
 
+def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Tensor], masker: Any, *,
+                        target: torch.Tensor, steps: int | None, batch_size: int,
+                        forward_kwargs: dict[str, Any] | None = None,
+                        ) -> tuple[dict[str, dict[str, float]], dict[str, pd.DataFrame]]:
+    """Deletion and insertion curves of every method's importance:
+    ``({"deletion_auc": {method: mean AUC}, "insertion_auc": {...}},
+    {"deletion": mean curve per method (a column each, beside "fraction"), "insertion": ...})``."""
+    from attnlab.evaluate import deletion_curve, insertion_curve
+
+    aucs: dict[str, dict[str, float]] = {"deletion_auc": {}, "insertion_auc": {}}
+    curves: dict[str, pd.DataFrame] = {}
+    with torch.no_grad():
+        for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+            columns = {}
+            for method, imp in importance.items():
+                curve = curve_fn(fn, x, imp, masker, target=target, steps=steps, batch_size=batch_size,
+                                 forward_kwargs=forward_kwargs)
+                aucs[f"{mode}_auc"][method] = float(curve.auc.mean())
+                columns["fraction"] = curve.fractions.numpy()
+                columns[method] = curve.probs.mean(0).numpy()
+            curves[mode] = pd.DataFrame(columns)
+    return aucs, curves
+
+
+def write_curves(curves: dict[str, pd.DataFrame], res: Path) -> None:
+    """``deletion.csv``, ``insertion.csv`` (DVC plots) and ``figures/faithfulness.png`` under ``res``."""
+    from attnlab.report import figures
+    from attnlab.report.html import save_figure
+
+    for mode, frame in curves.items():
+        frame.to_csv(res / f"{mode}.csv", index=False, float_format="%.6g")
+    save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
+
+
 def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, progress: bool = False) -> None:
-    from attnlab.evaluate import (deletion_curve, evidence_auroc, head_importance, insertion_curve,
-                                  pointing_game, random_importance)
+    from attnlab.evaluate import evidence_auroc, head_importance, pointing_game, random_importance
     from attnlab.report import figures
     from attnlab.report.html import save_figure
     from attnlab.store import AttentionReader
@@ -87,20 +120,11 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     target = torch.from_numpy(loaded["target"])
     fn, x_items, masker = experiment.perturbation_inputs(cfg, model, data)
 
-    metrics: dict[str, Any] = {"n_samples": len(y),
-                               "accuracy": float((target == y).float().mean()),
-                               "faithfulness": {"deletion_auc": {}, "insertion_auc": {}}}
-    curves: dict[str, pd.DataFrame] = {}
-    with torch.no_grad():
-        for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
-            columns = {}
-            for method, imp in importance.items():
-                curve = curve_fn(fn, x_items, imp, masker, target=target, steps=ev.steps, batch_size=ev.batch_size)
-                metrics["faithfulness"][f"{mode}_auc"][method] = float(curve.auc.mean())
-                columns["fraction"] = curve.fractions.numpy()
-                columns[method] = curve.probs.mean(0).numpy()
-            curves[mode] = pd.DataFrame(columns)
-            curves[mode].to_csv(res / f"{mode}.csv", index=False, float_format="%.6g")
+    aucs, curves = perturbation_curves(fn, x_items, importance, masker, target=target, steps=ev.steps,
+                                       batch_size=ev.batch_size)
+    write_curves(curves, res)
+    metrics: dict[str, Any] = {"n_samples": len(y), "accuracy": float((target == y).float().mean()),
+                               "faithfulness": aucs}
 
     if "evidence_test" in data:
         evidence = data["evidence_test"].flatten(1)
@@ -129,6 +153,5 @@ def evaluate_classifier(experiment: Any, cfg: Any, root: Path, out: Path, *, pro
     metrics["heads"] = head_summary(heads)
     io.write_json(out / "metrics.json", metrics)
 
-    save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
     columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if "prob_drop" in heads else [])
     save_figure(figures.head_heatmaps(heads, columns), res / "figures" / "heads.png")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -98,18 +97,16 @@ class FusionExperiment(ClassifierExperiment):
     def extract(self, cfg: FusionParams, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
         """predictions.npz, weights.npz (every mode) and, for the attention fusion, the
         recorded nn.MultiheadAttention maps in attention.h5."""
-        if cfg.model.fusion == "attention":
-            super().extract(cfg, prepared, trained, out, progress=progress)
-        else:
-            from attnlab.training import predict
+        from attnlab.training import predict
 
-            data, _ = self.load_dataset(prepared)
-            model = load_checkpoint(trained / "model.pt")
+        if cfg.model.fusion == "attention":                      # attention.h5 and predictions.npz
+            super().extract(cfg, prepared, trained, out, progress=progress)
+        data, _ = self.load_dataset(prepared)
+        model = load_checkpoint(trained / "model.pt")
+        if cfg.model.fusion != "attention":
             prob = predict(model, data["x_test"], forward=self.forward).softmax(-1)
             io.save_arrays(out / "predictions.npz", y=data["y_test"].numpy(), pred=prob.argmax(-1).numpy(),
                            prob=prob.numpy().astype(np.float32))
-        data, _ = self.load_dataset(prepared)
-        model = load_checkpoint(trained / "model.pt")
         io.save_arrays(out / "weights.npz", weights=self.weights(model, data["x_test"], cfg.extract.batch_size).numpy(),
                        corrupted=data["corrupted_test"].numpy())
 
@@ -160,9 +157,8 @@ class FusionExperiment(ClassifierExperiment):
     def evaluate(self, cfg: FusionParams, root: Path, out: Path, *, progress: bool = False) -> None:
         """Accuracy, stream weights (overall, per class, corrupted vs clean, on the
         informative stream) and deletion/insertion over the two streams per method."""
-        from attnlab.evaluate import deletion_curve, insertion_curve, random_importance, stream_masker
-        from attnlab.report import figures
-        from attnlab.report.html import save_figure
+        from attnlab.evaluate import random_importance, stream_masker
+        from attnlab.experiments.evaluation import perturbation_curves, write_curves
 
         ev = cfg.evaluate
         res = out / "results"
@@ -184,22 +180,13 @@ class FusionExperiment(ClassifierExperiment):
             "n_samples": len(y), "accuracy": float((target == y).float().mean()), "fusion": cfg.model.fusion,
             "weights": summary,
             "found_informative": None if informative is None else bool(informative >= ev.goal),
-            "goal": ev.goal, "faithfulness": {"deletion_auc": {}, "insertion_auc": {}}}
-        masker = stream_masker(meta["channels"], cfg.explain.baseline)
-        fn = lambda inputs: self.forward(model, inputs)  # noqa: E731
-        curves: dict[str, pd.DataFrame] = {}
-        with torch.no_grad():
-            for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
-                columns = {}
-                for method, imp in importance.items():
-                    curve = curve_fn(fn, x, imp, masker, target=target, batch_size=ev.batch_size)
-                    metrics["faithfulness"][f"{mode}_auc"][method] = float(curve.auc.mean())
-                    columns["fraction"] = curve.fractions.numpy()
-                    columns[method] = curve.probs.mean(0).numpy()
-                curves[mode] = pd.DataFrame(columns)
-                curves[mode].to_csv(res / f"{mode}.csv", index=False, float_format="%.6g")
+            "goal": ev.goal}
+        metrics["faithfulness"], curves = perturbation_curves(
+            lambda inputs: self.forward(model, inputs), x, importance,
+            stream_masker(meta["channels"], cfg.explain.baseline), target=target, steps=None,
+            batch_size=ev.batch_size)
+        write_curves(curves, res)
         io.write_json(out / "metrics.json", metrics)
-        save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
 
     def report(self, cfg: FusionParams, root: Path, out: Path) -> None:
         from attnlab.report.fusion import write_fusion_report

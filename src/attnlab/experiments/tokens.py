@@ -78,8 +78,8 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     becomes ``<unk>``."""
     from attnlab.attribution import attention_importance
     from attnlab.data.tokens import UNK
-    from attnlab.evaluate import (deletion_curve, evidence_auroc, insertion_curve, pointing_game,
-                                  random_importance, sequence_masker)
+    from attnlab.evaluate import evidence_auroc, pointing_game, random_importance, sequence_masker
+    from attnlab.experiments.evaluation import perturbation_curves
 
     ev = cfg.evaluate
     rows, position, evidence = explained_positions(data)
@@ -99,22 +99,11 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     importance["random"] = random_importance((len(rows), n_items), ev.seed).float()
     later = torch.arange(n_items)[None, :] > position[:, None]
     importance = {m: v.masked_fill(later, -1.0) for m, v in importance.items()}
-    target = torch.cat(targets)
-    masker = sequence_masker(vocab.index(UNK))
-    kw = {"position": position, "mask": mask}
-    fn = lambda x, position, mask: next_token_logits(model, x, position, mask)  # noqa: E731
-    metrics: dict[str, Any] = {"n_explained": len(rows), "deletion_auc": {}, "insertion_auc": {}}
-    curves: dict[str, pd.DataFrame] = {}
-    with torch.no_grad():
-        for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
-            columns = {}
-            for method, imp in importance.items():
-                curve = curve_fn(fn, tokens, imp, masker, target=target, steps=ev.steps,
-                                 batch_size=4 * ev.batch_size, forward_kwargs=kw)
-                metrics[f"{mode}_auc"][method] = float(curve.auc.mean())
-                columns["fraction"] = curve.fractions.numpy()
-                columns[method] = curve.probs.mean(0).numpy()
-            curves[mode] = pd.DataFrame(columns)
+    aucs, curves = perturbation_curves(
+        lambda x, position, mask: next_token_logits(model, x, position, mask), tokens, importance,
+        sequence_masker(vocab.index(UNK)), target=torch.cat(targets), steps=ev.steps,
+        batch_size=4 * ev.batch_size, forward_kwargs={"position": position, "mask": mask})
+    metrics: dict[str, Any] = {"n_explained": len(rows), **aucs}
     if evidence is not None:
         metrics["evidence"] = {
             "auroc": {m: float(evidence_auroc(imp, evidence, valid=~later).mean) for m, imp in importance.items()},
@@ -222,7 +211,7 @@ class TokensExperiment(ClassifierExperiment):
 
     def evaluate(self, cfg: TokensParams, root: Path, out: Path, *, progress: bool = False) -> None:
         from attnlab.aggregate import VocabAttention
-        from attnlab.experiments.evaluation import head_summary, head_table
+        from attnlab.experiments.evaluation import head_summary, head_table, write_curves
         from attnlab.report import figures
         from attnlab.report.html import save_figure
         from attnlab.store import AttentionReader
@@ -251,12 +240,10 @@ class TokensExperiment(ClassifierExperiment):
                                causal=True, padding=~data["mask_test"])
         res = out / "results"
         (res / "figures").mkdir(parents=True)
-        for mode, frame in curves.items():
-            frame.to_csv(res / f"{mode}.csv", index=False, float_format="%.6g")
+        write_curves(curves, res)
         heads.to_csv(res / "heads.csv", index=False, float_format="%.6g")
         metrics["heads"] = head_summary(heads)
         io.write_json(out / "metrics.json", metrics)
-        save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
         save_figure(figures.head_heatmaps(heads, ["entropy", "sink", "locality_norm"]), res / "figures" / "heads.png")
 
     def report(self, cfg: TokensParams, root: Path, out: Path) -> None:

@@ -112,6 +112,7 @@ class FusionExperiment(ClassifierExperiment):
 
     def importance_batch(self, cfg: FusionParams, model: nn.Module, xb: torch.Tensor, n_items: int,
                          baseline: float | torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from attnlab.attribution import to_items
         from attnlab.evaluate import input_x_gradient, integrated_gradients
 
         e = cfg.explain
@@ -129,15 +130,12 @@ class FusionExperiment(ClassifierExperiment):
                 rel = per_stream(input_x_gradient(fn, xb, target))                 # channels are the items
             else:
                 rel = per_stream(integrated_gradients(fn, xb, target, n_steps=e.ig_steps, baseline=float(baseline)))
-            imp[m] = (rel / rel.sum(-1, keepdim=True).clamp_min(1e-12)).float()
+            imp[m] = to_items(rel.float(), n_items)
         return imp, target
 
     def explain(self, cfg: FusionParams, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
-        """Importance of each stream per method -> importance.npz; weight figures."""
-        from attnlab.report import figures
-        from attnlab.report.html import save_figure
-
-        data, meta = self.load_dataset(prepared)
+        """Importance of each stream per method -> importance.npz."""
+        data, _ = self.load_dataset(prepared)
         model = load_checkpoint(trained / "model.pt")
         model.eval()
         x, y, e = data["x_test"], data["y_test"], cfg.explain
@@ -146,19 +144,15 @@ class FusionExperiment(ClassifierExperiment):
         importance = {m: torch.cat([p[0][m] for p in parts]).numpy() for m in e.methods}
         target = torch.cat([p[1] for p in parts]).numpy()
         io.save_arrays(out / "importance.npz", target=target, y=y.numpy(), **importance)
-        (out / "figures").mkdir()
-        weights = self.weights(model, x, e.batch_size).numpy()
-        corrupted = data["corrupted_test"].numpy()
-        save_figure(figures.stream_weights_by_class(weights, y.numpy(), meta["classes"], list(STREAMS)),
-                    out / "figures" / "weights_by_class.png")
-        save_figure(figures.stream_weights_by_corruption(weights, corrupted, list(STREAMS)),
-                    out / "figures" / "weights_by_corruption.png")
 
     def evaluate(self, cfg: FusionParams, root: Path, out: Path, *, progress: bool = False) -> None:
         """Accuracy, stream weights (overall, per class, corrupted vs clean, on the
-        informative stream) and deletion/insertion over the two streams per method."""
+        informative stream, and their figures) and deletion/insertion over the two
+        streams per method."""
         from attnlab.evaluate import random_importance, stream_masker
         from attnlab.experiments.evaluation import perturbation_curves, write_curves
+        from attnlab.report import figures
+        from attnlab.report.html import save_figure
 
         ev = cfg.evaluate
         res = out / "results"
@@ -187,6 +181,10 @@ class FusionExperiment(ClassifierExperiment):
             batch_size=ev.batch_size)
         write_curves(curves, res)
         io.write_json(out / "metrics.json", metrics)
+        save_figure(figures.stream_weights_by_class(weights, y.numpy(), meta["classes"], list(STREAMS)),
+                    res / "figures" / "weights_by_class.png")
+        save_figure(figures.stream_weights_by_corruption(weights, corrupted, list(STREAMS)),
+                    res / "figures" / "weights_by_corruption.png")
 
     def report(self, cfg: FusionParams, root: Path, out: Path) -> None:
         from attnlab.report.fusion import write_fusion_report

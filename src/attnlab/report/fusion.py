@@ -44,6 +44,6 @@ def write_fusion_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
                       "the README (one MLflow run per mode).", css="ok" if found else "warn")
     for name, caption in (("weights_by_class", "Each stream's weight per class."),
                           ("weights_by_corruption", "Per-sample weights, split by which stream was corrupted.")):
-        rep.image((root / "explain" / "figures" / f"{name}.png").read_bytes(), name, caption)
+        rep.image((root / "evaluate" / "results" / "figures" / f"{name}.png").read_bytes(), name, caption)
     add_evaluation(rep, root / "evaluate", "stream")
     return rep.write(out)

@@ -97,11 +97,14 @@ def test_matches_triple_loop(causal, masked, per_head):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_three_dim_attention_and_larger_vocab(causal):
+    # 13 sequences of very different lengths (0 to 17 valid positions, with holes), so
+    # that rows grouped by their number of distinct ids are cut at different widths.
     rng = np.random.default_rng(3)
-    vocab_size = 40
-    tokens = torch.as_tensor(rng.integers(0, vocab_size, size=(5, 17)))
-    attention = torch.as_tensor(rng.random((5, 17, 17)))
-    mask = torch.as_tensor(rng.random((5, 17)) > 0.2)
+    vocab_size, n_seq = 40, 13
+    tokens = torch.as_tensor(rng.integers(0, vocab_size, size=(n_seq, 17)))
+    attention = torch.as_tensor(rng.random((n_seq, 17, 17)))
+    lengths = torch.as_tensor(rng.permutation(np.linspace(0, 17, n_seq).round().astype(int)))
+    mask = (torch.arange(17)[None, :] < lengths[:, None]) & torch.as_tensor(rng.random((n_seq, 17)) > 0.2)
     agg = VocabAttention(vocab_size).update(tokens, attention, mask=mask, causal=causal)
     s, c, e = loop_reference(tokens, attention, mask, causal, vocab_size, per_head=False)
     np.testing.assert_array_equal(agg.count, c)

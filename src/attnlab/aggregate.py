@@ -34,6 +34,7 @@ __all__ = ["VocabAttention"]
 
 _FORMAT_VERSION = 1
 _RANK_BY = ("lift", "mean", "sum", "count", "expected")
+_PAIR_GROUPS = 4   # non-causal count/expected: rows grouped by their number of distinct ids
 
 
 @functools.lru_cache(maxsize=16)
@@ -119,16 +120,20 @@ class VocabAttention:
         # Tables are (V + 1) x (V + 1), flattened: id V collects every pair that has a
         # masked position, so masking costs O(B·N) instead of a selection over B·N·N
         # pairs. The extra row/column is zeroed after each update and never exposed.
+        # count and expected always land on the same cells, so they share one complex
+        # table (real = count, imaginary = expected): one scatter instead of two, with
+        # both halves of a cell in one cache line. Counts stay exact integers in
+        # float64 up to 2**53 pairs per cell.
         side = self.vocab_size + 1
         n_sum = 1 if self.n_heads is None else self.n_heads
         self._sum = torch.zeros(n_sum, side * side, dtype=torch.float64)
-        self._count = torch.zeros(side * side, dtype=torch.int64)
-        self._expected = torch.zeros(side * side, dtype=torch.float64)
+        self._count_expected = torch.zeros(side * side, dtype=torch.complex128)
 
     # ------------------------------------------------------------------ state
-    def _square(self, flat: torch.Tensor) -> np.ndarray:
+    def _square(self, flat: torch.Tensor | np.ndarray) -> np.ndarray:
         side = self.vocab_size + 1
-        view = flat.numpy().reshape(*flat.shape[:-1], side, side)[..., :-1, :-1]
+        flat = flat.numpy() if isinstance(flat, torch.Tensor) else flat
+        view = flat.reshape(*flat.shape[:-1], side, side)[..., :-1, :-1]
         view.flags.writeable = False
         return view
 
@@ -141,16 +146,16 @@ class VocabAttention:
     @property
     def count(self) -> np.ndarray:
         """``[V, V]`` int64: number of valid position pairs per token pair."""
-        return self._square(self._count)
+        return self._square(self._count_expected.numpy().real.astype(np.int64))
 
     @property
     def expected(self) -> np.ndarray:
         """``[V, V]`` float64: Σ 1 / (valid keys of the query) per token pair."""
-        return self._square(self._expected)
+        return self._square(self._count_expected.numpy().imag)
 
     def mean(self) -> np.ndarray:
         """``sum / count`` (``[V, V]`` or ``[H, V, V]``); NaN where ``count == 0``."""
-        return self._ratio(self.count.astype(np.float64))
+        return self._ratio(self._square(self._count_expected.numpy().real))
 
     def lift(self) -> np.ndarray:
         """``sum / expected`` (``[V, V]`` or ``[H, V, V]``); NaN where ``count == 0``.
@@ -161,7 +166,7 @@ class VocabAttention:
         return self._ratio(self.expected)
 
     def _ratio(self, denominator_vv: np.ndarray) -> np.ndarray:
-        seen = self.count > 0
+        seen = self._square(self._count_expected.numpy().real) > 0
         num = self.sum
         out = np.full(num.shape, np.nan)
         np.divide(num, denominator_vv, out=out, where=np.broadcast_to(seen, num.shape))
@@ -213,22 +218,35 @@ class VocabAttention:
             weight_sum = attn_flat.index_select(-1, pair_flat)          # [B, (H,) T]
             n_keys_bn = (torch.arange(1, n + 1).expand(b, n) if valid_bn is None
                          else valid_bn.cumsum(dim=1))
-            inv_keys_bn = 1.0 / n_keys_bn.clamp_min(1).to(torch.float64)
-            pair_idx, pair_count = idx, _ones(idx.numel())
-            pair_expected = torch.gather(inv_keys_bn, 1, query_bt).reshape(-1)
+            # count + i·expected of each pair: 1 + i / (valid keys of its query)
+            inv_keys_bn = torch.complex(torch.ones(b, n, dtype=torch.float64),
+                                        1.0 / n_keys_bn.clamp_min(1).to(torch.float64))
+            pair_groups = [(idx, torch.gather(inv_keys_bn, 1, query_bt).reshape(-1))]
         else:
             idx = (tok_bn[:, :, None] * side + tok_bn[:, None, :]).reshape(-1)
             weight_sum = attn_flat
             # Without causality every query of sequence b has the same n_b valid keys,
             # so count and expected only depend on each sequence's token histogram h_b:
             # count += h_b ⊗ h_b, expected += h_b ⊗ h_b / n_b, over distinct tokens.
+            # Rows are padded to the largest number of distinct ids in the batch, and
+            # masked positions share the sink id V (sorted last): group rows of similar
+            # size and cut each group at its own largest count of real ids, so that
+            # padding and sink pairs are not scattered at all.
             tok_bu, mult_bu = _distinct_per_row(tok_bn, self.vocab_size)  # [B, U]
             n_valid_b = (torch.full((b,), n, dtype=torch.int64) if valid_bn is None
                          else valid_bn.sum(dim=1))
-            pair_idx = (tok_bu[:, :, None] * side + tok_bu[:, None, :]).reshape(-1)
-            pair_count = (mult_bu[:, :, None] * mult_bu[:, None, :]).reshape(-1)
-            share_bu = mult_bu / n_valid_b.clamp_min(1)[:, None].to(torch.float64)   # float64
-            pair_expected = (share_bu[:, :, None] * mult_bu[:, None, :]).reshape(-1)
+            real_b = (tok_bu < self.vocab_size).sum(dim=1)
+            real_b, order = real_b.sort(descending=True)
+            mult_bu = mult_bu[order].to(torch.float64)
+            tok_bu = tok_bu[order]
+            # h_q · h_k · (1 + i / n_b): count in the real part, expected in the imaginary
+            scale_bu = torch.complex(mult_bu, mult_bu / n_valid_b[order].clamp_min(1)[:, None].to(torch.float64))
+            pair_groups = []
+            step = -(-b // _PAIR_GROUPS)
+            for start, u in zip(range(0, b, step), real_b[::step].tolist()):
+                t, m, sc = (a[start:start + step, :u] for a in (tok_bu, mult_bu, scale_bu))
+                pair_groups.append(((t[:, :, None] * side + t[:, None, :]).reshape(-1),
+                                    (sc[:, :, None] * m[:, None, :]).reshape(-1)))
 
         weight_sum = weight_sum.to(torch.float64)
         if self.n_heads is None:
@@ -237,12 +255,12 @@ class VocabAttention:
             head_offset = (torch.arange(self.n_heads) * (side * side))[None, :, None]
             idx_h = (idx.view(b, 1, -1) + head_offset).reshape(-1)
             self._sum.view(-1).scatter_add_(0, idx_h, weight_sum.reshape(-1))
-        self._count.scatter_add_(0, pair_idx, pair_count)
-        self._expected.scatter_add_(0, pair_idx, pair_expected)
+        for pair_idx, pair_count_expected in pair_groups:
+            self._count_expected.scatter_add_(0, pair_idx, pair_count_expected)
 
         if valid_bn is not None:
             # Everything involving a masked position went to row/column V: drop it.
-            for table in (self._sum, self._count, self._expected):
+            for table in (self._sum, self._count_expected):
                 square = table.view(-1, side, side)
                 square[:, -1, :] = 0
                 square[:, :, -1] = 0
@@ -296,8 +314,7 @@ class VocabAttention:
         if other.n_heads != self.n_heads:
             raise ValueError(f"merge: n_heads {other.n_heads} != {self.n_heads}")
         self._sum += other._sum
-        self._count += other._count
-        self._expected += other._expected
+        self._count_expected += other._count_expected
         self.n_sequences += other.n_sequences
         return self
 
@@ -309,8 +326,7 @@ class VocabAttention:
         """
         out = VocabAttention(self.vocab_size)
         out._sum = self._sum.mean(dim=0, keepdim=True)
-        out._count = self._count.clone()
-        out._expected = self._expected.clone()
+        out._count_expected = self._count_expected.clone()
         out.n_sequences = self.n_sequences
         return out
 
@@ -346,8 +362,9 @@ class VocabAttention:
         side = v + 1
         sum_sq = out._sum.view(-1, side, side)
         sum_sq[:, :v, :v] = torch.as_tensor(np.asarray(state["sum"], dtype=np.float64)).reshape(-1, v, v)
-        out._count.view(side, side)[:v, :v] = torch.as_tensor(np.asarray(state["count"], dtype=np.int64))
-        out._expected.view(side, side)[:v, :v] = torch.as_tensor(np.asarray(state["expected"], dtype=np.float64))
+        out._count_expected.view(side, side)[:v, :v] = torch.complex(
+            torch.as_tensor(np.asarray(state["count"], dtype=np.float64)),
+            torch.as_tensor(np.asarray(state["expected"], dtype=np.float64)))
         out.n_sequences = int(np.asarray(state.get("n_sequences", 0)))
         return out
 
@@ -379,7 +396,7 @@ class VocabAttention:
     def __repr__(self) -> str:
         heads = "" if self.n_heads is None else f", n_heads={self.n_heads}"
         return (f"VocabAttention(vocab_size={self.vocab_size}{heads}; "
-                f"{self.n_sequences} sequences, {int(self._count.sum())} pairs)")
+                f"{self.n_sequences} sequences, {int(self._count_expected.real.sum())} pairs)")
 
     # ---------------------------------------------------------------- frames
     def to_frame(self, itos: Sequence[str] | Mapping[int, str] | Callable[[int], str] | None = None,

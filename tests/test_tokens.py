@@ -266,3 +266,38 @@ def test_explained_positions_and_faithfulness_of_a_causal_lm():
         values = curves["deletion"][method].to_numpy()
         np.testing.assert_allclose(values[first:], values[first], atol=1e-12)
     assert 0.0 <= metrics["evidence"]["auroc"]["rollout"] <= 1.0
+
+
+def test_evidence_gradients_per_layer_match_a_literal_loop():
+    """The per-layer diagnostic behind grad_rollout's score: the explained row's attention
+    and gradient at the trigger vs the mean over the other allowed keys, per sequence."""
+    from attnlab.attribution import record_target
+    from attnlab.config import TokensParams
+    from attnlab.experiments.tokens import explained_positions, faithfulness, next_token_logits
+
+    data = planted_sequences(30, length=12, n_rules=8, plants_per_seq=2, seed=3)
+    d = {"tokens_test": data.tokens, "mask_test": data.mask, "true_key_test": data.true_key}
+    torch.manual_seed(1)
+    model = CausalTransformerLM(len(data.vocab), max_len=12, d_model=16, nhead=2, num_layers=2,
+                                dim_feedforward=32).eval()
+    cfg = TokensParams.model_validate({"evaluate": {"batch_size": 7}})   # several batches
+    per_layer = faithfulness(model, d, data.vocab, cfg)[0]["evidence"]["per_layer"]
+
+    rows, position, evidence = explained_positions(d)
+    atts, grads, _ = record_target(model, data.tokens[rows],
+                                   forward=lambda m, x: next_token_logits(m, x, position, data.mask[rows]))
+    assert len(per_layer) == len(atts) == 2
+    for layer in range(2):
+        sums = dict.fromkeys(per_layer[str(layer)], 0.0)
+        for i in range(len(rows)):
+            p, trig = int(position[i]), int(evidence[i].nonzero())
+            a = atts[layer][i].double().mean(0)[p]
+            g = grads[layer][i].double().mean(0)[p]
+            others = [j for j in range(p + 1) if j != trig]
+            sums["attention_at_evidence"] += float(a[trig])
+            sums["attention_at_others"] += sum(float(a[j]) for j in others) / len(others)
+            sums["gradient_at_evidence"] += float(g[trig])
+            sums["gradient_at_others"] += sum(float(g[j]) for j in others) / len(others)
+            sums["negative_at_evidence"] += float(g[trig] < 0)
+        for key, total in sums.items():
+            assert per_layer[str(layer)][key] == pytest.approx(total / len(rows), rel=1e-6, abs=1e-9), (layer, key)

@@ -62,6 +62,30 @@ def explained_positions(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return rows, length[rows] - 1, None
 
 
+def evidence_gradients(atts: list[torch.Tensor], grads: list[torch.Tensor], position: torch.Tensor,
+                       evidence: torch.Tensor) -> list[dict[str, float]]:
+    """Per layer, summed over the sequences: the explained row's (heads averaged)
+    attention weight and its gradient at the evidence key and, averaged, at the other
+    keys at or before the explained position. Divide by the number of sequences for
+    means; ``negative_at_evidence`` counts the sequences whose gradient at the
+    evidence key is below 0 (which gradient-weighted rollout's max(∇A ⊙ A, 0) drops)."""
+    rows = torch.arange(len(position))
+    key = torch.arange(evidence.shape[1])[None, :]
+    others = (key <= position[:, None]) & ~evidence
+    out = []
+    for a, g in zip(atts, grads):
+        a_row, g_row = (t.double().mean(1) if t.dim() == 4 else t.double() for t in (a, g))
+        a_row, g_row = a_row[rows, position], g_row[rows, position]                    # [M, L]
+        n_others = others.sum(1).clamp_min(1)
+        g_evidence = (g_row * evidence).sum(1)
+        out.append({"attention_at_evidence": float((a_row * evidence).sum()),
+                    "attention_at_others": float(((a_row * others).sum(1) / n_others).sum()),
+                    "gradient_at_evidence": float(g_evidence.sum()),
+                    "gradient_at_others": float(((g_row * others).sum(1) / n_others).sum()),
+                    "negative_at_evidence": float((g_evidence < 0).sum())})
+    return out
+
+
 def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
     """The logits ``[B, V]`` of the next token at ``position [B]`` of each sequence."""
@@ -76,7 +100,7 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     Only the tokens at or before the explained position can matter to a causal model;
     every method (the random baseline too) ranks later positions last. A removed token
     becomes ``<unk>``."""
-    from attnlab.attribution import attention_importance
+    from attnlab.attribution import attention_importance, record_target
     from attnlab.data.tokens import UNK
     from attnlab.evaluate import evidence_auroc, pointing_game, random_importance, sequence_masker
     from attnlab.experiments.evaluation import perturbation_curves
@@ -86,7 +110,7 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     tokens, mask = data["tokens_test"][rows], data["mask_test"][rows]
     n_items = tokens.shape[1]
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in ev.methods}
-    targets = []
+    targets, layer_sums = [], []
     for i in range(0, len(rows), ev.batch_size):
         sl = slice(i, i + ev.batch_size)
         fwd = lambda m, x, sl=sl: next_token_logits(m, x, position[sl], mask[sl])  # noqa: E731
@@ -95,6 +119,9 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
         for m in ev.methods:
             parts[m].append(imp[m])
         targets.append(target)
+        if evidence is not None:
+            atts, grads, _ = record_target(model, tokens[sl], target=target, forward=fwd)
+            layer_sums.append(evidence_gradients(atts, grads, position[sl], evidence[sl]))
     importance = {m: torch.cat(v) for m, v in parts.items()}
     importance["random"] = random_importance((len(rows), n_items), ev.seed).float()
     later = torch.arange(n_items)[None, :] > position[:, None]
@@ -107,7 +134,10 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     if evidence is not None:
         metrics["evidence"] = {
             "auroc": {m: float(evidence_auroc(imp, evidence, valid=~later).mean) for m, imp in importance.items()},
-            "pointing_game": {m: float(pointing_game(imp, evidence, valid=~later)) for m, imp in importance.items()}}
+            "pointing_game": {m: float(pointing_game(imp, evidence, valid=~later)) for m, imp in importance.items()},
+            # Means over the explained sequences (negative_at_evidence: their share).
+            "per_layer": {str(layer): {k: sum(batch[layer][k] for batch in layer_sums) / len(rows)
+                                       for k in layer_sums[0][layer]} for layer in range(len(layer_sums[0]))}}
     return metrics, curves
 
 

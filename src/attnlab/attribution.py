@@ -85,7 +85,19 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
                                         keep_grad="grad_rollout" in methods)
     if not atts:
         raise ValueError(f"{type(model).__name__} recorded no attention; nothing to explain")
+    return importance_from_records(atts, grads, n_items=n_items, methods=methods, how=how,
+                                   head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
+                                   flow_max_pairs=flow_max_pairs), target
 
+
+def importance_from_records(atts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None, *, n_items: int,
+                            methods: Sequence[str], how: str | int | torch.Tensor = "mean",
+                            head_fusion: str = "mean", residual: bool = True, discard_ratio: float = 0.0,
+                            flow_max_pairs: int | None = None) -> dict[str, torch.Tensor]:
+    """The methods of :func:`attention_importance` on attentions (and, for
+    ``grad_rollout``, gradients) already recorded by :func:`record_target`."""
+    if "grad_rollout" in methods and grads is None:
+        raise ValueError("grad_rollout needs the gradients: record with keep_grad=True")
     fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}[head_fusion]
     out: dict[str, torch.Tensor] = {}
     for method in methods:
@@ -107,4 +119,4 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
             rel = readout(attention_flow(atts, head_fusion=head_fusion, residual=residual,
                                          max_pairs=flow_max_pairs, progress=False), how)
         out[method] = to_items(rel.detach().float(), n_items)
-    return out, target
+    return out

@@ -100,7 +100,7 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     Only the tokens at or before the explained position can matter to a causal model;
     every method (the random baseline too) ranks later positions last. A removed token
     becomes ``<unk>``."""
-    from attnlab.attribution import attention_importance, record_target
+    from attnlab.attribution import importance_from_records, record_target
     from attnlab.data.tokens import UNK
     from attnlab.evaluate import evidence_auroc, pointing_game, random_importance, sequence_masker
     from attnlab.experiments.evaluation import perturbation_curves
@@ -114,13 +114,13 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
     for i in range(0, len(rows), ev.batch_size):
         sl = slice(i, i + ev.batch_size)
         fwd = lambda m, x, sl=sl: next_token_logits(m, x, position[sl], mask[sl])  # noqa: E731
-        imp, target = attention_importance(model, tokens[sl], n_items=n_items, methods=ev.methods,
-                                           how=position[sl], forward=fwd)
+        atts, grads, target = record_target(model, tokens[sl], forward=fwd,
+                                            keep_grad="grad_rollout" in ev.methods or evidence is not None)
+        imp = importance_from_records(atts, grads, n_items=n_items, methods=ev.methods, how=position[sl])
         for m in ev.methods:
             parts[m].append(imp[m])
         targets.append(target)
         if evidence is not None:
-            atts, grads, _ = record_target(model, tokens[sl], target=target, forward=fwd)
             layer_sums.append(evidence_gradients(atts, grads, position[sl], evidence[sl]))
     importance = {m: torch.cat(v) for m, v in parts.items()}
     importance["random"] = random_importance((len(rows), n_items), ev.seed).float()

@@ -95,16 +95,20 @@ def test_matches_triple_loop(causal, masked, per_head):
     assert agg.n_sequences == 12
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_three_dim_attention_and_larger_vocab(causal):
-    # 13 sequences of very different lengths (0 to 17 valid positions, with holes), so
-    # that rows grouped by their number of distinct ids are cut at different widths.
+def test_three_dim_attention_and_larger_vocab(causal, masked):
+    # 13 sequences (masked: of very different lengths, 0 to 17 valid positions, with
+    # holes), so that rows grouped by their number of distinct ids are cut at different
+    # widths, and groups hold several rows.
     rng = np.random.default_rng(3)
     vocab_size, n_seq = 40, 13
     tokens = torch.as_tensor(rng.integers(0, vocab_size, size=(n_seq, 17)))
     attention = torch.as_tensor(rng.random((n_seq, 17, 17)))
     lengths = torch.as_tensor(rng.permutation(np.linspace(0, 17, n_seq).round().astype(int)))
     mask = (torch.arange(17)[None, :] < lengths[:, None]) & torch.as_tensor(rng.random((n_seq, 17)) > 0.2)
+    if not masked:
+        mask = None
     agg = VocabAttention(vocab_size).update(tokens, attention, mask=mask, causal=causal)
     s, c, e = loop_reference(tokens, attention, mask, causal, vocab_size, per_head=False)
     np.testing.assert_array_equal(agg.count, c)
@@ -251,6 +255,8 @@ def test_views_are_read_only():
         agg.sum[0, 0] = 1.0
     with pytest.raises(ValueError):
         agg.count[0, 0] = 1
+    with pytest.raises(ValueError):
+        agg.expected[0, 0] = 1.0
 
 
 @pytest.mark.parametrize("n_heads", [None, 2])
@@ -269,6 +275,14 @@ def test_save_load_and_pickle_round_trip(tmp_path, n_heads):
         copy.update(tokens, attention, mask=mask)    # still usable after loading
     with pytest.raises(ValueError, match="count has shape"):
         VocabAttention.from_state_dict({**agg.state_dict(), "count": np.zeros((5, 5))})
+    # counts are kept in float64: one that float64 cannot hold exactly is refused, not rounded
+    too_many = np.array(agg.count)
+    too_many[0, 0] = 2 ** 53 + 1
+    with pytest.raises(ValueError, match="count values"):
+        VocabAttention.from_state_dict({**agg.state_dict(), "count": too_many})
+    exact = np.array(agg.count)
+    exact[0, 0] = 2 ** 53
+    assert VocabAttention.from_state_dict({**agg.state_dict(), "count": exact}).count[0, 0] == 2 ** 53
 
 
 def test_to_frame_and_top_pairs():

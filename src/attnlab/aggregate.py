@@ -34,6 +34,7 @@ __all__ = ["VocabAttention"]
 
 _FORMAT_VERSION = 1
 _RANK_BY = ("lift", "mean", "sum", "count", "expected")
+_MAX_EXACT_COUNT = 2 ** 53   # counts are kept in float64 (the real part of a complex table)
 _PAIR_GROUPS = 4   # non-causal count/expected: rows grouped by their number of distinct ids
 
 
@@ -101,10 +102,10 @@ class VocabAttention:
     ``i`` holds a real token. This is the opposite of ``nn.MultiheadAttention``'s
     ``key_padding_mask`` (True = padding): pass ``~key_padding_mask``.
 
-    Attributes (read-only numpy views; copy them before modifying):
-        sum: ``[V, V]`` (or ``[H, V, V]``) float64.
-        count: ``[V, V]`` int64.
-        expected: ``[V, V]`` float64.
+    Attributes (read-only numpy arrays; copy them before modifying):
+        sum: ``[V, V]`` (or ``[H, V, V]``) float64, a live view of the running table.
+        count: ``[V, V]`` int64, a snapshot (a new array on each access).
+        expected: ``[V, V]`` float64, a live view of the running table.
         n_sequences: number of sequences seen (merged aggregators add up).
     """
 
@@ -145,7 +146,8 @@ class VocabAttention:
 
     @property
     def count(self) -> np.ndarray:
-        """``[V, V]`` int64: number of valid position pairs per token pair."""
+        """``[V, V]`` int64: number of valid position pairs per token pair (a snapshot:
+        counts are kept as float64, exact up to 2**53 per cell, and converted here)."""
         return self._square(self._count_expected.numpy().real.astype(np.int64))
 
     @property
@@ -231,12 +233,13 @@ class VocabAttention:
             # Rows are padded to the largest number of distinct ids in the batch, and
             # masked positions share the sink id V (sorted last): group rows of similar
             # size and cut each group at its own largest count of real ids, so that
-            # padding and sink pairs are not scattered at all.
+            # padding and sink pairs are mostly not scattered (those of the narrower
+            # rows of a group still land in row/column V, zeroed below).
             tok_bu, mult_bu = _distinct_per_row(tok_bn, self.vocab_size)  # [B, U]
             n_valid_b = (torch.full((b,), n, dtype=torch.int64) if valid_bn is None
                          else valid_bn.sum(dim=1))
             real_b = (tok_bu < self.vocab_size).sum(dim=1)
-            real_b, order = real_b.sort(descending=True)
+            real_b, order = real_b.sort(descending=True, stable=True)
             mult_bu = mult_bu[order].to(torch.float64)
             tok_bu = tok_bu[order]
             # h_q · h_k · (1 + i / n_b): count in the real part, expected in the imaginary
@@ -339,7 +342,7 @@ class VocabAttention:
             "n_heads": np.asarray(-1 if self.n_heads is None else self.n_heads),
             "n_sequences": np.asarray(self.n_sequences),
             "sum": np.array(self.sum),
-            "count": np.array(self.count),
+            "count": self.count.copy(),      # already a fresh array; copy() drops read-only
             "expected": np.array(self.expected),
         }
 
@@ -362,8 +365,12 @@ class VocabAttention:
         side = v + 1
         sum_sq = out._sum.view(-1, side, side)
         sum_sq[:, :v, :v] = torch.as_tensor(np.asarray(state["sum"], dtype=np.float64)).reshape(-1, v, v)
+        count = np.asarray(state["count"], dtype=np.int64)
+        if count.size and (int(count.max()) > _MAX_EXACT_COUNT or int(count.min()) < 0):
+            raise ValueError(f"state: count values must lie in [0, 2**53] to be kept exactly, "
+                             f"got [{int(count.min())}, {int(count.max())}]")
         out._count_expected.view(side, side)[:v, :v] = torch.complex(
-            torch.as_tensor(np.asarray(state["count"], dtype=np.float64)),
+            torch.as_tensor(count.astype(np.float64)),
             torch.as_tensor(np.asarray(state["expected"], dtype=np.float64)))
         out.n_sequences = int(np.asarray(state.get("n_sequences", 0)))
         return out
@@ -411,8 +418,9 @@ class VocabAttention:
             itos: id -> string (list, mapping or function); ``None`` uses ``str(id)``.
             head: with ``n_heads``, keep only this head.
         """
-        q_id, k_id = np.nonzero(self.count)
-        count = self.count[q_id, k_id]
+        count_vv = self.count
+        q_id, k_id = np.nonzero(count_vv)
+        count = count_vv[q_id, k_id]
         expected = self.expected[q_id, k_id]
         names = self._names(itos, np.union1d(q_id, k_id))
         sums = self.sum

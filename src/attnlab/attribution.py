@@ -61,6 +61,12 @@ def record_target(model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | N
             p.requires_grad_(True)
 
 
+def _check_methods(methods: Sequence[str]) -> None:
+    unknown = sorted(set(methods) - set(ATTENTION_METHODS))
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; accepted: {', '.join(ATTENTION_METHODS)}")
+
+
 def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
                          methods: Sequence[str] = ATTENTION_METHODS, how: str | int | torch.Tensor = "mean",
                          head_fusion: str = "mean", residual: bool = True, discard_ratio: float = 0.0,
@@ -78,9 +84,7 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
     as in Chefer et al. (2021) with gradients of the target logit (read out without
     its identity term).
     """
-    unknown = sorted(set(methods) - set(ATTENTION_METHODS))
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; accepted: {', '.join(ATTENTION_METHODS)}")
+    _check_methods(methods)
     atts, grads, target = record_target(model, x, target=target, forward=forward,
                                         keep_grad="grad_rollout" in methods)
     if not atts:
@@ -96,6 +100,9 @@ def importance_from_records(atts: Sequence[torch.Tensor], grads: Sequence[torch.
                             flow_max_pairs: int | None = None) -> dict[str, torch.Tensor]:
     """The methods of :func:`attention_importance` on attentions (and, for
     ``grad_rollout``, gradients) already recorded by :func:`record_target`."""
+    _check_methods(methods)
+    if not atts:
+        raise ValueError("no attention was recorded; nothing to explain")
     if "grad_rollout" in methods and grads is None:
         raise ValueError("grad_rollout needs the gradients: record with keep_grad=True")
     fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}[head_fusion]

@@ -291,13 +291,20 @@ def test_evidence_gradients_per_layer_match_a_literal_loop():
         sums = dict.fromkeys(per_layer[str(layer)], 0.0)
         for i in range(len(rows)):
             p, trig = int(position[i]), int(evidence[i].nonzero())
-            a = atts[layer][i].double().mean(0)[p]
-            g = grads[layer][i].double().mean(0)[p]
             others = [j for j in range(p + 1) if j != trig]
-            sums["attention_at_evidence"] += float(a[trig])
-            sums["attention_at_others"] += sum(float(a[j]) for j in others) / len(others)
-            sums["gradient_at_evidence"] += float(g[trig])
-            sums["gradient_at_others"] += sum(float(g[j]) for j in others) / len(others)
-            sums["negative_at_evidence"] += float(g[trig] < 0)
+            a = atts[layer][i].double()[:, p]          # [H, L]: each head's explained row
+            g = grads[layer][i].double()[:, p]
+            n_heads = a.shape[0]
+            edge = [sum(max(float(a[h, j] * g[h, j]), 0.0) for h in range(n_heads)) / n_heads
+                    for j in range(a.shape[1])]
+            for name, per_key in (("attention", a.mean(0).tolist()), ("gradient", g.mean(0).tolist()),
+                                  ("edge", edge)):
+                sums[f"{name}_at_evidence"] += per_key[trig]
+                sums[f"{name}_at_others"] += sum(per_key[j] for j in others) / len(others)
+            sums["dropped_at_evidence"] += sum(float(a[h, trig] * g[h, trig]) <= 0
+                                               for h in range(n_heads)) / n_heads
         for key, total in sums.items():
             assert per_layer[str(layer)][key] == pytest.approx(total / len(rows), rel=1e-6, abs=1e-9), (layer, key)
+    assert set(per_layer["0"]) == {"attention_at_evidence", "attention_at_others", "gradient_at_evidence",
+                                   "gradient_at_others", "edge_at_evidence", "edge_at_others",
+                                   "dropped_at_evidence"}

@@ -64,25 +64,28 @@ def explained_positions(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def evidence_gradients(atts: list[torch.Tensor], grads: list[torch.Tensor], position: torch.Tensor,
                        evidence: torch.Tensor) -> list[dict[str, float]]:
-    """Per layer, summed over the sequences: the explained row's (heads averaged)
-    attention weight and its gradient at the evidence key and, averaged, at the other
-    keys at or before the explained position. Divide by the number of sequences for
-    means; ``negative_at_evidence`` counts the sequences whose gradient at the
-    evidence key is below 0 (which gradient-weighted rollout's max(∇A ⊙ A, 0) drops)."""
+    """Per layer, summed over the sequences (divide by their number for means), in the
+    explained row: the attention weight and its gradient (heads averaged), and
+    grad_rollout's edge weight ``mean_h(max(∇A ⊙ A, 0))``, at the evidence key and,
+    averaged, at the other keys at or before the explained position; and
+    ``dropped_at_evidence``, the share of heads whose edge to the evidence key gets
+    weight 0 there (``∇A ⊙ A <= 0``)."""
     rows = torch.arange(len(position))
     key = torch.arange(evidence.shape[1])[None, :]
     others = (key <= position[:, None]) & ~evidence
+    n_others = others.sum(1).clamp_min(1)
     out = []
     for a, g in zip(atts, grads):
-        a_row, g_row = (t.double().mean(1) if t.dim() == 4 else t.double() for t in (a, g))
-        a_row, g_row = a_row[rows, position], g_row[rows, position]                    # [M, L]
-        n_others = others.sum(1).clamp_min(1)
-        g_evidence = (g_row * evidence).sum(1)
-        out.append({"attention_at_evidence": float((a_row * evidence).sum()),
-                    "attention_at_others": float(((a_row * others).sum(1) / n_others).sum()),
-                    "gradient_at_evidence": float(g_evidence.sum()),
-                    "gradient_at_others": float(((g_row * others).sum(1) / n_others).sum()),
-                    "negative_at_evidence": float((g_evidence < 0).sum())})
+        a, g = (t.double() if t.dim() == 4 else t.double()[:, None] for t in (a, g))     # [M, H, L, L]
+        a_hl, g_hl = a[rows, :, position], g[rows, :, position]                           # [M, H, L]
+        edge_hl = (a_hl * g_hl).clamp_min(0)
+        sums = {}
+        for name, value_l in (("attention", a_hl.mean(1)), ("gradient", g_hl.mean(1)), ("edge", edge_hl.mean(1))):
+            sums[f"{name}_at_evidence"] = float((value_l * evidence).sum())
+            sums[f"{name}_at_others"] = float(((value_l * others).sum(1) / n_others).sum())
+        dropped_h = ((a_hl * g_hl) <= 0) & evidence[:, None, :]
+        sums["dropped_at_evidence"] = float(dropped_h.any(-1).double().mean(1).sum())
+        out.append(sums)
     return out
 
 
@@ -135,7 +138,7 @@ def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: l
         metrics["evidence"] = {
             "auroc": {m: float(evidence_auroc(imp, evidence, valid=~later).mean) for m, imp in importance.items()},
             "pointing_game": {m: float(pointing_game(imp, evidence, valid=~later)) for m, imp in importance.items()},
-            # Means over the explained sequences (negative_at_evidence: their share).
+            # Means over the explained sequences.
             "per_layer": {str(layer): {k: sum(batch[layer][k] for batch in layer_sums) / len(rows)
                                        for k in layer_sums[0][layer]} for layer in range(len(layer_sums[0]))}}
     return metrics, curves

@@ -16,15 +16,16 @@ from attnlab.report.html import HtmlReport
 def gradient_paragraph(per_layer: dict[str, dict[str, float]]) -> str:
     """What the per-layer attention/gradient at the trigger says about grad_rollout's score."""
     layer, top = max(per_layer.items(), key=lambda kv: kv[1]["attention_at_evidence"])
-    text = ("Attention and its gradient at the evidence (the trigger), in the explained row, per layer "
-            "(heads averaged; 'others' = mean over the other keys at or before the position). "
-            "Gradient-weighted rollout keeps max(∇A ⊙ A, 0) per layer (Chefer et al.), so a key whose "
-            "weight has a negative gradient is dropped however much attention it gets; softmax weights sum to "
-            "1, so the sign of one weight's gradient alone is not evidence of relevance. ")
+    text = ("Attention, its gradient and grad_rollout's edge weight mean_h(max(∇A ⊙ A, 0)) (Chefer et al.) "
+            "at the evidence (the trigger) in the explained row, per layer, beside their mean over the other keys "
+            "at or before the position; 'dropped' = share of heads whose edge to the trigger gets weight 0. A key "
+            "whose weight has a negative gradient is dropped however much attention it gets; softmax weights sum "
+            "to 1, so the sign of one weight's gradient alone is not evidence of relevance. ")
     text += (f"Here layer {layer} gives the trigger {top['attention_at_evidence']:.2f} of its attention on "
-             f"average, and the gradient there is negative in {top['negative_at_evidence']:.0%} of the sequences")
-    return text + (": in that layer grad_rollout discards the trigger for most sequences."
-                   if top["negative_at_evidence"] > 0.5 else ".")
+             f"average, and {top['dropped_at_evidence']:.0%} of its heads' edges to it are dropped")
+    return text + (": for most sequences grad_rollout keeps no direct edge from the explained token to the "
+                   "trigger in that layer (relevance can still reach it through other tokens)."
+                   if top["dropped_at_evidence"] > 0.5 else ".")
 
 
 def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Path:
@@ -82,7 +83,7 @@ def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
         rep.paragraph(gradient_paragraph(evaluated["evidence"]["per_layer"]))
         rep.table(pd.DataFrame([{"layer": int(layer), **{k.replace("_", " "): v for k, v in values.items()}}
                                 for layer, values in evaluated["evidence"]["per_layer"].items()])
-                  .rename(columns={"negative at evidence": "share negative at evidence"}))
+                  .rename(columns={"dropped at evidence": "share dropped at evidence"}))
     rep.heading("What the heads do")
     rep.paragraph(heads_paragraph(evaluated["heads"]))
     rep.image((root / "evaluate" / "results" / "figures" / "heads.png").read_bytes(), "heads",

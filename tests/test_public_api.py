@@ -46,7 +46,10 @@ def test_readme_library_example_runs_as_written():
     a1, a2 = (0.5 * a.mean(1) + 0.5 * eye for a in rec.attentions)
     joint = (a2 / a2.sum(-1, keepdim=True)) @ (a1 / a1.sum(-1, keepdim=True))
     torch.testing.assert_close(importance, joint.mean(1))
-    assert namespace["relevance"].shape == (b, n)
+    # Chefer et al.: R = I + Ā1, then R += Ā2 R, with Ā = mean_h(max(∇A ⊙ A, 0))
+    c1, c2 = ((g * a).clamp_min(0).mean(1) for a, g in zip(rec.attentions, rec.gradients))
+    r = eye + c1
+    torch.testing.assert_close(namespace["relevance"], (r + c2 @ r).mean(1))
     agg = namespace["agg"]
     assert agg.count.sum() == b * n * (n + 1) // 2          # causal pairs j <= i
     np.testing.assert_allclose(agg.expected.sum(), b * n)   # each query spreads 1 over its keys

@@ -84,11 +84,9 @@ def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
     as in Chefer et al. (2021) with gradients of the target logit (read out without
     its identity term).
     """
-    _check_methods(methods)
+    _check_methods(methods)        # before the forward and backward pass, not after
     atts, grads, target = record_target(model, x, target=target, forward=forward,
                                         keep_grad="grad_rollout" in methods)
-    if not atts:
-        raise ValueError(f"{type(model).__name__} recorded no attention; nothing to explain")
     return importance_from_records(atts, grads, n_items=n_items, methods=methods, how=how,
                                    head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
                                    flow_max_pairs=flow_max_pairs), target

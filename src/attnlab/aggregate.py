@@ -144,11 +144,17 @@ class VocabAttention:
         out = self._square(self._sum)
         return out[0] if self.n_heads is None else out
 
+    def _counts(self) -> np.ndarray:
+        """``[V, V]`` float64 view of the counts (the complex table's real part)."""
+        return self._square(self._count_expected.numpy().real)
+
     @property
     def count(self) -> np.ndarray:
         """``[V, V]`` int64: number of valid position pairs per token pair (a snapshot:
         counts are kept as float64, exact up to 2**53 per cell, and converted here)."""
-        return self._square(self._count_expected.numpy().real.astype(np.int64))
+        out = self._counts().astype(np.int64)
+        out.flags.writeable = False
+        return out
 
     @property
     def expected(self) -> np.ndarray:
@@ -157,7 +163,7 @@ class VocabAttention:
 
     def mean(self) -> np.ndarray:
         """``sum / count`` (``[V, V]`` or ``[H, V, V]``); NaN where ``count == 0``."""
-        return self._ratio(self._square(self._count_expected.numpy().real))
+        return self._ratio(self._counts())
 
     def lift(self) -> np.ndarray:
         """``sum / expected`` (``[V, V]`` or ``[H, V, V]``); NaN where ``count == 0``.
@@ -168,7 +174,7 @@ class VocabAttention:
         return self._ratio(self.expected)
 
     def _ratio(self, denominator_vv: np.ndarray) -> np.ndarray:
-        seen = self._square(self._count_expected.numpy().real) > 0
+        seen = self._counts() > 0
         num = self.sum
         out = np.full(num.shape, np.nan)
         np.divide(num, denominator_vv, out=out, where=np.broadcast_to(seen, num.shape))

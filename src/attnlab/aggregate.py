@@ -69,6 +69,72 @@ def _distinct_per_row(tok_bn: torch.Tensor, fill: int) -> tuple[torch.Tensor, to
     return tok_bu, mult_bu
 
 
+_PairGroups = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _causal_pairs(tok_bn: torch.Tensor, valid_bn: torch.Tensor | None, attn_flat: torch.Tensor,
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, _PairGroups]:
+    """The pairs ``j <= i`` of every sequence: flat cells ``idx [B·T]``, weights
+    ``[B, (H,) T]`` (``T = N(N+1)/2``) and one ``(cells, count + i·expected)`` group."""
+    b, n = tok_bn.shape
+    side = vocab_size + 1
+    # Only the lower triangle j <= i is ever read; the number of valid keys of
+    # query i is the number of valid positions up to i.
+    pair_flat, query_of_pair, key_of_pair = _lower_triangle(n)  # [T], T = N(N+1)/2
+    query_bt = query_of_pair.expand(b, -1)      # (gather beats index_select on dim 1)
+    idx = torch.gather(tok_bn, 1, query_bt).mul_(side)
+    idx = idx.add_(torch.gather(tok_bn, 1, key_of_pair.expand(b, -1))).reshape(-1)
+    weight_sum = attn_flat.index_select(-1, pair_flat)          # [B, (H,) T]
+    n_keys_bn = (torch.arange(1, n + 1).expand(b, n) if valid_bn is None
+                 else valid_bn.cumsum(dim=1))
+    # count + i·expected of each pair: 1 + i / (valid keys of its query)
+    inv_keys_bn = torch.complex(torch.ones(b, n, dtype=torch.float64),
+                                1.0 / n_keys_bn.clamp_min(1).to(torch.float64))
+    return idx, weight_sum, [(idx, torch.gather(inv_keys_bn, 1, query_bt).reshape(-1))]
+
+
+def _all_pairs(tok_bn: torch.Tensor, valid_bn: torch.Tensor | None, attn_flat: torch.Tensor,
+               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, _PairGroups]:
+    """Every pair ``(i, j)`` of every sequence: flat cells ``idx [B·N·N]``, the weights
+    ``attn_flat [B, (H,) N·N]`` themselves, and the count/expected groups of
+    :func:`_histogram_pairs`."""
+    side = vocab_size + 1
+    idx = (tok_bn[:, :, None] * side + tok_bn[:, None, :]).reshape(-1)
+    return idx, attn_flat, _histogram_pairs(tok_bn, valid_bn, vocab_size)
+
+
+def _histogram_pairs(tok_bn: torch.Tensor, valid_bn: torch.Tensor | None, vocab_size: int) -> _PairGroups:
+    """``(cells, count + i·expected)`` groups of the non-causal pairs, from each
+    sequence's token histogram instead of its ``N²`` position pairs."""
+    b, n = tok_bn.shape
+    side = vocab_size + 1
+    # Without causality every query of sequence b has the same n_b valid keys,
+    # so count and expected only depend on each sequence's token histogram h_b:
+    # count += h_b ⊗ h_b, expected += h_b ⊗ h_b / n_b, over distinct tokens.
+    # Rows are padded to the largest number of distinct ids in the batch, and
+    # masked positions share the sink id V (sorted last): group rows of similar
+    # size and cut each group at its own largest count of real ids, so that
+    # padding and sink pairs are mostly not scattered (those of the narrower
+    # rows of a group still land in row/column V, zeroed after the scatter by
+    # VocabAttention._clear_sink).
+    tok_bu, mult_bu = _distinct_per_row(tok_bn, vocab_size)  # [B, U]
+    n_valid_b = (torch.full((b,), n, dtype=torch.int64) if valid_bn is None
+                 else valid_bn.sum(dim=1))
+    real_b = (tok_bu < vocab_size).sum(dim=1)
+    real_b, order = real_b.sort(descending=True, stable=True)
+    mult_bu = mult_bu[order].to(torch.float64)
+    tok_bu = tok_bu[order]
+    # h_q · h_k · (1 + i / n_b): count in the real part, expected in the imaginary
+    scale_bu = torch.complex(mult_bu, mult_bu / n_valid_b[order].clamp_min(1)[:, None].to(torch.float64))
+    pair_groups = []
+    step = -(-b // _PAIR_GROUPS)
+    for start, u in zip(range(0, b, step), real_b[::step].tolist()):
+        t, m, sc = (a[start:start + step, :u] for a in (tok_bu, mult_bu, scale_bu))
+        pair_groups.append(((t[:, :, None] * side + t[:, None, :]).reshape(-1),
+                            (sc[:, :, None] * m[:, None, :]).reshape(-1)))
+    return pair_groups
+
+
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
@@ -208,73 +274,39 @@ class VocabAttention:
         if b == 0 or n == 0:
             self.n_sequences += b
             return self
-        side = self.vocab_size + 1
         if valid_bn is not None:
             tok_bn = torch.where(valid_bn, tok_bn, self.vocab_size)    # masked -> sink id V
         if self.n_heads is None and attn.dim() == 4:
             # Average heads in the input precision (float16 is promoted to float32).
             attn = attn.mean(dim=1, dtype=torch.float32 if attn.dtype == torch.float16 else None)
         attn_flat = attn.reshape(*attn.shape[:-2], n * n)             # [B, (H,) N·N]
+        pairs = _causal_pairs if causal else _all_pairs
+        idx, weight_sum, pair_groups = pairs(tok_bn, valid_bn, attn_flat, self.vocab_size)
+        self._add_sums(idx, weight_sum.to(torch.float64), b)
+        for pair_idx, pair_count_expected in pair_groups:
+            self._count_expected.scatter_add_(0, pair_idx, pair_count_expected)
+        if valid_bn is not None:
+            self._clear_sink()
+        self.n_sequences += b
+        return self
 
-        if causal:
-            # Only the lower triangle j <= i is ever read; the number of valid keys of
-            # query i is the number of valid positions up to i.
-            pair_flat, query_of_pair, key_of_pair = _lower_triangle(n)  # [T], T = N(N+1)/2
-            query_bt = query_of_pair.expand(b, -1)      # (gather beats index_select on dim 1)
-            idx = torch.gather(tok_bn, 1, query_bt).mul_(side)
-            idx = idx.add_(torch.gather(tok_bn, 1, key_of_pair.expand(b, -1))).reshape(-1)
-            weight_sum = attn_flat.index_select(-1, pair_flat)          # [B, (H,) T]
-            n_keys_bn = (torch.arange(1, n + 1).expand(b, n) if valid_bn is None
-                         else valid_bn.cumsum(dim=1))
-            # count + i·expected of each pair: 1 + i / (valid keys of its query)
-            inv_keys_bn = torch.complex(torch.ones(b, n, dtype=torch.float64),
-                                        1.0 / n_keys_bn.clamp_min(1).to(torch.float64))
-            pair_groups = [(idx, torch.gather(inv_keys_bn, 1, query_bt).reshape(-1))]
-        else:
-            idx = (tok_bn[:, :, None] * side + tok_bn[:, None, :]).reshape(-1)
-            weight_sum = attn_flat
-            # Without causality every query of sequence b has the same n_b valid keys,
-            # so count and expected only depend on each sequence's token histogram h_b:
-            # count += h_b ⊗ h_b, expected += h_b ⊗ h_b / n_b, over distinct tokens.
-            # Rows are padded to the largest number of distinct ids in the batch, and
-            # masked positions share the sink id V (sorted last): group rows of similar
-            # size and cut each group at its own largest count of real ids, so that
-            # padding and sink pairs are mostly not scattered (those of the narrower
-            # rows of a group still land in row/column V, zeroed below).
-            tok_bu, mult_bu = _distinct_per_row(tok_bn, self.vocab_size)  # [B, U]
-            n_valid_b = (torch.full((b,), n, dtype=torch.int64) if valid_bn is None
-                         else valid_bn.sum(dim=1))
-            real_b = (tok_bu < self.vocab_size).sum(dim=1)
-            real_b, order = real_b.sort(descending=True, stable=True)
-            mult_bu = mult_bu[order].to(torch.float64)
-            tok_bu = tok_bu[order]
-            # h_q · h_k · (1 + i / n_b): count in the real part, expected in the imaginary
-            scale_bu = torch.complex(mult_bu, mult_bu / n_valid_b[order].clamp_min(1)[:, None].to(torch.float64))
-            pair_groups = []
-            step = -(-b // _PAIR_GROUPS)
-            for start, u in zip(range(0, b, step), real_b[::step].tolist()):
-                t, m, sc = (a[start:start + step, :u] for a in (tok_bu, mult_bu, scale_bu))
-                pair_groups.append(((t[:, :, None] * side + t[:, None, :]).reshape(-1),
-                                    (sc[:, :, None] * m[:, None, :]).reshape(-1)))
-
-        weight_sum = weight_sum.to(torch.float64)
+    def _add_sums(self, idx: torch.Tensor, weight_sum: torch.Tensor, b: int) -> None:
+        """Scatter-add the float64 weights ``[B, (H,) P]`` into ``sum`` at the flat cells ``idx [B·P]``."""
         if self.n_heads is None:
             self._sum[0].scatter_add_(0, idx, weight_sum.reshape(-1))
         else:
+            side = self.vocab_size + 1
             head_offset = (torch.arange(self.n_heads) * (side * side))[None, :, None]
             idx_h = (idx.view(b, 1, -1) + head_offset).reshape(-1)
             self._sum.view(-1).scatter_add_(0, idx_h, weight_sum.reshape(-1))
-        for pair_idx, pair_count_expected in pair_groups:
-            self._count_expected.scatter_add_(0, pair_idx, pair_count_expected)
 
-        if valid_bn is not None:
-            # Everything involving a masked position went to row/column V: drop it.
-            for table in (self._sum, self._count_expected):
-                square = table.view(-1, side, side)
-                square[:, -1, :] = 0
-                square[:, :, -1] = 0
-        self.n_sequences += b
-        return self
+    def _clear_sink(self) -> None:
+        """Everything involving a masked position went to row/column V: drop it."""
+        side = self.vocab_size + 1
+        for table in (self._sum, self._count_expected):
+            square = table.view(-1, side, side)
+            square[:, -1, :] = 0
+            square[:, :, -1] = 0
 
     def _check(self, tokens: Any, attention: Any, mask: Any
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

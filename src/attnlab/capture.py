@@ -286,48 +286,77 @@ def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
         raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
                            "Transformer module method `generate_square_subsequent_mask` to "
                            "create this mask.")
-    self_attn = query is key and key is value
+    self_attn = query is key and key is value           # before the layout change makes new tensors
     batched = query.dim() == 3
+    query, key, value, key_padding_mask = _batch_first(mha, batched, query, key, value, key_padding_mask)
+    bsz, tgt_len, embed_dim = query.shape
+    if embed_dim != mha.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {embed_dim}")
+
+    q_bhld, k_bhsd, v_bhsd, extra = _split_heads(mha, *_in_projection(mha, query, key, value, self_attn))
+    size_bhls = (bsz, mha.num_heads, tgt_len, k_bhsd.shape[2])
+    mask = _merged_mask(attn_mask, key_padding_mask, query.dtype, size_bhls, extra)
+    probs_bhls = record(_attention_probs(q_bhld, k_bhsd, mask, need_weights))
+    dropped_bhls = (F.dropout(probs_bhls, p=mha.dropout, training=mha.training) if mha.dropout > 0
+                    else probs_bhls)
+    out = _out_projection(mha, dropped_bhls, v_bhsd, batched)
+    if not need_weights:
+        return out, None
+    weights = dropped_bhls.mean(dim=1) if average_attn_weights else dropped_bhls
+    return out, (weights.squeeze(0) if not batched else weights)
+
+
+def _batch_first(mha: nn.MultiheadAttention, batched: bool, query, key, value, key_padding_mask):
+    """Inputs ``[L, B, E]`` (not ``batch_first``) or unbatched ``[L, E]`` → ``[B, L, E]``;
+    an unbatched ``key_padding_mask [S]`` → ``[1, S]``."""
     if batched and not mha.batch_first:                 # [L, B, E] -> [B, L, E]
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     elif not batched:                                   # [L, E] -> [1, L, E]
         query, key, value = (t.unsqueeze(0) for t in (query, key, value))
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
-    bsz, tgt_len, embed_dim = query.shape
-    heads, head_dim = mha.num_heads, mha.head_dim
-    if embed_dim != mha.embed_dim:
-        raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {embed_dim}")
+    return query, key, value, key_padding_mask
 
-    # in-projections: q [B, L, E], k and v [B, S, E]
+
+def _in_projection(mha: nn.MultiheadAttention, query, key, value, self_attn: bool):
+    """The in-projections: ``q_ble [B, L, E]``, ``k_bse`` and ``v_bse [B, S, E]``."""
     bias = mha.in_proj_bias
     b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
-    if mha._qkv_same_embed_dim:
-        if self_attn:
-            q, k, v = F.linear(query, mha.in_proj_weight, bias).chunk(3, dim=-1)
-        else:
-            w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    else:
-        q = F.linear(query, mha.q_proj_weight, b_q)
-        k = F.linear(key, mha.k_proj_weight, b_k)
-        v = F.linear(value, mha.v_proj_weight, b_v)
-    extra = 0                                           # key columns added below
-    if mha.bias_k is not None:
-        k = torch.cat([k, mha.bias_k.expand(bsz, 1, embed_dim)], dim=1)
-        v = torch.cat([v, mha.bias_v.expand(bsz, 1, embed_dim)], dim=1)
-        extra += 1
-    q = q.reshape(bsz, tgt_len, heads, head_dim).transpose(1, 2)       # [B, H, L, d]
-    k = k.reshape(bsz, -1, heads, head_dim).transpose(1, 2)            # [B, H, S', d]
-    v = v.reshape(bsz, -1, heads, head_dim).transpose(1, 2)
-    if mha.add_zero_attn:
-        zeros = k.new_zeros(bsz, heads, 1, head_dim)
-        k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-        extra += 1
-    src_len = k.shape[2]
+    if not mha._qkv_same_embed_dim:
+        return (F.linear(query, mha.q_proj_weight, b_q), F.linear(key, mha.k_proj_weight, b_k),
+                F.linear(value, mha.v_proj_weight, b_v))
+    if self_attn:
+        return F.linear(query, mha.in_proj_weight, bias).chunk(3, dim=-1)
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    # masks, merged additively into one [B or 1, H or 1, L, S'] tensor
-    mask = _float_mask(attn_mask, query.dtype)
+
+def _split_heads(mha: nn.MultiheadAttention, q_ble, k_bse, v_bse):
+    """``q_bhld [B, H, L, d]``, ``k_bhsd`` and ``v_bhsd [B, H, S', d]`` with the key columns
+    of ``add_bias_kv`` / ``add_zero_attn`` appended (``S' = S + extra``), and ``extra``."""
+    bsz, tgt_len, embed_dim = q_ble.shape
+    heads, head_dim = mha.num_heads, mha.head_dim
+    extra = 0
+    if mha.bias_k is not None:
+        k_bse = torch.cat([k_bse, mha.bias_k.expand(bsz, 1, embed_dim)], dim=1)
+        v_bse = torch.cat([v_bse, mha.bias_v.expand(bsz, 1, embed_dim)], dim=1)
+        extra += 1
+    q_bhld = q_ble.reshape(bsz, tgt_len, heads, head_dim).transpose(1, 2)
+    k_bhsd = k_bse.reshape(bsz, -1, heads, head_dim).transpose(1, 2)
+    v_bhsd = v_bse.reshape(bsz, -1, heads, head_dim).transpose(1, 2)
+    if mha.add_zero_attn:
+        zeros = k_bhsd.new_zeros(bsz, heads, 1, head_dim)
+        k_bhsd, v_bhsd = torch.cat([k_bhsd, zeros], dim=2), torch.cat([v_bhsd, zeros], dim=2)
+        extra += 1
+    return q_bhld, k_bhsd, v_bhsd, extra
+
+
+def _merged_mask(attn_mask, key_padding_mask, dtype: torch.dtype, size_bhls: tuple[int, int, int, int],
+                 extra: int) -> torch.Tensor | None:
+    """``attn_mask`` and ``key_padding_mask`` merged additively into one
+    ``[B or 1, H or 1, L, S']`` float mask (zero columns for the ``extra`` keys), or None."""
+    bsz, heads, tgt_len, src_len = size_bhls
+    mask = _float_mask(attn_mask, dtype)
     if mask is not None:
         if mask.dim() == 3:                             # [B*H, L, S] (or [H, L, S] unbatched)
             mask = mask.reshape(bsz, heads, tgt_len, -1)
@@ -337,7 +366,7 @@ def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
             raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not match "
                                f"target length {tgt_len} and source length {src_len - extra}")
         mask = F.pad(mask, (0, extra)) if extra else mask
-    kpm = _float_mask(key_padding_mask, query.dtype)
+    kpm = _float_mask(key_padding_mask, dtype)
     if kpm is not None:
         if tuple(kpm.shape) != (bsz, src_len - extra):
             raise AssertionError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} "
@@ -345,8 +374,12 @@ def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
         kpm = F.pad(kpm, (0, extra)) if extra else kpm
         kpm = kpm[:, None, None, :]
         mask = kpm if mask is None else mask + kpm
+    return mask
 
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(head_dim))   # [B, H, L, S']
+
+def _attention_probs(q_bhld, k_bhsd, mask, need_weights: bool) -> torch.Tensor:
+    """``softmax(q kᵀ / √d + mask)``: ``[B, H, L, S']`` probabilities, before dropout."""
+    scores = torch.matmul(q_bhld, k_bhsd.transpose(-2, -1)).mul_(1.0 / math.sqrt(q_bhld.shape[-1]))
     if mask is not None:
         scores = scores.add_(mask)
     probs = torch.softmax(scores, dim=-1)
@@ -356,19 +389,19 @@ def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
         dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
         if bool(dead.any()):
             probs = probs.masked_fill(dead, 0.0)
-    probs = record(probs)
-    dropped = F.dropout(probs, p=mha.dropout, training=mha.training) if mha.dropout > 0 else probs
-    out = torch.matmul(dropped, v)                                      # [B, H, L, d]
+    return probs
+
+
+def _out_projection(mha: nn.MultiheadAttention, dropped_bhls, v_bhsd, batched: bool) -> torch.Tensor:
+    """Weighted values through ``out_proj``, in the caller's layout (``[L, B, E]``,
+    ``[B, L, E]`` with ``batch_first``, or ``[L, E]`` unbatched)."""
+    bsz, _, tgt_len, _ = dropped_bhls.shape
+    out = torch.matmul(dropped_bhls, v_bhsd)                                 # [B, H, L, d]
     # Torch lays the output out as a contiguous [L, B, E] (transposed to [B, L, E] for
     # batch_first). Keep that memory layout: a following dropout draws its random
     # numbers in memory order, so the layout decides which elements it drops.
-    out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
-    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(tgt_len, bsz, embed_dim)
+    out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, mha.embed_dim)
+    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(tgt_len, bsz, mha.embed_dim)
     if not batched:
-        out = out.squeeze(1)
-    elif mha.batch_first:
-        out = out.transpose(0, 1)
-    if not need_weights:
-        return out, None
-    weights = dropped.mean(dim=1) if average_attn_weights else dropped
-    return out, (weights.squeeze(0) if not batched else weights)
+        return out.squeeze(1)
+    return out.transpose(0, 1) if mha.batch_first else out

@@ -106,9 +106,31 @@ def _paste(canvas_nfss: np.ndarray, clip: np.ndarray, frame: np.ndarray, pos_m2:
         canvas_nfss[index] = img_mhw
 
 
-def _check(name: str, value: int, low: int) -> None:
-    if int(value) < low:
-        raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+def _check_at_least(*checks: tuple[str, int, int]) -> None:
+    """Raise for the first ``(name, value, low)`` whose integer ``value`` is below ``low``."""
+    for name, value, low in checks:
+        if int(value) < low:
+            raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+
+
+def _scramble(pixels_mk64: np.ndarray, keys_mk64: np.ndarray) -> np.ndarray:
+    """Each row of 64 pixels permuted by the argsort of its random keys (a scrambled digit)."""
+    return np.take_along_axis(pixels_mk64, np.argsort(keys_mk64, axis=-1), axis=-1)
+
+
+def _add_noise(canvas: np.ndarray, noise: float, rng_noise: np.random.Generator) -> None:
+    """In place: i.i.d. Gaussian pixel noise of std ``noise`` (none drawn if 0)."""
+    if noise > 0:
+        canvas += noise * rng_noise.standard_normal(canvas.shape, dtype=np.float32)
+
+
+def _as_tensors(canvas_nfss: np.ndarray, **arrays: np.ndarray) -> dict[str, torch.Tensor]:
+    """The returned dict: ``x [n, frames, 1, S, S]`` from the canvas, then ``arrays`` in
+    order, integer ones as int64."""
+    out = {"x": torch.from_numpy(np.ascontiguousarray(canvas_nfss[:, :, None]))}
+    for name, a in arrays.items():
+        out[name] = torch.from_numpy(a if a.dtype == bool else a.astype(np.int64))
+    return out
 
 
 def make_frame_clips(n: int, *, frames: int = 24, size: int = 32, n_key: int = 3,
@@ -151,10 +173,33 @@ def make_frame_clips(n: int, *, frames: int = 24, size: int = 32, n_key: int = 3
     * ``positions`` int64 ``[n, frames, 2]``: top-left (row, col) of what was drawn
       (-1: blank); it covers ``8·scale`` × ``8·scale`` pixels.
     """
-    for name, value, low in (("n", n, 0), ("frames", frames, 1), ("n_key", n_key, 1),
-                             ("n_classes", n_classes, 2), ("scale", scale, 1),
-                             ("distractor_repeat", distractor_repeat, 0)):
-        _check(name, value, low)
+    _check_frame_args(n, frames, size, n_key, n_classes, distractor, distractor_repeat, scale)
+    pools = split_indices(split, n_classes)
+    rng, rng_noise = _rngs(seed, split)
+    # The order of these draws is part of what a seed means: reordering them changes every clip.
+    y, key_t, dis_t, dis_cls = _frame_schedule(rng, n, frames, n_key, n_classes, n_distractors,
+                                               distractor_repeat)
+    key_ids = _sample_from_pools(rng, pools, y, n_key, distinct=True)        # [n, n_key]
+    dis_ids = _sample_from_pools(rng, pools, dis_cls.reshape(-1)).reshape(dis_cls.shape)
+    positions = rng.integers(0, size - 8 * scale + 1, size=(n, frames, 2))
+    scramble_keys = rng.random((*dis_t.shape, 64))                           # used by "noise"
+
+    digit_ids, digit_classes, evidence = _frame_contents(frames, y, key_t, key_ids, dis_t, dis_ids,
+                                                         dis_cls, distractor)
+    positions = np.where(digit_ids[..., None] >= 0, positions, -1)
+    canvas = _render_frames(digit_ids, positions, dis_t, scramble_keys if distractor == "noise" else None,
+                            size, scale)
+    _add_noise(canvas, noise, rng_noise)
+    return _as_tensors(canvas, y=y, evidence=evidence, digit_classes=digit_classes,
+                       digit_ids=digit_ids, positions=positions)
+
+
+def _check_frame_args(n: int, frames: int, size: int, n_key: int, n_classes: int, distractor: str,
+                      distractor_repeat: int, scale: int) -> None:
+    """The argument checks of :func:`make_frame_clips` that need no random draw."""
+    _check_at_least(("n", n, 0), ("frames", frames, 1), ("n_key", n_key, 1),
+                    ("n_classes", n_classes, 2), ("scale", scale, 1),
+                    ("distractor_repeat", distractor_repeat, 0))
     if distractor not in DISTRACTORS:
         raise ValueError(f"distractor={distractor!r}: expected one of {DISTRACTORS}")
     if n_classes > 10:
@@ -167,63 +212,66 @@ def make_frame_clips(n: int, *, frames: int = 24, size: int = 32, n_key: int = 3
     ds = 8 * scale
     if size < ds:
         raise ValueError(f"size={size!r}: expected >= 8·scale = {ds}")
-    pools = split_indices(split, n_classes)
-    rng, rng_noise = _rngs(seed, split)
-    images, _ = _digits()
-    ar = np.arange(n)
 
+
+def _frame_schedule(rng: np.random.Generator, n: int, frames: int, n_key: int, n_classes: int,
+                    n_distractors: int | None, distractor_repeat: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw each clip's class ``y [n]``, its key times ``key_t [n, n_key]``, distractor
+    times ``dis_t [n, k]`` and distractor classes ``dis_cls [n, k]``."""
     y = rng.integers(0, n_classes, size=n)                                   # [n]
     order = np.argsort(rng.random((n, frames)), axis=1)                      # random times
-    key_t = order[:, :n_key]                                                 # [n, n_key]
     k_max = min(frames - n_key, (n_classes - 1) * distractor_repeat)
     k = k_max if n_distractors is None else int(n_distractors)
     if not 0 <= k <= k_max:
         raise ValueError(f"n_distractors={n_distractors!r}: expected 0..{k_max} (at most "
                          f"frames - n_key and (n_classes - 1)·distractor_repeat) or None for the most")
-    dis_t = order[:, n_key:n_key + k]                                        # [n, k]
     # multiset of the other classes, shuffled per clip: others[i] = classes != y[i]
     others = np.arange(n_classes - 1)[None, :] + (np.arange(n_classes - 1)[None, :] >= y[:, None])
     multiset = np.tile(others, (1, distractor_repeat))                       # [n, (C-1)·r]
     shuffle = np.argsort(rng.random(multiset.shape), axis=1)[:, :k]
     dis_cls = np.take_along_axis(multiset, shuffle, axis=1)                  # [n, k]
+    return y, order[:, :n_key], order[:, n_key:n_key + k], dis_cls
 
-    key_ids = _sample_from_pools(rng, pools, y, n_key, distinct=True)        # [n, n_key]
-    dis_ids = _sample_from_pools(rng, pools, dis_cls.reshape(-1)).reshape(n, k)
-    positions = rng.integers(0, size - ds + 1, size=(n, frames, 2))
-    scramble_keys = rng.random((n, k, 64))                                   # used by "noise"
 
+def _frame_contents(frames: int, y: np.ndarray, key_t: np.ndarray, key_ids: np.ndarray,
+                    dis_t: np.ndarray, dis_ids: np.ndarray, dis_cls: np.ndarray, distractor: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What each frame shows, ``[n, frames]`` each: source ``digit_ids`` and
+    ``digit_classes`` (-1: blank; class -1 also for scrambled blobs), and ``evidence``
+    (True on the key frames)."""
+    n = len(y)
+    clip = np.arange(n)[:, None]
     digit_ids = np.full((n, frames), -1, dtype=np.int64)
     digit_classes = np.full((n, frames), -1, dtype=np.int64)
-    digit_ids[ar[:, None], key_t] = key_ids
-    digit_classes[ar[:, None], key_t] = y[:, None]
+    digit_ids[clip, key_t] = key_ids
+    digit_classes[clip, key_t] = y[:, None]
     if distractor != "none":
-        digit_ids[ar[:, None], dis_t] = dis_ids
+        digit_ids[clip, dis_t] = dis_ids
     if distractor == "digits":
-        digit_classes[ar[:, None], dis_t] = dis_cls
-    drawn = digit_ids >= 0
-    positions = np.where(drawn[..., None], positions, -1)
+        digit_classes[clip, dis_t] = dis_cls
     evidence = np.zeros((n, frames), dtype=bool)
-    evidence[ar[:, None], key_t] = True
+    evidence[clip, key_t] = True
+    return digit_ids, digit_classes, evidence
 
+
+def _render_frames(digit_ids: np.ndarray, positions: np.ndarray, dis_t: np.ndarray,
+                   scramble_keys: np.ndarray | None, size: int, scale: int) -> np.ndarray:
+    """``[n, frames, size, size]`` float32: each frame's digit (none where ``digit_ids``
+    is -1) pasted at its position; the distractor frames ``dis_t`` scrambled with
+    ``scramble_keys [n, k, 64]`` unless it is None."""
+    n, frames = digit_ids.shape
+    images, _ = _digits()
+    drawn = digit_ids >= 0
     src = images[np.where(drawn, digit_ids, 0)].reshape(n, frames, 64).copy()
-    if distractor == "noise":
-        perm = np.argsort(scramble_keys, axis=2)                             # [n, k, 64]
-        blobs = np.take_along_axis(src[ar[:, None], dis_t], perm, axis=2)
-        src[ar[:, None], dis_t] = blobs
+    if scramble_keys is not None:
+        clip = np.arange(n)[:, None]
+        src[clip, dis_t] = _scramble(src[clip, dis_t], scramble_keys)
     canvas = np.zeros((n, frames, size, size), dtype=np.float32)
     ci, ti = np.nonzero(drawn)
     _paste(canvas, ci, ti, positions[ci, ti], _upsample(src[ci, ti].reshape(-1, 8, 8), scale),
            overlap=False)
-    if noise > 0:
-        canvas += noise * rng_noise.standard_normal(canvas.shape, dtype=np.float32)
-    return {
-        "x": torch.from_numpy(canvas[:, :, None]),
-        "y": torch.from_numpy(y.astype(np.int64)),
-        "evidence": torch.from_numpy(evidence),
-        "digit_classes": torch.from_numpy(digit_classes),
-        "digit_ids": torch.from_numpy(digit_ids),
-        "positions": torch.from_numpy(positions.astype(np.int64)),
-    }
+    return canvas
 
 
 def make_video_clips(n: int, *, frames: int = 8, size: int = 32, patch: int = 8,
@@ -255,10 +303,33 @@ def make_video_clips(n: int, *, frames: int = 8, size: int = 32, patch: int = 8,
     * ``positions`` int64 ``[n, frames, 2]``: top-left (row, col) of the digit;
     * ``clutter_ids`` int64 ``[n, clutter]``, ``clutter_positions`` int64 ``[n, clutter, 2]``.
     """
-    for name, value, low in (("n", n, 0), ("frames", frames, 1), ("patch", patch, 1),
-                             ("n_classes", n_classes, 2), ("scale", scale, 1),
-                             ("clutter", clutter, 0), ("max_speed", max_speed, 1)):
-        _check(name, value, low)
+    _check_video_args(n, frames, size, patch, n_classes, clutter, max_speed, scale)
+    pools = split_indices(split, n_classes)
+    rng, rng_noise = _rngs(seed, split)
+    room = size - 8 * scale                                  # largest top-left coordinate
+    # The order of these draws is part of what a seed means: reordering them changes every clip.
+    y = rng.integers(0, n_classes, size=n)
+    digit_ids = _sample_from_pools(rng, pools, y)[:, 0]                     # [n]
+    direction, speed, positions = _trajectories(rng, n, frames, room, max_speed)
+    clutter_ids = _sample_from_pools(rng, [np.concatenate(pools)], np.zeros(n, dtype=np.int64), clutter)
+    clutter_pos = rng.integers(0, room + 1, size=(n, clutter, 2))
+    clutter_keys = rng.random((n, clutter, 64))
+
+    digit = _render_moving_digit(digit_ids, positions, size, scale)         # [n, frames, S, S]
+    # the moving digit is drawn over the static clutter
+    canvas = np.maximum(_render_clutter(clutter_ids, clutter_pos, clutter_keys, size, scale), digit)
+    _add_noise(canvas, noise, rng_noise)
+    return _as_tensors(canvas, y=y, direction=direction, speed=speed,
+                       evidence=_patch_evidence(digit, patch), digit_ids=digit_ids,
+                       positions=positions, clutter_ids=clutter_ids, clutter_positions=clutter_pos)
+
+
+def _check_video_args(n: int, frames: int, size: int, patch: int, n_classes: int, clutter: int,
+                      max_speed: int, scale: int) -> None:
+    """The argument checks of :func:`make_video_clips`."""
+    _check_at_least(("n", n, 0), ("frames", frames, 1), ("patch", patch, 1),
+                    ("n_classes", n_classes, 2), ("scale", scale, 1),
+                    ("clutter", clutter, 0), ("max_speed", max_speed, 1))
     if n_classes > 10:
         raise ValueError(f"n_classes={n_classes!r}: expected at most 10 (digits 0-9)")
     if size % patch:
@@ -268,53 +339,55 @@ def make_video_clips(n: int, *, frames: int = 8, size: int = 32, patch: int = 8,
     if size - ds < travel:
         raise ValueError(f"max_speed={max_speed!r}: the digit ({ds} px) travels up to {travel} px "
                          f"in {frames} frames, more than the canvas allows (size={size})")
-    pools = split_indices(split, n_classes)
-    rng, rng_noise = _rngs(seed, split)
-    all_pools = [np.concatenate(pools)]
-    images, _ = _digits()
-    grid = size // patch
 
-    y = rng.integers(0, n_classes, size=n)
-    digit_ids = _sample_from_pools(rng, pools, y)[:, 0]                     # [n]
+
+def _trajectories(rng: np.random.Generator, n: int, frames: int, room: int, max_speed: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw straight-line motions: ``direction [n]``, ``speed [n]`` and the top-left
+    corners ``positions [n, frames, 2]``, all within ``0..room``."""
     direction = rng.integers(0, len(DIRECTIONS), size=n)
     speed = rng.integers(1, max_speed + 1, size=n)
     step = DIRECTIONS[direction] * speed[:, None]                           # [n, 2]
     span = step * (frames - 1)                                              # signed travel
     low = np.maximum(0, -span)                                              # [n, 2]
-    high = size - ds - np.maximum(0, span)                                  # inclusive
+    high = room - np.maximum(0, span)                                       # inclusive
     start = low + (rng.random((n, 2)) * (high - low + 1)).astype(np.int64)
-    positions = start[:, None, :] + np.arange(frames)[None, :, None] * step[:, None, :]
-    clutter_ids = _sample_from_pools(rng, all_pools, np.zeros(n, dtype=np.int64), clutter)
-    clutter_pos = rng.integers(0, size - ds + 1, size=(n, clutter, 2))
-    clutter_perm = np.argsort(rng.random((n, clutter, 64)), axis=2)
+    return direction, speed, start[:, None, :] + np.arange(frames)[None, :, None] * step[:, None, :]
 
-    # moving digit alone, then its patches
+
+def _render_moving_digit(digit_ids: np.ndarray, positions: np.ndarray, size: int, scale: int
+                         ) -> np.ndarray:
+    """``[n, frames, size, size]`` float32: clip ``i``'s digit alone, at ``positions[i, t]``
+    in frame ``t``."""
+    n, frames, _ = positions.shape
+    images, _ = _digits()
     digit = np.zeros((n, frames, size, size), dtype=np.float32)
     ci = np.repeat(np.arange(n), frames)
     ti = np.tile(np.arange(frames), n)
     img = _upsample(images[digit_ids], scale)                               # [n, ds, ds]
     _paste(digit, ci, ti, positions.reshape(-1, 2), np.repeat(img, frames, axis=0),
            overlap=False)
-    evidence = (digit > 0).reshape(n, frames, grid, patch, grid, patch).any(axis=(3, 5))
-    evidence = evidence.reshape(n, frames, grid * grid)
+    return digit
 
+
+def _patch_evidence(digit_nfss: np.ndarray, patch: int) -> np.ndarray:
+    """``[n, frames, P]`` bool: True on the patches holding a non-zero digit pixel."""
+    n, frames, size, _ = digit_nfss.shape
+    grid = size // patch
+    evidence = (digit_nfss > 0).reshape(n, frames, grid, patch, grid, patch).any(axis=(3, 5))
+    return evidence.reshape(n, frames, grid * grid)
+
+
+def _render_clutter(clutter_ids: np.ndarray, clutter_pos: np.ndarray, clutter_keys: np.ndarray,
+                    size: int, scale: int) -> np.ndarray:
+    """``[n, 1, size, size]`` float32: each clip's static scrambled digits, pixelwise max
+    where they overlap."""
+    n, clutter = clutter_ids.shape
     canvas = np.zeros((n, 1, size, size), dtype=np.float32)
     if clutter:
-        blobs = np.take_along_axis(images[clutter_ids].reshape(n, clutter, 64), clutter_perm, axis=2)
+        images, _ = _digits()
+        blobs = _scramble(images[clutter_ids].reshape(n, clutter, 64), clutter_keys)
         ci_c = np.repeat(np.arange(n), clutter)
         _paste(canvas, ci_c, np.zeros_like(ci_c), clutter_pos.reshape(-1, 2),
                _upsample(blobs.reshape(-1, 8, 8), scale))
-    canvas = np.maximum(canvas, digit)                                      # [n, frames, S, S]
-    if noise > 0:
-        canvas += noise * rng_noise.standard_normal(canvas.shape, dtype=np.float32)
-    return {
-        "x": torch.from_numpy(np.ascontiguousarray(canvas[:, :, None])),
-        "y": torch.from_numpy(y.astype(np.int64)),
-        "direction": torch.from_numpy(direction.astype(np.int64)),
-        "speed": torch.from_numpy(speed.astype(np.int64)),
-        "evidence": torch.from_numpy(evidence),
-        "digit_ids": torch.from_numpy(digit_ids.astype(np.int64)),
-        "positions": torch.from_numpy(positions.astype(np.int64)),
-        "clutter_ids": torch.from_numpy(clutter_ids.astype(np.int64)),
-        "clutter_positions": torch.from_numpy(clutter_pos.astype(np.int64)),
-    }
+    return canvas

@@ -96,6 +96,37 @@ def make_two_stream(split: str = "train", *, size: int = 16, n_keypoints: int = 
     Raises:
         ValueError: an argument outside its accepted values (the message names it).
     """
+    _check_two_stream_args(split, size, n_keypoints, corrupt_stream, corrupt_fraction, corrupt_mode)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    index = _split_rows(digits.target, split)
+    images = digits.images[index].astype(np.float32)                 # [N, 8, 8], 0..16
+    y = digits.target[index].astype(np.int64)
+    rng_app, rng_kp, rng_cor = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+
+    appearance = _render_appearance(images, size, rng_app)           # [N, 3, S, S]
+    keypoints = _keypoints(images >= _BRIGHT, size, n_keypoints, rng_kp)  # [N, K, 2]
+    structure = _heatmaps(keypoints, size, sigma=size / 16)          # [N, K, S, S]
+    corrupted = np.zeros((len(index), len(STREAMS)), dtype=bool)
+    if corrupt_stream is not None:
+        stream = appearance if corrupt_stream == "appearance" else structure
+        rows = _corrupt(stream, corrupt_fraction, corrupt_mode, rng_cor)
+        corrupted[rows, STREAMS.index(corrupt_stream)] = True
+
+    return {
+        "appearance": torch.from_numpy(appearance),
+        "structure": torch.from_numpy(structure),
+        "y": torch.from_numpy(y),
+        "corrupted": torch.from_numpy(corrupted),
+        "index": torch.from_numpy(index.astype(np.int64)),
+        "keypoints": torch.from_numpy(keypoints),
+    }
+
+
+def _check_two_stream_args(split: str, size: int, n_keypoints: int, corrupt_stream: str | None,
+                           corrupt_fraction: float, corrupt_mode: str) -> None:
+    """The argument checks of :func:`make_two_stream`."""
     if split not in _SPLITS:
         raise ValueError(f"split={split!r}: expected one of {_SPLITS}")
     if size < 8:
@@ -108,46 +139,27 @@ def make_two_stream(split: str = "train", *, size: int = 16, n_keypoints: int = 
         raise ValueError(f"corrupt_fraction={corrupt_fraction}: expected a number in [0, 1]")
     if corrupt_mode not in _MODES:
         raise ValueError(f"corrupt_mode={corrupt_mode!r}: expected one of {_MODES}")
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    index = _split_rows(digits.target, split)
-    images = digits.images[index].astype(np.float32)                 # [N, 8, 8], 0..16
-    y = digits.target[index].astype(np.int64)
-    n = len(index)
-    rng_app, rng_kp, rng_cor = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
 
-    appearance = _render_appearance(images, size, rng_app)           # [N, 3, S, S]
-    keypoints = _keypoints(images >= _BRIGHT, size, n_keypoints, rng_kp)  # [N, K, 2]
-    structure = _heatmaps(keypoints, size, sigma=size / 16)          # [N, K, S, S]
-
-    corrupted = np.zeros((n, len(STREAMS)), dtype=bool)
-    if corrupt_stream is not None:
-        m = int(round(corrupt_fraction * n))
-        rows = np.sort(rng_cor.permutation(n)[:m])
-        if corrupt_mode == "shuffle" and m == 1:
-            raise ValueError(f"corrupt_fraction={corrupt_fraction}: corrupt_mode='shuffle' needs "
-                             f"at least 2 corrupted samples, got 1 of {n}")
-        col = STREAMS.index(corrupt_stream)
-        corrupted[rows, col] = True
-        stream = appearance if corrupt_stream == "appearance" else structure
-        if corrupt_mode == "noise":
-            mean = stream.mean(axis=(0, 2, 3), keepdims=True)       # [1, C, 1, 1]
-            std = stream.std(axis=(0, 2, 3), keepdims=True)
-            noise = rng_cor.standard_normal((m,) + stream.shape[1:], dtype=np.float32)
-            stream[rows] = mean + std * noise
-        elif m > 1:
-            cycle = rng_cor.permutation(rows)                        # one cycle: no fixed point
-            stream[cycle] = stream[np.roll(cycle, -1)]
-
-    return {
-        "appearance": torch.from_numpy(appearance),
-        "structure": torch.from_numpy(structure),
-        "y": torch.from_numpy(y),
-        "corrupted": torch.from_numpy(corrupted),
-        "index": torch.from_numpy(index.astype(np.int64)),
-        "keypoints": torch.from_numpy(keypoints),
-    }
+def _corrupt(stream: np.ndarray, fraction: float, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """In place: make ``round(fraction · N)`` random samples of ``stream [N, C, S, S]``
+    uninformative (``mode`` as ``corrupt_mode`` of :func:`make_two_stream`); returns
+    their rows, sorted."""
+    n = len(stream)
+    m = int(round(fraction * n))
+    rows = np.sort(rng.permutation(n)[:m])
+    if mode == "shuffle" and m == 1:
+        raise ValueError(f"corrupt_fraction={fraction}: corrupt_mode='shuffle' needs "
+                         f"at least 2 corrupted samples, got 1 of {n}")
+    if mode == "noise":
+        mean = stream.mean(axis=(0, 2, 3), keepdims=True)           # [1, C, 1, 1]
+        std = stream.std(axis=(0, 2, 3), keepdims=True)
+        noise = rng.standard_normal((m,) + stream.shape[1:], dtype=np.float32)
+        stream[rows] = mean + std * noise
+    elif m > 1:
+        cycle = rng.permutation(rows)                                # one cycle: no fixed point
+        stream[cycle] = stream[np.roll(cycle, -1)]
+    return rows
 
 
 def _render_appearance(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

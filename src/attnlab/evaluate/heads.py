@@ -263,6 +263,27 @@ def head_importance(model: nn.Module, batches: Iterable[Any], module_names: Sequ
     """
     names = list(module_names)
     modules = [_attention_module(model, name) for name in names]
+    per_module = _heads_per_module(names, modules, n_heads)
+    forward = forward or (lambda m, inputs: m(inputs))
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="head importance")
+    tally = _ImportanceTally(len(names), max(per_module, default=0))
+    with torch.no_grad():
+        for batch in batches:
+            inputs, labels = _inputs_and_labels(batch)
+            pred, labels = tally.add_base(forward(model, inputs), labels)
+            for layer, (name, heads) in enumerate(zip(names, per_module)):
+                for h in range(heads):
+                    with ablate_heads(model, {name: [h]}):
+                        q = forward(model, inputs).double().softmax(dim=-1)
+                    tally.add_ablated(layer, h, q, pred, labels)
+    return tally.result(names, per_module)
+
+
+def _heads_per_module(names: list[str], modules: list[nn.Module],
+                      n_heads: int | Sequence[int] | None) -> list[int]:
+    """``head_importance``'s ``n_heads`` as one checked count per module."""
     if n_heads is None:
         per_module = [m.num_heads for m in modules]
     elif isinstance(n_heads, int):
@@ -275,49 +296,63 @@ def head_importance(model: nn.Module, batches: Iterable[Any], module_names: Sequ
     for name, module, h in zip(names, modules, per_module):
         if not 1 <= h <= module.num_heads:
             raise ValueError(f"n_heads={h} for {name!r}, which has {module.num_heads} heads")
-    forward = forward or (lambda m, inputs: m(inputs))
-    n_layers, max_heads = len(names), max(per_module, default=0)
+    return per_module
 
-    seen = labelled = 0
-    base_correct = base_prob = 0.0
-    correct = torch.zeros(n_layers, max_heads, dtype=torch.float64)
-    prob = torch.zeros(n_layers, max_heads, dtype=torch.float64)
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="head importance")
-    with torch.no_grad():
-        for batch in batches:
-            try:
-                inputs, labels = batch
-            except (TypeError, ValueError) as err:
-                raise ValueError("head_importance: each batch must be an (inputs, labels) pair") from err
-            p = forward(model, inputs).double().softmax(dim=-1)
-            pred = p.argmax(dim=-1)
-            seen += pred.shape[0]
-            base_prob += p.gather(1, pred[:, None]).sum().item()
-            if labels is not None:
-                labels = torch.as_tensor(labels, device=pred.device)
-                labelled += pred.shape[0]
-                base_correct += (pred == labels).sum().item()
-            for layer, (name, heads) in enumerate(zip(names, per_module)):
-                for h in range(heads):
-                    with ablate_heads(model, {name: [h]}):
-                        q = forward(model, inputs).double().softmax(dim=-1)
-                    prob[layer, h] += q.gather(1, pred[:, None]).sum().item()
-                    if labels is not None:
-                        correct[layer, h] += (q.argmax(dim=-1) == labels).sum().item()
-    if seen == 0:
-        raise ValueError("head_importance: batches was empty")
-    heads_mask = torch.arange(max_heads)[None, :] < torch.tensor(per_module)[:, None]
-    nan = torch.full_like(prob, math.nan)
-    base_p = base_prob / seen
-    prob_drop = torch.where(heads_mask, base_p - prob / seen, nan)
-    if labelled == seen:
-        base_acc = base_correct / seen
-        acc_drop = torch.where(heads_mask, base_acc - correct / seen, nan)
-    elif labelled == 0:
-        base_acc, acc_drop = math.nan, nan
-    else:
-        raise ValueError("head_importance: some batches have labels and some None")
-    return HeadImportance(names=names, accuracy_drop=acc_drop, prob_drop=prob_drop,
-                          accuracy=base_acc, prob=base_p)
+
+def _inputs_and_labels(batch: Any) -> tuple[Any, Any]:
+    """Unpack one ``(inputs, labels)`` batch of ``head_importance``."""
+    try:
+        inputs, labels = batch
+    except (TypeError, ValueError) as err:
+        raise ValueError("head_importance: each batch must be an (inputs, labels) pair") from err
+    return inputs, labels
+
+
+class _ImportanceTally:
+    """Running sums of :func:`head_importance`: samples seen, probability of the
+    un-ablated prediction and correct predictions, un-ablated and with each head
+    ``[L, H]`` zeroed."""
+
+    def __init__(self, n_layers: int, max_heads: int):
+        self.seen = self.labelled = 0
+        self.base_correct = self.base_prob = 0.0
+        self.correct_lh = torch.zeros(n_layers, max_heads, dtype=torch.float64)
+        self.prob_lh = torch.zeros(n_layers, max_heads, dtype=torch.float64)
+
+    def add_base(self, logits: torch.Tensor, labels: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Add the un-ablated batch; returns its predictions ``[B]`` and labels (a tensor or None)."""
+        p = logits.double().softmax(dim=-1)
+        pred = p.argmax(dim=-1)
+        self.seen += pred.shape[0]
+        self.base_prob += p.gather(1, pred[:, None]).sum().item()
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=pred.device)
+            self.labelled += pred.shape[0]
+            self.base_correct += (pred == labels).sum().item()
+        return pred, labels
+
+    def add_ablated(self, layer: int, head: int, q: torch.Tensor, pred: torch.Tensor,
+                    labels: torch.Tensor | None) -> None:
+        """Add the batch's probabilities ``q [B, C]`` with ``head`` of ``layer`` zeroed."""
+        self.prob_lh[layer, head] += q.gather(1, pred[:, None]).sum().item()
+        if labels is not None:
+            self.correct_lh[layer, head] += (q.argmax(dim=-1) == labels).sum().item()
+
+    def result(self, names: list[str], per_module: list[int]) -> HeadImportance:
+        """Means over the samples, as drops from the un-ablated values (NaN past a module's heads)."""
+        if self.seen == 0:
+            raise ValueError("head_importance: batches was empty")
+        max_heads = self.prob_lh.shape[1]
+        heads_mask = torch.arange(max_heads)[None, :] < torch.tensor(per_module)[:, None]
+        nan = torch.full_like(self.prob_lh, math.nan)
+        base_p = self.base_prob / self.seen
+        prob_drop = torch.where(heads_mask, base_p - self.prob_lh / self.seen, nan)
+        if self.labelled == self.seen:
+            base_acc = self.base_correct / self.seen
+            acc_drop = torch.where(heads_mask, base_acc - self.correct_lh / self.seen, nan)
+        elif self.labelled == 0:
+            base_acc, acc_drop = math.nan, nan
+        else:
+            raise ValueError("head_importance: some batches have labels and some None")
+        return HeadImportance(names=names, accuracy_drop=acc_drop, prob_drop=prob_drop,
+                              accuracy=base_acc, prob=base_p)

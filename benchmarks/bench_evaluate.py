@@ -10,32 +10,21 @@ from pathlib import Path
 
 import torch
 
-from attnlab.config import load_params
-from attnlab.experiments import get_experiment
+from attnlab.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    cfg = load_params(ROOT / "params.yaml").experiment("motion")
-    exp = get_experiment("motion")
+    times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "motion"
-        dirs = {s: root / s for s in ("prepare", "train", "extract", "explain", "evaluate")}
-        for d in dirs.values():
-            d.mkdir(parents=True)
-        exp.prepare(cfg, dirs["prepare"])
-        t0 = time.perf_counter()
-        exp.train(cfg, dirs["prepare"], dirs["train"])
-        t_train = time.perf_counter() - t0
-        exp.extract(cfg, dirs["prepare"], dirs["train"], dirs["extract"])
-        t0 = time.perf_counter()
-        exp.explain(cfg, dirs["prepare"], dirs["train"], dirs["explain"])
-        t_explain = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        exp.evaluate(cfg, root, dirs["evaluate"])
-        t_eval = time.perf_counter() - t0
+        argv = ["motion", "--params", str(ROOT / "params.yaml"), "--data", tmp]
+        for stage in ("prepare", "train", "extract", "aggregate", "explain", "evaluate"):
+            t0 = time.perf_counter()
+            run(stage, argv, progress=False)
+            times[stage] = time.perf_counter() - t0
+    t_train, t_explain, t_eval = times["train"], times["explain"], times["evaluate"]
     print(f"motion train: {t_train:.1f} s, explain: {t_explain:.1f} s, evaluate: {t_eval:.1f} s")
     print(f"evaluate / train: {t_eval / t_train:.2f}x (goal: proportional, < 1x); "
           f"(explain + evaluate) / train: {(t_explain + t_eval) / t_train:.2f}x (for reference)")

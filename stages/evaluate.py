@@ -1,7 +1,5 @@
-"""DVC stage `evaluate`: faithfulness of every explanation, ground-truth scores where
-the data has evidence, head diagnostics -> data/<experiment>/evaluate/."""
-from attnlab.pipeline import stage
+"""DVC stage `evaluate`: faithfulness of every explanation, ground-truth scores where the data have evidence, head diagnostics -> data/<experiment>/evaluate/."""
+from attnlab.pipeline import run
 
 if __name__ == "__main__":
-    with stage("evaluate") as s:
-        s.experiment.evaluate(s.cfg, s.root, s.out, progress=True)
+    run("evaluate")

@@ -1,7 +1,5 @@
-"""DVC stage `explain`: every attention method's per-item importance for each
-evaluation sample, and figures -> data/<experiment>/explain/."""
-from attnlab.pipeline import stage
+"""DVC stage `explain`: every method's per-item importance for each explained sample, and figures -> data/<experiment>/explain/."""
+from attnlab.pipeline import run
 
 if __name__ == "__main__":
-    with stage("explain") as s:
-        s.experiment.explain(s.cfg, s.dir("prepare"), s.dir("train"), s.out, progress=True)
+    run("explain")

@@ -1,7 +1,5 @@
-"""DVC stage `extract`: every layer's per-head attention of the evaluation samples,
-streamed to disk -> data/<experiment>/extract/."""
-from attnlab.pipeline import stage
+"""DVC stage `extract`: every layer's per-head attention of the test samples, streamed to disk -> data/<experiment>/extract/."""
+from attnlab.pipeline import run
 
 if __name__ == "__main__":
-    with stage("extract") as s:
-        s.experiment.extract(s.cfg, s.dir("prepare"), s.dir("train"), s.out, progress=True)
+    run("extract")

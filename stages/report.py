@@ -1,6 +1,5 @@
 """DVC stage `report`: a self-contained HTML report -> data/<experiment>/report/."""
-from attnlab.pipeline import stage
+from attnlab.pipeline import run
 
 if __name__ == "__main__":
-    with stage("report") as s:
-        s.experiment.report(s.cfg, s.root, s.out)
+    run("report")

@@ -17,8 +17,8 @@ def loop_reference(tokens, attention, mask, causal, vocab_size, per_head):
     attention = np.asarray(attention, dtype=np.float64)
     n_seq, n_pos = len(tokens), len(tokens[0])
     valid = [[True] * n_pos for _ in range(n_seq)] if mask is None else np.asarray(mask).astype(bool).tolist()
-    n_heads = attention.shape[1] if attention.ndim == 4 else 1
-    n_sum = n_heads if per_head else 1
+    nhead = attention.shape[1] if attention.ndim == 4 else 1
+    n_sum = nhead if per_head else 1
     sums = np.zeros((n_sum, vocab_size, vocab_size))
     count = np.zeros((vocab_size, vocab_size), dtype=np.int64)
     expected = np.zeros((vocab_size, vocab_size))
@@ -34,10 +34,10 @@ def loop_reference(tokens, attention, mask, causal, vocab_size, per_head):
                 if attention.ndim == 3:
                     sums[0, q, k] += attention[b, i, j]
                 elif per_head:
-                    for h in range(n_heads):
+                    for h in range(nhead):
                         sums[h, q, k] += attention[b, h, i, j]
                 else:
-                    sums[0, q, k] += sum(attention[b, h, i, j] for h in range(n_heads)) / n_heads
+                    sums[0, q, k] += sum(attention[b, h, i, j] for h in range(nhead)) / nhead
     return (sums if per_head else sums[0]), count, expected
 
 
@@ -49,10 +49,10 @@ def ratio(num, den, count):
     return out
 
 
-def make_batch(rng, n_seq=4, n_pos=9, n_heads=3, vocab_size=6, masked=True, dtype=torch.float64):
+def make_batch(rng, n_seq=4, n_pos=9, nhead=3, vocab_size=6, masked=True, dtype=torch.float64):
     tokens = torch.as_tensor(rng.integers(0, vocab_size, size=(n_seq, n_pos)))
     # Rows deliberately do not sum to 1 (rollout-like inputs are accepted).
-    attention = torch.as_tensor(rng.random((n_seq, n_heads, n_pos, n_pos)), dtype=dtype)
+    attention = torch.as_tensor(rng.random((n_seq, nhead, n_pos, n_pos)), dtype=dtype)
     mask = None
     if masked:
         mask = torch.as_tensor(rng.random((n_seq, n_pos)) > 0.3)
@@ -68,13 +68,13 @@ def make_batch(rng, n_seq=4, n_pos=9, n_heads=3, vocab_size=6, masked=True, dtyp
 @pytest.mark.parametrize("per_head", [False, True])
 def test_matches_triple_loop(causal, masked, per_head):
     rng = np.random.default_rng(7 + 2 * causal + 4 * masked + 8 * per_head)
-    vocab_size, n_heads = 6, 3
-    agg = VocabAttention(vocab_size, n_heads=n_heads if per_head else None)
-    batches = [make_batch(rng, vocab_size=vocab_size, n_heads=n_heads, masked=masked) for _ in range(3)]
+    vocab_size, nhead = 6, 3
+    agg = VocabAttention(vocab_size, nhead=nhead if per_head else None)
+    batches = [make_batch(rng, vocab_size=vocab_size, nhead=nhead, masked=masked) for _ in range(3)]
     for tokens, attention, mask in batches:
         assert agg.update(tokens, attention, mask=mask, causal=causal) is agg
 
-    ref_sum = np.zeros((n_heads, vocab_size, vocab_size) if per_head else (vocab_size, vocab_size))
+    ref_sum = np.zeros((nhead, vocab_size, vocab_size) if per_head else (vocab_size, vocab_size))
     ref_count = np.zeros((vocab_size, vocab_size), dtype=np.int64)
     ref_expected = np.zeros((vocab_size, vocab_size))
     for tokens, attention, mask in batches:
@@ -149,8 +149,8 @@ def test_merge_of_shards_equals_one_pass():
     rng = np.random.default_rng(5)
     batches = [make_batch(rng, vocab_size=6) for _ in range(4)]
     for per_head in (None, 3):
-        one = VocabAttention(6, n_heads=per_head)
-        left, right = VocabAttention(6, n_heads=per_head), VocabAttention(6, n_heads=per_head)
+        one = VocabAttention(6, nhead=per_head)
+        left, right = VocabAttention(6, nhead=per_head), VocabAttention(6, nhead=per_head)
         for k, (tokens, attention, mask) in enumerate(batches):
             one.update(tokens, attention, mask=mask, causal=True)
             (left if k % 2 else right).update(tokens, attention, mask=mask, causal=True)
@@ -164,20 +164,20 @@ def test_merge_of_shards_equals_one_pass():
 def test_merge_rejects_mismatch():
     with pytest.raises(ValueError, match="vocab_size 4 != 5"):
         VocabAttention(5).merge(VocabAttention(4))
-    with pytest.raises(ValueError, match="n_heads"):
-        VocabAttention(5).merge(VocabAttention(5, n_heads=2))
+    with pytest.raises(ValueError, match="nhead"):
+        VocabAttention(5).merge(VocabAttention(5, nhead=2))
     with pytest.raises(TypeError, match="VocabAttention"):
         VocabAttention(5).merge(np.zeros((5, 5)))
 
 
 def test_head_mean_of_per_head_equals_averaged_stream():
     rng = np.random.default_rng(9)
-    per_head, averaged = VocabAttention(6, n_heads=3), VocabAttention(6)
+    per_head, averaged = VocabAttention(6, nhead=3), VocabAttention(6)
     for tokens, attention, mask in [make_batch(rng) for _ in range(2)]:
         per_head.update(tokens, attention, mask=mask)
         averaged.update(tokens, attention, mask=mask)
     collapsed = per_head.head_mean()
-    assert collapsed.n_heads is None and collapsed.sum.shape == (6, 6)
+    assert collapsed.nhead is None and collapsed.sum.shape == (6, 6)
     np.testing.assert_allclose(collapsed.sum, averaged.sum, rtol=1e-12)
     np.testing.assert_array_equal(collapsed.count, averaged.count)
     np.testing.assert_allclose(per_head.mean(), per_head.sum / np.where(per_head.count > 0, per_head.count, np.nan))
@@ -209,7 +209,7 @@ def test_masked_positions_are_never_read():
 
 
 def test_rejects_bad_inputs():
-    agg = VocabAttention(4, n_heads=None)
+    agg = VocabAttention(4, nhead=None)
     ok_tokens, ok_attn = torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3, 3)
     with pytest.raises(ValueError, match="id 4 is outside"):
         agg.update(torch.tensor([[0, 4, 1], [0, 0, 0]]), ok_attn)
@@ -229,16 +229,16 @@ def test_rejects_bad_inputs():
         agg.update(ok_tokens.float(), ok_attn)
     with pytest.raises(TypeError, match="float"):
         agg.update(ok_tokens, torch.ones(2, 3, 3, dtype=torch.long))
-    per_head = VocabAttention(4, n_heads=2)
-    with pytest.raises(ValueError, match=r"n_heads=2.*got \[2, 3, 3, 3\]"):
+    per_head = VocabAttention(4, nhead=2)
+    with pytest.raises(ValueError, match=r"nhead=2.*got \[2, 3, 3, 3\]"):
         per_head.update(ok_tokens, torch.rand(2, 3, 3, 3))
-    with pytest.raises(ValueError, match=r"n_heads=2.*got \[2, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"nhead=2.*got \[2, 3, 3\]"):
         per_head.update(ok_tokens, ok_attn)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="vocab_size"):
             VocabAttention(bad)
-    with pytest.raises(ValueError, match="n_heads"):
-        VocabAttention(3, n_heads=0)
+    with pytest.raises(ValueError, match="nhead"):
+        VocabAttention(3, nhead=0)
     assert agg.count.sum() == 0 and agg.n_sequences == 0    # failed updates change nothing
 
 
@@ -259,16 +259,16 @@ def test_views_are_read_only():
         agg.expected[0, 0] = 1.0
 
 
-@pytest.mark.parametrize("n_heads", [None, 2])
-def test_save_load_and_pickle_round_trip(tmp_path, n_heads):
+@pytest.mark.parametrize("nhead", [None, 2])
+def test_save_load_and_pickle_round_trip(tmp_path, nhead):
     rng = np.random.default_rng(4)
-    tokens, attention, mask = make_batch(rng, n_heads=2)
-    agg = VocabAttention(6, n_heads=n_heads).update(tokens, attention, mask=mask, causal=True)
+    tokens, attention, mask = make_batch(rng, nhead=2)
+    agg = VocabAttention(6, nhead=nhead).update(tokens, attention, mask=mask, causal=True)
     agg.save(tmp_path / "vocab.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.npz"]
     for copy in (VocabAttention.load(tmp_path / "vocab.npz"), pickle.loads(pickle.dumps(agg)),
                  VocabAttention.from_state_dict(agg.state_dict())):
-        assert (copy.vocab_size, copy.n_heads, copy.n_sequences) == (6, n_heads, agg.n_sequences)
+        assert (copy.vocab_size, copy.nhead, copy.n_sequences) == (6, nhead, agg.n_sequences)
         np.testing.assert_array_equal(copy.sum, agg.sum)
         np.testing.assert_array_equal(copy.count, agg.count)
         np.testing.assert_array_equal(copy.expected, agg.expected)
@@ -319,8 +319,8 @@ def test_to_frame_and_top_pairs():
 
 def test_per_head_frame():
     rng = np.random.default_rng(8)
-    tokens, attention, mask = make_batch(rng, n_heads=2)
-    agg = VocabAttention(6, n_heads=2).update(tokens, attention, mask=mask)
+    tokens, attention, mask = make_batch(rng, nhead=2)
+    agg = VocabAttention(6, nhead=2).update(tokens, attention, mask=mask)
     frame = agg.to_frame()
     n_pairs = int((agg.count > 0).sum())
     assert frame.columns[0] == "head" and len(frame) == 2 * n_pairs

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from attnlab.attribution import attention_importance, importance_from_records, to_items
+from attnlab.attribution import attention_importance, to_items
 from attnlab.capture import AttentionRecorder
 from attnlab.models import EncoderClassifier
 
@@ -87,11 +87,7 @@ def test_errors_name_the_problem():
         attention_importance(_model(), torch.randn(1, 3, 3), n_items=3, methods=["lime"])
     with pytest.raises(ValueError, match="Linear has no nn.MultiheadAttention"):
         attention_importance(torch.nn.Linear(3, 2), torch.randn(1, 3), n_items=3, methods=["raw"])
-    with pytest.raises(ValueError, match="no attention was recorded"):
-        importance_from_records([], None, n_items=3, methods=["raw"])
-    with pytest.raises(ValueError, match="grad_rollout needs the gradients"):
-        importance_from_records([torch.rand(1, 1, 3, 3)], None, n_items=3, methods=["grad_rollout"])
-    with pytest.raises(ValueError, match="unknown method 'lime'"):
-        importance_from_records([torch.rand(1, 1, 3, 3)], None, n_items=3, methods=["lime"])
+    with pytest.raises(ValueError, match="method 'weights' is not defined for sequence items"):
+        attention_importance(_model(), torch.randn(1, 3, 3), n_items=3, methods=["weights"])
     with pytest.raises(ValueError, match="expected 5 items"):
         to_items(torch.ones(2, 3), 5)

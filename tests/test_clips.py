@@ -220,7 +220,10 @@ def test_frames_perturbation_on_cached_embeddings_equals_masked_clips(baseline):
     train = make_frame_clips(12, frames=6, size=16, n_key=2, n_distractors=2, seed=4)
     data = {"x_test": clips["x"], "x_train": train["x"]}
     cfg = FramesParams.model_validate({"explain": {"baseline": baseline}})
-    fn, h, masker = get_experiment("frames").perturbation_inputs(cfg, model, data)
+    exp = get_experiment("frames")
+    pert = exp.perturbation(cfg, model, data, {}, exp.explained(cfg, data | {"y_test": torch.zeros(10)},
+                                                                 {"n_items": 6}))
+    fn, h, masker = pert.fn, pert.x, pert.masker
     assert h.shape == (10, 6, 16)
     importance = torch.rand(10, 6, generator=torch.Generator().manual_seed(5))
     fill = train["x"].mean(dim=(0, 1)) if baseline == "mean" else baseline

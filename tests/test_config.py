@@ -1,4 +1,5 @@
 """params.yaml validation: one clear line naming the key, no partial outputs."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,43 @@ def test_stage_with_bad_params_fails_cleanly(tmp_path):
     assert lines == [f"error: {tmp_path / 'params.yaml'}: motion.prepare: unknown key 'normalise'; "
                      "accepted: source, normalize"]
     assert not (tmp_path / "data").exists()
+
+
+def test_one_default_per_knob():
+    """A params key passed to a library function has the same default in both places,
+    so a key left out of params.yaml means what the library's documentation says."""
+    import inspect
+
+    from attnlab import config as c
+    from attnlab.data.clips import make_frame_clips, make_video_clips
+    from attnlab.data.fusion import make_two_stream
+    from attnlab.models.causal import CausalTransformerLM
+    from attnlab.models.encoder import EncoderClassifier
+    from attnlab.models.frames import frames_classifier
+    from attnlab.models.fusion import TwoStreamClassifier
+    from attnlab.models.spacetime import DividedSpaceTimeTransformer
+
+    pairs = [(c.FramesPrepare, make_frame_clips), (c.VideoPrepare, make_video_clips),
+             (c.FusionPrepare, make_two_stream), (c.EncoderModel, EncoderClassifier),
+             (c.EncoderModel, frames_classifier), (c.CausalModel, CausalTransformerLM),
+             (c.SpaceTimeModel, DividedSpaceTimeTransformer), (c.FusionModel, TwoStreamClassifier)]
+    compared = 0
+    for section, fn in pairs:
+        parameters = inspect.signature(fn).parameters
+        for name, field in section.model_fields.items():
+            if name in parameters and parameters[name].default is not inspect.Parameter.empty:
+                assert parameters[name].default == field.default, (section.__name__, fn.__name__, name)
+                compared += 1
+    assert compared >= 30
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("video", "explain", {"discard_ratio": 0.1}, "video.explain: unknown key 'discard_ratio'"),
+    ("video", "explain", {"flow_max_pairs": 10}, "video.explain: unknown key 'flow_max_pairs'"),
+    ("fusion", "report", {"examples": 2}, "fusion.report: unknown key 'examples'"),
+    ("tokens", "aggregate", {"attention": "max"}, "tokens.aggregate.attention:"),
+    ("tokens", "aggregate", {"layers": []}, "tokens.aggregate.layers:"),
+])
+def test_params_without_effect_are_refused(section, key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_params({"experiments": [section], section: {key: value}})

@@ -141,7 +141,7 @@ def test_data_arguments_are_validated():
 def make_model(fusion: str, nhead: int = 1, seed: int = 0) -> TwoStreamClassifier:
     torch.manual_seed(seed)
     model = TwoStreamClassifier(4, fusion=fusion, appearance_channels=3, structure_channels=6,
-                                d=D, nhead=nhead).eval()
+                                d_model=D, nhead=nhead).eval()
     with torch.no_grad():                       # move every learned fusion off its symmetric start
         for p in model.fusion.parameters():
             p.add_(torch.randn_like(p))
@@ -169,7 +169,7 @@ def test_shapes_weights_are_distributions_and_forward_is_deterministic(fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_learned_fusions_start_at_equal_weights(fusion):
     torch.manual_seed(0)
-    model = TwoStreamClassifier(4, fusion=fusion, structure_channels=6, d=D)
+    model = TwoStreamClassifier(4, fusion=fusion, structure_channels=6, d_model=D)
     _, w = model.forward_with_weights(*inputs())
     assert torch.allclose(w, torch.full((B, 2), 0.5))
 
@@ -283,7 +283,7 @@ def test_model_arguments_are_validated():
     with pytest.raises(ValueError, match="fusion"):
         TwoStreamClassifier(3, fusion="gated")
     with pytest.raises(ValueError, match="nhead"):
-        TwoStreamClassifier(3, d=10, nhead=4)
+        TwoStreamClassifier(3, d_model=10, nhead=4)
 
 
 # --------------------------------------------------------------------------- the fusion experiment
@@ -305,7 +305,7 @@ def test_stream_masker_replaces_exactly_the_removed_streams_channels():
 
 
 def test_stream_weight_summary_matches_a_literal_computation():
-    from attnlab.experiments.fusion import stream_weight_summary
+    from attnlab.evaluate.summaries import stream_weight_summary
 
     rng = np.random.default_rng(0)
     w1 = rng.random(50)
@@ -315,20 +315,22 @@ def test_stream_weight_summary_matches_a_literal_computation():
     corrupted[:20, 1] = True                                      # structure corrupted on 20 samples
     corrupted[20:25, 0] = True                                    # appearance on 5
     corrupted[25:27] = True                                       # both on 2 (no informative stream)
-    s = stream_weight_summary(weights, y, corrupted, ["a", "b", "c"])
+    s = stream_weight_summary(weights, y, corrupted, ["a", "b", "c"], ["appearance", "structure"])
     informative = [weights[i, 0] for i in range(20)] + [weights[i, 1] for i in range(20, 25)]
     assert s["informative"] == pytest.approx(sum(informative) / len(informative))
     assert s["mean"]["appearance"] == pytest.approx(w1.mean())
     assert s["per_class"]["b"]["structure"] == pytest.approx(np.mean([1 - w1[i] for i in range(50) if y[i] == 1]))
     rows = [i for i in range(50) if corrupted[i, 1]]
     assert s["structure_corrupted"]["appearance"] == pytest.approx(np.mean(w1[rows]))
-    none = stream_weight_summary(weights, y, np.zeros((50, 2), dtype=bool), ["a", "b", "c"])
+    none = stream_weight_summary(weights, y, np.zeros((50, 2), dtype=bool), ["a", "b", "c"],
+                                 ["appearance", "structure"])
     assert none["informative"] is None and "structure_corrupted" not in none
 
 
 def test_fusion_experiment_forward_and_importance_use_the_two_streams():
     """The packed input is split into the model's two streams; every method gives each
     sample a weight per stream summing to 1, and 'weights' are the fusion's own."""
+    from attnlab.attribution import explain_batch
     from attnlab.config import FusionParams
     from attnlab.experiments import get_experiment
 
@@ -340,7 +342,9 @@ def test_fusion_experiment_forward_and_importance_use_the_two_streams():
     x = torch.cat([a, s], dim=1)
     torch.testing.assert_close(exp.forward(model, x), model(a, s))
     cfg = FusionParams.model_validate({"explain": {"ig_steps": 4}})
-    imp, target = exp.importance_batch(cfg, model, x, 2, 0.0)
+    items = exp.items(cfg, {"channels": [3, 17]})
+    imp, batch = explain_batch(cfg.explain.methods, model, x, items, cfg.explain, forward=exp.forward)
+    target = batch.target
     assert set(imp) == {"weights", "input_x_gradient", "integrated_gradients"}
     for v in imp.values():
         assert v.shape == (6, 2)

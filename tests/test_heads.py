@@ -67,19 +67,19 @@ def test_default_k_and_half_precision():
 
 def test_padding_mask_is_respected():
     n, valid = 6, [4, 6]
-    pad = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    real = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])      # True = real token
     attn = torch.zeros(2, 1, n, n)
     attn[0, :, :, :4] = 0.25                                # uniform over the 4 valid keys
     attn[0, :, 4:, :] = torch.rand(2, n).softmax(-1)        # padded queries: anything
     attn[1] = 1.0 / 6
-    out = head_diagnostics([attn], mask=pad, k=1)
+    out = head_diagnostics([attn], mask=real, k=1)
     assert out["entropy"].item() == pytest.approx(1.0)
     loc = [uniform_locality(m) for m in valid]
     assert out["locality"].item() == pytest.approx((4 * loc[0] + 6 * loc[1]) / 10)
     assert out["locality_norm"].item() == pytest.approx((4 * loc[0] / 4 + 6 * loc[1] / 6) / 10)
     assert out["sink"].item() == pytest.approx((1 / 4 + 1 / 6) / 2)
     with pytest.raises(ValueError, match="mask"):
-        head_diagnostics([attn], mask=pad[:, :5])
+        head_diagnostics([attn], mask=real[:, :5])
 
 
 def test_causal_uniform():
@@ -214,6 +214,6 @@ def test_head_importance_of_a_hand_set_model():
     assert result.prob_drop[0, 0].item() == pytest.approx(p_orig.mean().item() - 1 / C, abs=1e-6)
     assert result.accuracy_drop[0, 0].item() == pytest.approx(1.0 - (pred == 0).double().mean().item())
 
-    unlabelled = head_importance(model, [(x, None) for x in batches], ["attn"], n_heads=2)
+    unlabelled = head_importance(model, [(x, None) for x in batches], ["attn"], nhead=2)
     assert math.isnan(unlabelled.accuracy) and torch.isnan(unlabelled.accuracy_drop).all()
     assert torch.allclose(unlabelled.prob_drop, result.prob_drop)

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from stagetrace.check import load_traces, tracer_env, uncovered
 
 ROOT = Path(__file__).resolve().parents[1]
+# the fixture runs the whole tiny pipeline (under the stage tracer) before the first test
+pytestmark = pytest.mark.timeout(1800)
 BIN = Path(sys.executable).parent
 
 
@@ -27,7 +30,7 @@ def project(tmp_path_factory):
     repo = tmp_path_factory.mktemp("proj")
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "src", ".dvc"):
+    for name in ("stages", "src", ".dvc"):   # .dvc: config (analytics off) and the plot template
         shutil.copytree(ROOT / name, repo / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp", "cache"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -42,7 +45,8 @@ def project(tmp_path_factory):
     params["tokens"]["prepare"].update(n=300, max_len=16)
     params["tokens"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
     params["tokens"]["train"].update(epochs=1)
-    params["tokens"]["explain"].update(min_count=1, heatmap_tokens=10)
+    params["tokens"]["aggregate"].update(min_count=1)
+    params["tokens"]["report"].update(heatmap_tokens=10)
     params["motion"]["model"].update(d_model=16, nhead=2, num_layers=2, dim_feedforward=32)
     params["motion"]["train"].update(epochs=3, batch_size=20)
     params["motion"]["report"]["examples"] = 2
@@ -58,8 +62,11 @@ def project(tmp_path_factory):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "tiny project"], repo, env)
     _run([sys.executable, "-c", "from attnlab.tracking import init_store; init_store()"], repo, env)
-    first = _run(["dvc", "repro"], repo, env)
-    return repo, env, first
+    # the first repro runs every stage under the tracer (tests/stagetrace): what each
+    # reads and runs is checked against its deps in test_every_stage_declares_what_it_uses
+    traces = tmp_path_factory.mktemp("traces")
+    _run(["dvc", "repro"], repo, tracer_env(traces, src=repo / "src", base=env))
+    return repo, env, traces
 
 
 def _runs(repo, experiment="motion"):
@@ -90,14 +97,45 @@ def test_repro_produces_every_output(project):
         np.testing.assert_allclose(explained[m].sum(1), 1.0, rtol=1e-4)
     evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
     assert set(evaluated["faithfulness"]["deletion_auc"]) == methods | {"random"}
-    assert {"most_vertical", "most_important"} <= set(evaluated["heads"])
-    assert (data / "evaluate" / "results" / "deletion.csv").read_text().startswith("fraction,")
+    assert {"strongest_sink", "most_important"} <= set(evaluated["heads"])
+    assert (data / "evaluate" / "deletion.csv").read_text().startswith("fraction,")
     html = (data / "report" / "report.html").read_text()
-    assert "Is the explanation faithful?" in html and "most vertical head" in html
+    assert "Is the explanation faithful?" in html and "the strongest sink" in html
     assert html.count("data:image/png;base64,") >= 4
     assert "http://" not in html and "https://" not in html        # opens offline
     status = _run(["dvc", "status"], repo, env).stdout
     assert "up to date" in status
+
+
+def test_every_stage_declares_what_it_uses(project):
+    """Every stage of every experiment, traced during the first `dvc repro`: each project
+    file it read and each project source file whose code it ran is covered by its deps
+    in dvc.yaml, so `dvc repro` never skips a stale stage."""
+    repo, _, traces = project
+    found = load_traces(traces)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    experiments = yaml.safe_load((repo / "params.yaml").read_text())["experiments"]
+    assert {(t["stage"], t["experiment"]) for t in found} == {(s, e) for s in stages for e in experiments}
+    assert uncovered(found, repo / "dvc.yaml") == []
+
+
+def test_editing_library_code_makes_its_stages_stale(project):
+    """A library file only the aggregate stage runs: editing it makes aggregate@tokens
+    (and only the stages that run it) stale in `dvc status`; undoing the edit makes
+    the pipeline up to date again."""
+    repo, env, _ = project
+    path = repo / "src" / "attnlab" / "aggregate_views.py"
+    original = path.read_text()
+    path.write_text(original + "\n# edited\n")
+    try:
+        status = _run(["dvc", "status"], repo, env).stdout
+    finally:
+        path.write_text(original)
+    stale = {line.rstrip(":").strip() for line in status.splitlines() if line.rstrip().endswith(":")
+             and not line.startswith("\t")}
+    assert "aggregate@tokens" in stale, status
+    assert not any(s.startswith(("train@", "prepare@", "explain@")) for s in stale), status
+    assert "up to date" in _run(["dvc", "status"], repo, env).stdout
 
 
 def test_tokens_vocab_attention_outputs(project):
@@ -105,18 +143,22 @@ def test_tokens_vocab_attention_outputs(project):
     data = repo / "data" / "tokens"
     from attnlab.aggregate import VocabAttention
     meta = json.loads((data / "prepare" / "meta.json").read_text())
-    agg = VocabAttention.load(data / "explain" / "vocab.npz")
+    summary = json.loads((data / "aggregate" / "summary.json").read_text())
+    assert summary["views"] == ["layer0"] and summary["headline"] == "layer0"
+    agg = VocabAttention.load(data / "aggregate" / "vocab_layer0.npz")
     assert agg.sum.shape == (len(meta["vocab"]),) * 2
     pad = meta["vocab"].index("<pad>")
     assert agg.count[pad].sum() == 0 and agg.count[:, pad].sum() == 0      # padding never counted
-    top = (data / "explain" / "top_pairs.csv").read_text().splitlines()
+    top = (data / "aggregate" / "top_pairs_layer0.csv").read_text().splitlines()
     assert top[0].startswith("query_id,key_id,query_token,key_token")
     evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
     assert 0.0 <= evaluated["planted"]["recall_at_k"] <= 1.0
     assert {"raw", "rollout", "random"} <= set(evaluated["faithfulness"]["deletion_auc"])
     assert "rollout" in evaluated["evidence"]["auroc"]
-    assert (data / "evaluate" / "results" / "deletion.csv").read_text().startswith("fraction,")
+    assert (data / "evaluate" / "deletion.csv").read_text().startswith("fraction,method,probability")
     assert "Which token attends to which" in (data / "report" / "report.html").read_text()
+    for name in ("motion", "frames", "video", "fusion"):       # no vocabulary: nothing aggregated, and said so
+        assert json.loads((repo / "data" / name / "aggregate" / "summary.json").read_text())["vocabulary"] is False
 
 
 @pytest.mark.parametrize("name", ["frames", "video"])

@@ -187,7 +187,7 @@ def test_head_ablation_equals_zeroing_the_heads_output(clip, module):
     """ablate_heads on the model's own attention equals removing head h's slice of the
     per-head outputs before the projection (a pre-hook, independent of out_proj)."""
     from attnlab.evaluate import ablate_heads
-    from attnlab.experiments.evaluation import ablation_module
+    from attnlab.evaluate.summaries import ablation_module
 
     model, h = _model(), 1
     assert ablation_module(model, f"{module}.attn_probs") == module

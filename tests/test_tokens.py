@@ -230,12 +230,32 @@ def test_recall_at_k_counts_true_pairs_among_ranked_pairs():
     assert recall_at_k(top, [["b1", "a1"]]) == 1.0                # pairs read back from JSON are lists
 
 
+def _faithfulness(model, d, vocab, cfg):
+    """The tokens experiment's explain and evaluate steps on one batch: every method's
+    importance of the explained predictions, later tokens ranked last, and the curves."""
+    from attnlab.attribution import explain_batch
+    from attnlab.evaluate import random_importance
+    from attnlab.evaluate.summaries import perturbation_curves
+    from attnlab.experiments import get_experiment
+
+    exp = get_experiment("tokens")
+    ex = exp.explained(cfg, d, {"vocab": vocab})
+    imp, batch = explain_batch(cfg.explain.methods, model, ex.x, ex.items, cfg.explain,
+                               forward=lambda m, xb: ex.forward(m, xb, slice(None)))
+    imp["random"] = random_importance((len(ex), ex.items.n_items), 0).float()
+    imp = {m: v.masked_fill(~ex.valid, -1.0) for m, v in imp.items()}
+    pert = exp.perturbation(cfg, model, d, {"vocab": vocab}, ex)
+    aucs, curves = perturbation_curves(pert.fn, pert.x, imp, pert.masker, target=batch.target, steps=None,
+                                       batch_size=cfg.evaluate.batch_size, forward_kwargs=pert.forward_kwargs)
+    return ex, aucs, curves
+
+
 def test_explained_positions_and_faithfulness_of_a_causal_lm():
     """One next-token prediction per planted test sequence: the first probe whose trigger
     is present, with the trigger as evidence (literal loop); the curves track the
     model's own prediction there, and later tokens never count."""
     from attnlab.config import TokensParams
-    from attnlab.experiments.tokens import explained_positions, faithfulness, next_token_logits
+    from attnlab.experiments.tokens import explained_positions, next_token_logits
 
     data = planted_sequences(40, length=16, n_rules=8, plants_per_seq=2, seed=5)
     d = {"tokens_test": data.tokens, "mask_test": data.mask, "true_key_test": data.true_key}
@@ -250,9 +270,9 @@ def test_explained_positions_and_faithfulness_of_a_causal_lm():
     model = CausalTransformerLM(len(data.vocab), max_len=16, d_model=16, nhead=2, num_layers=2,
                                 dim_feedforward=32).eval()
     cfg = TokensParams.model_validate({"evaluate": {"steps": None}})
-    metrics, curves = faithfulness(model, d, data.vocab, cfg)
-    assert metrics["n_explained"] == len(expected)
-    assert set(metrics["deletion_auc"]) == {"raw", "received", "rollout", "grad_rollout", "random"}
+    ex, aucs, curves = _faithfulness(model, d, data.vocab, cfg)
+    assert len(ex) == len(expected)
+    assert set(aucs["deletion_auc"]) == {"raw", "received", "rollout", "grad_rollout", "flow", "random"}
     # the curve starts at the model's own probability of its prediction at the position
     with torch.no_grad():
         p = next_token_logits(model, data.tokens[rows], position, data.mask[rows]).softmax(-1).amax(-1)
@@ -265,7 +285,6 @@ def test_explained_positions_and_faithfulness_of_a_causal_lm():
     for method in ("raw", "received", "random"):
         values = curves["deletion"][method].to_numpy()
         np.testing.assert_allclose(values[first:], values[first], atol=1e-12)
-    assert 0.0 <= metrics["evidence"]["auroc"]["rollout"] <= 1.0
 
 
 def test_evidence_gradients_per_layer_match_a_literal_loop():
@@ -273,15 +292,16 @@ def test_evidence_gradients_per_layer_match_a_literal_loop():
     and gradient at the trigger vs the mean over the other allowed keys, per sequence."""
     from attnlab.attribution import record_target
     from attnlab.config import TokensParams
-    from attnlab.experiments.tokens import explained_positions, faithfulness, next_token_logits
+    from attnlab.experiments import get_experiment
+    from attnlab.experiments.tokens import evidence_per_layer, explained_positions, next_token_logits
 
     data = planted_sequences(30, length=12, n_rules=8, plants_per_seq=2, seed=3)
     d = {"tokens_test": data.tokens, "mask_test": data.mask, "true_key_test": data.true_key}
     torch.manual_seed(1)
     model = CausalTransformerLM(len(data.vocab), max_len=12, d_model=16, nhead=2, num_layers=2,
                                 dim_feedforward=32).eval()
-    cfg = TokensParams.model_validate({"evaluate": {"batch_size": 7}})   # several batches
-    per_layer = faithfulness(model, d, data.vocab, cfg)[0]["evidence"]["per_layer"]
+    cfg = TokensParams.model_validate({"explain": {"batch_size": 7}})   # several batches
+    per_layer = evidence_per_layer(cfg, model, get_experiment("tokens").explained(cfg, d, {"vocab": data.vocab}))
 
     rows, position, evidence = explained_positions(d)
     atts, grads, _ = record_target(model, data.tokens[rows],

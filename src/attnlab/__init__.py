@@ -4,6 +4,9 @@ Public API (stable names; see DESIGN.md):
 ``AttentionRecorder`` records every attention call of a model; ``rollout``,
 ``grad_rollout``, ``attention_flow``, ``spacetime_rollout`` and ``readout`` turn the
 recorded maps into explanations; ``VocabAttention`` aggregates token x token attention.
+
+Masks: ``mask`` is always a ``[B, N]`` bool that is True at real tokens (torch's
+``padding_mask``, True at padding, is accepted by ``rollout`` and ``readout`` as well).
 """
 from attnlab.aggregate import VocabAttention
 from attnlab.capture import AttentionProbs, AttentionRecorder

@@ -149,7 +149,7 @@ class VocabAttention:
 
     Args:
         vocab_size: ``V``; token ids must lie in ``[0, V)``.
-        n_heads: ``None`` (default) averages the heads of ``[B, H, N, N]`` attention
+        nhead: ``None`` (default) averages the heads of ``[B, H, N, N]`` attention
             into one ``[V, V]`` ``sum``. An integer ``H`` keeps one sum per head,
             ``sum [H, V, V]`` (``count`` and ``expected`` do not depend on the head
             and stay ``[V, V]``); ``update`` then requires ``[B, H, N, N]``.
@@ -157,7 +157,7 @@ class VocabAttention:
     Per layer: keep one aggregator per layer, e.g. with an
     :class:`~attnlab.AttentionRecorder`::
 
-        aggs = [VocabAttention(V, n_heads=H) for _ in range(n_layers)]
+        aggs = [VocabAttention(V, nhead=H) for _ in range(n_layers)]
         for tokens, mask in loader:
             with AttentionRecorder(model) as rec:
                 model(tokens, src_key_padding_mask=~mask)
@@ -175,14 +175,14 @@ class VocabAttention:
         n_sequences: number of sequences seen (merged aggregators add up).
     """
 
-    def __init__(self, vocab_size: int, n_heads: int | None = None):
+    def __init__(self, vocab_size: int, nhead: int | None = None):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size!r}: expected a positive integer")
-        if n_heads is not None and (isinstance(n_heads, bool) or not isinstance(n_heads, (int, np.integer))
-                                    or n_heads < 1):
-            raise ValueError(f"n_heads={n_heads!r}: expected None or a positive integer")
+        if nhead is not None and (isinstance(nhead, bool) or not isinstance(nhead, (int, np.integer))
+                                    or nhead < 1):
+            raise ValueError(f"nhead={nhead!r}: expected None or a positive integer")
         self.vocab_size = int(vocab_size)
-        self.n_heads = None if n_heads is None else int(n_heads)
+        self.nhead = None if nhead is None else int(nhead)
         self.n_sequences = 0
         # Tables are (V + 1) x (V + 1), flattened: id V collects every pair that has a
         # masked position, so masking costs O(B·N) instead of a selection over B·N·N
@@ -192,7 +192,7 @@ class VocabAttention:
         # both halves of a cell in one cache line. Counts stay exact integers in
         # float64 up to 2**53 pairs per cell.
         side = self.vocab_size + 1
-        n_sum = 1 if self.n_heads is None else self.n_heads
+        n_sum = 1 if self.nhead is None else self.nhead
         self._sum = torch.zeros(n_sum, side * side, dtype=torch.float64)
         self._count_expected = torch.zeros(side * side, dtype=torch.complex128)
 
@@ -206,9 +206,9 @@ class VocabAttention:
 
     @property
     def sum(self) -> np.ndarray:
-        """``[V, V]`` float64 (``[H, V, V]`` with ``n_heads``): Σ attention per token pair."""
+        """``[V, V]`` float64 (``[H, V, V]`` with ``nhead``): Σ attention per token pair."""
         out = self._square(self._sum)
-        return out[0] if self.n_heads is None else out
+        return out[0] if self.nhead is None else out
 
     def _counts(self) -> np.ndarray:
         """``[V, V]`` float64 view of the counts (the complex table's real part)."""
@@ -254,7 +254,7 @@ class VocabAttention:
             tokens: ``[B, N]`` integer token ids in ``[0, V)`` (ids at masked positions
                 are ignored and may be anything, e.g. ``-1``).
             attention: ``[B, N, N]`` or ``[B, H, N, N]`` (query x key) weights, any float
-                dtype. Heads are averaged unless the aggregator has ``n_heads``. Rows
+                dtype. Heads are averaged unless the aggregator has ``nhead``. Rows
                 need not sum to 1 (rollout or gradient-weighted maps are fine); entries
                 of invalid pairs are never read, so they may be NaN.
             mask: ``[B, N]`` bool (or 0/1), True = valid token, False = padding.
@@ -266,7 +266,7 @@ class VocabAttention:
 
         Raises:
             ValueError: shapes that do not fit together, token ids outside ``[0, V)``,
-                mask values other than 0/1, head count different from ``n_heads``.
+                mask values other than 0/1, head count different from ``nhead``.
             TypeError: non-integer tokens or non-float attention.
         """
         tok_bn, attn, valid_bn = self._check(tokens, attention, mask)
@@ -276,7 +276,7 @@ class VocabAttention:
             return self
         if valid_bn is not None:
             tok_bn = torch.where(valid_bn, tok_bn, self.vocab_size)    # masked -> sink id V
-        if self.n_heads is None and attn.dim() == 4:
+        if self.nhead is None and attn.dim() == 4:
             # Average heads in the input precision (float16 is promoted to float32).
             attn = attn.mean(dim=1, dtype=torch.float32 if attn.dtype == torch.float16 else None)
         attn_flat = attn.reshape(*attn.shape[:-2], n * n)             # [B, (H,) N·N]
@@ -292,11 +292,11 @@ class VocabAttention:
 
     def _add_sums(self, idx: torch.Tensor, weight_sum: torch.Tensor, b: int) -> None:
         """Scatter-add the float64 weights ``[B, (H,) P]`` into ``sum`` at the flat cells ``idx [B·P]``."""
-        if self.n_heads is None:
+        if self.nhead is None:
             self._sum[0].scatter_add_(0, idx, weight_sum.reshape(-1))
         else:
             side = self.vocab_size + 1
-            head_offset = (torch.arange(self.n_heads) * (side * side))[None, :, None]
+            head_offset = (torch.arange(self.nhead) * (side * side))[None, :, None]
             idx_h = (idx.view(b, 1, -1) + head_offset).reshape(-1)
             self._sum.view(-1).scatter_add_(0, idx_h, weight_sum.reshape(-1))
 
@@ -322,9 +322,9 @@ class VocabAttention:
         if attn.dim() not in (3, 4) or attn.shape[0] != b or attn.shape[-2:] != (n, n):
             raise ValueError(f"attention: expected [B, N, N] or [B, H, N, N] with B={b}, N={n} "
                              f"(tokens {list(tok.shape)}), got {list(attn.shape)}")
-        if self.n_heads is not None and (attn.dim() != 4 or attn.shape[1] != self.n_heads):
-            raise ValueError(f"attention: this aggregator keeps n_heads={self.n_heads} per-head sums and "
-                             f"needs [B, {self.n_heads}, N, N], got {list(attn.shape)}")
+        if self.nhead is not None and (attn.dim() != 4 or attn.shape[1] != self.nhead):
+            raise ValueError(f"attention: this aggregator keeps nhead={self.nhead} per-head sums and "
+                             f"needs [B, {self.nhead}, N, N], got {list(attn.shape)}")
         valid = None
         if mask is not None:
             m = _as_tensor(mask, "mask")
@@ -352,15 +352,15 @@ class VocabAttention:
             raise TypeError(f"merge: expected a VocabAttention, got {type(other).__name__}")
         if other.vocab_size != self.vocab_size:
             raise ValueError(f"merge: vocab_size {other.vocab_size} != {self.vocab_size}")
-        if other.n_heads != self.n_heads:
-            raise ValueError(f"merge: n_heads {other.n_heads} != {self.n_heads}")
+        if other.nhead != self.nhead:
+            raise ValueError(f"merge: nhead {other.nhead} != {self.nhead}")
         self._sum += other._sum
         self._count_expected += other._count_expected
         self.n_sequences += other.n_sequences
         return self
 
     def head_mean(self) -> "VocabAttention":
-        """A head-averaged aggregator (``n_heads=None``) with the same count/expected.
+        """A head-averaged aggregator (``nhead=None``) with the same count/expected.
 
         Equal to streaming the same batches with heads averaged, since the per-head
         sums share their pairs.
@@ -377,7 +377,7 @@ class VocabAttention:
         return {
             "format_version": np.asarray(_FORMAT_VERSION),
             "vocab_size": np.asarray(self.vocab_size),
-            "n_heads": np.asarray(-1 if self.n_heads is None else self.n_heads),
+            "nhead": np.asarray(-1 if self.nhead is None else self.nhead),
             "n_sequences": np.asarray(self.n_sequences),
             "sum": np.array(self.sum),
             "count": self.count.copy(),      # already a fresh array; copy() drops read-only
@@ -386,17 +386,20 @@ class VocabAttention:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> "VocabAttention":
-        """Inverse of :meth:`state_dict`."""
-        missing = {"vocab_size", "n_heads", "sum", "count", "expected"} - set(state)
+        """Inverse of :meth:`state_dict` (files saved before the heads key was named
+        ``nhead`` call it ``n_heads``)."""
+        if "n_heads" in state and "nhead" not in state:
+            state = {**state, "nhead": state["n_heads"]}
+        missing = {"vocab_size", "nhead", "sum", "count", "expected"} - set(state)
         if missing:
             raise ValueError(f"state: missing keys {sorted(missing)}")
         version = int(np.asarray(state.get("format_version", _FORMAT_VERSION)))
         if version != _FORMAT_VERSION:
             raise ValueError(f"state: format_version {version} is not supported (expected {_FORMAT_VERSION})")
-        n_heads = int(np.asarray(state["n_heads"]))
-        out = cls(int(np.asarray(state["vocab_size"])), None if n_heads < 0 else n_heads)
+        nhead = int(np.asarray(state["nhead"]))
+        out = cls(int(np.asarray(state["vocab_size"])), None if nhead < 0 else nhead)
         v = out.vocab_size
-        sum_shape = (v, v) if out.n_heads is None else (out.n_heads, v, v)
+        sum_shape = (v, v) if out.nhead is None else (out.nhead, v, v)
         for key, shape in (("sum", sum_shape), ("count", (v, v)), ("expected", (v, v))):
             if tuple(np.shape(state[key])) != shape:
                 raise ValueError(f"state: {key} has shape {list(np.shape(state[key]))}, expected {list(shape)}")
@@ -439,7 +442,7 @@ class VocabAttention:
         self.__dict__.update(VocabAttention.from_state_dict(state).__dict__)
 
     def __repr__(self) -> str:
-        heads = "" if self.n_heads is None else f", n_heads={self.n_heads}"
+        heads = "" if self.nhead is None else f", nhead={self.nhead}"
         return (f"VocabAttention(vocab_size={self.vocab_size}{heads}; "
                 f"{self.n_sequences} sequences, {int(self._count_expected.real.sum())} pairs)")
 
@@ -454,7 +457,7 @@ class VocabAttention:
 
         Args:
             itos: id -> string (list, mapping or function); ``None`` uses ``str(id)``.
-            head: with ``n_heads``, keep only this head.
+            head: with ``nhead``, keep only this head.
         """
         count_vv = self.count
         q_id, k_id = np.nonzero(count_vv)
@@ -462,18 +465,18 @@ class VocabAttention:
         expected = self.expected[q_id, k_id]
         names = self._names(itos, np.union1d(q_id, k_id))
         sums = self.sum
-        if self.n_heads is not None:
+        if self.nhead is not None:
             if head is not None:
-                if not (isinstance(head, (int, np.integer)) and 0 <= head < self.n_heads):
-                    raise ValueError(f"head={head!r}: expected an integer in [0, {self.n_heads})")
+                if not (isinstance(head, (int, np.integer)) and 0 <= head < self.nhead):
+                    raise ValueError(f"head={head!r}: expected an integer in [0, {self.nhead})")
                 sums = sums[head]
             else:
                 frames = [self._frame(q_id, k_id, sums[h][q_id, k_id], count, expected, names).assign(head=h)
-                          for h in range(self.n_heads)]
+                          for h in range(self.nhead)]
                 out = pd.concat(frames, ignore_index=True)
                 return out[["head", *out.columns[:-1]]]
         elif head is not None:
-            raise ValueError(f"head={head!r}: this aggregator averages heads (n_heads=None)")
+            raise ValueError(f"head={head!r}: this aggregator averages heads (nhead=None)")
         return self._frame(q_id, k_id, sums[q_id, k_id], count, expected, names)
 
     @staticmethod

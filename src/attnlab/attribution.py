@@ -1,20 +1,22 @@
-"""Per-item importance of every attention-based method for one batch.
+"""Explaining a batch: what the methods of :mod:`attnlab.methods` see, and how their
+relevance becomes items.
 
-Joins :class:`~attnlab.capture.AttentionRecorder` (one forward + one backward) and
-the explanation engine: each method gives ``[B, n_items]``, rows summing to 1, for
-the class the model predicts (or a given target).
+Item spaces (:class:`SequenceItems`, :class:`SpaceTimeItems`, :class:`StreamItems`) say
+how attention and input attributions map to an experiment's items; :class:`Batch` is
+what a method gets; :func:`explain_batch` records one batch (:func:`record_target`:
+one forward and backward of the explained logit) and runs the methods on it.
+:func:`attention_importance` runs the attention methods of the registry on a sequence
+model in one call.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attnlab.capture import AttentionRecorder
-from attnlab.explain import attention_flow, grad_rollout, readout, rollout
-
-ATTENTION_METHODS = ("raw", "received", "rollout", "grad_rollout", "flow")
 
 
 def attention_received(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -61,67 +63,152 @@ def record_target(model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | N
             p.requires_grad_(True)
 
 
-def _check_methods(methods: Sequence[str]) -> None:
-    unknown = sorted(set(methods) - set(ATTENTION_METHODS))
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; accepted: {', '.join(ATTENTION_METHODS)}")
+@dataclass(frozen=True)
+class SequenceItems:
+    """Items along dim 1 of the input; ``how`` reads a joint token x token matrix out
+    (``"mean"``, ``"cls"``, a token index, or an int64 ``[B]`` of per-sample rows)."""
+
+    n_items: int
+    how: str | int | Tensor = "mean"
+    token_ids: bool = False                 # integer inputs: no input gradients
+    patch = None                            # input attributions: items are dim 1
+
+    @property
+    def kind(self) -> str:
+        return "tokens" if self.token_ids else "sequence"
+
+    def rows(self, rows: slice) -> "SequenceItems":
+        """The item space of samples ``rows`` (per-sample readout rows are sliced)."""
+        return replace(self, how=self.how[rows]) if isinstance(self.how, Tensor) else self
+
+    def group(self, rel: Tensor) -> Tensor:
+        return rel
+
+
+@dataclass(frozen=True)
+class SpaceTimeItems:
+    """The ``frames x patches`` items of a clip ``[B, F, C, S, S]`` (frame-major, patches
+    row-major); ``split`` turns recorded entries into ``(space, time)`` lists."""
+
+    n_items: int
+    patch: int
+    split: Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor]]]
+    kind = "spacetime"
+
+    def rows(self, rows: slice) -> "SpaceTimeItems":
+        return self
+
+    def group(self, rel: Tensor) -> Tensor:
+        return rel
+
+
+@dataclass(frozen=True)
+class StreamItems:
+    """Streams packed along the channels of ``x [B, C, ...]`` (stream ``s`` has
+    ``channels[s]`` channels); ``weights(model, x)`` is the fusion's own ``[B, n_streams]``."""
+
+    channels: tuple[int, ...]
+    weights: Callable[[nn.Module, Tensor], Tensor]
+    kind = "streams"
+    patch = None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.channels)
+
+    def rows(self, rows: slice) -> "StreamItems":
+        return self
+
+    def group(self, rel_bc: Tensor) -> Tensor:
+        """Per-channel relevance ``[B, C]`` -> per stream ``[B, n_streams]``."""
+        return torch.stack([part.sum(1) for part in rel_bc.split(list(self.channels), dim=1)], dim=1)
+
+
+Items = SequenceItems | SpaceTimeItems | StreamItems
+
+
+# --------------------------------------------------------------------------- one batch
+@dataclass
+class Batch:
+    """Everything a method may use for one batch of explained samples.
+
+    ``logits(inputs) -> [B, C]`` re-runs the model on (perturbed) inputs; ``options``
+    is the experiment's explain params section (``head_fusion``, ``residual``, ...);
+    ``baseline`` is what a removed input value becomes (integrated gradients)."""
+
+    x: Any
+    target: Tensor
+    items: Items
+    logits: Callable[[Any], Tensor]
+    options: Any
+    model: nn.Module | None = None
+    attentions: list[Tensor] | None = None
+    gradients: list[Tensor] | None = None
+    baseline: float | Tensor = 0.0
+
+
+def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items, options: Any, *,
+                  forward: Callable[[nn.Module, Any], Tensor] | None = None,
+                  target: Tensor | None = None, baseline: float | Tensor = 0.0,
+                  ) -> tuple[dict[str, Tensor], Batch]:
+    """Every method's importance ``{name: [B, n_items]}`` for the ``target`` logit
+    (default: the model's prediction), and the :class:`Batch` they were computed from.
+
+    The model runs once (recorded, with one backward when a method needs gradients);
+    re-runs happen only inside methods that need them. Parameters are frozen and the
+    mode restored meanwhile (see :func:`~attnlab.attribution.record_target`)."""
+    from attnlab.methods import check, get
+
+    entries = [get(m) for m in check(methods, items.kind)]
+    needs = frozenset().union(*(m.needs for m in entries))
+    forward = forward or (lambda m, xb: m(xb))
+    atts = grads = None
+    if needs & {"attention", "gradients"}:
+        atts, grads, target = record_target(model, x, target=target, forward=forward,
+                                            keep_grad="gradients" in needs)
+    elif target is None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                target = forward(model, x).argmax(-1)
+        finally:
+            model.train(was_training)
+    batch = Batch(x=x, target=target, items=items, logits=lambda inputs: forward(model, inputs),
+                  options=options, model=model, attentions=atts, gradients=grads, baseline=baseline)
+    return {m.name: m(batch) for m in entries}, batch
 
 
 def attention_importance(model: nn.Module, x: torch.Tensor, *, n_items: int,
-                         methods: Sequence[str] = ATTENTION_METHODS, how: str | int | torch.Tensor = "mean",
+                         methods: Sequence[str] | None = None, how: str | int | torch.Tensor = "mean",
                          head_fusion: str = "mean", residual: bool = True, discard_ratio: float = 0.0,
                          target: torch.Tensor | None = None, flow_max_pairs: int | None = None,
                          forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Importance ``{method: [B, n_items]}`` and the explained ``target [B]``.
+    """Importance ``{method: [B, n_items]}`` and the explained ``target [B]`` of the
+    attention methods of :mod:`attnlab.methods` on a sequence model.
 
     ``how`` is the readout of the joint matrices: ``"mean"`` for mean-pooled models,
     ``"cls"`` for class-token models (the class token's own column is then dropped),
     or the explained row: an int, or an int64 ``[B]`` tensor of per-sample positions
     (a causal LM's next-token prediction at that position).
-    ``raw`` is the last layer's head-fused attention, ``received`` the column mean
-    over layers, ``rollout``/``flow`` as in Abnar & Zuidema (2020), ``grad_rollout``
-    as in Chefer et al. (2021) with gradients of the target logit (read out without
-    its identity term).
+    ``methods`` default to every registered method that needs only attention (and gradients).
     """
-    _check_methods(methods)        # before the forward and backward pass, not after
-    atts, grads, target = record_target(model, x, target=target, forward=forward,
-                                        keep_grad="grad_rollout" in methods)
-    return importance_from_records(atts, grads, n_items=n_items, methods=methods, how=how,
-                                   head_fusion=head_fusion, residual=residual, discard_ratio=discard_ratio,
-                                   flow_max_pairs=flow_max_pairs), target
+    if methods is None:
+        from attnlab.methods import registry
+
+        methods = [m.name for m in registry().values()
+                   if m.supports("sequence") and m.needs <= {"attention", "gradients"}]
+    options = _Options(head_fusion, residual, discard_ratio, flow_max_pairs)
+    imp, batch = explain_batch(methods, model, x, SequenceItems(n_items, how), options, forward=forward,
+                               target=target)
+    return imp, batch.target
 
 
-def importance_from_records(atts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None, *, n_items: int,
-                            methods: Sequence[str], how: str | int | torch.Tensor = "mean",
-                            head_fusion: str = "mean", residual: bool = True, discard_ratio: float = 0.0,
-                            flow_max_pairs: int | None = None) -> dict[str, torch.Tensor]:
-    """The methods of :func:`attention_importance` on attentions (and, for
-    ``grad_rollout``, gradients) already recorded by :func:`record_target`."""
-    _check_methods(methods)
-    if not atts:
-        raise ValueError("no attention was recorded; nothing to explain")
-    if "grad_rollout" in methods and grads is None:
-        raise ValueError("grad_rollout needs the gradients: record with keep_grad=True")
-    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}[head_fusion]
-    out: dict[str, torch.Tensor] = {}
-    for method in methods:
-        if method == "raw":
-            rel = readout(fuse(atts[-1].float()), how)
-        elif method == "received":
-            rel = attention_received(atts)
-        elif method == "rollout":
-            rel = readout(rollout(atts, head_fusion=head_fusion, residual=residual,
-                                  discard_ratio=discard_ratio), how)
-        elif method == "grad_rollout":
-            # R = I + (relevance propagated through attention); the identity is every
-            # token's own share and says nothing about the others, so it is removed
-            # before the readout (with a class token, Chefer et al. read R[0, 1:], which
-            # excludes it the same way).
-            joint = grad_rollout(atts, grads)
-            rel = readout(joint - torch.eye(joint.shape[-1], dtype=joint.dtype), how)
-        else:  # flow
-            rel = readout(attention_flow(atts, head_fusion=head_fusion, residual=residual,
-                                         max_pairs=flow_max_pairs, progress=False), how)
-        out[method] = to_items(rel.detach().float(), n_items)
-    return out
+class _Options(NamedTuple):
+    """The explain options of :func:`attention_importance` (the pipeline passes its params section)."""
+
+    head_fusion: str
+    residual: bool
+    discard_ratio: float
+    flow_max_pairs: int | None

@@ -7,10 +7,12 @@ anything, with one line naming the key and what was expected.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from attnlab import methods as method_registry
 
 
 class ConfigError(ValueError):
@@ -69,34 +71,73 @@ class Extract(Section):
     batch_size: int = Field(16, gt=0)
 
 
-Method = Literal["raw", "received", "rollout", "grad_rollout", "flow",
-                 "input_x_gradient", "integrated_gradients"]
+# --------------------------------------------------------------------------- explain
+class MethodsSection(Section):
+    """A section listing explanation methods: each must be in the registry of
+    :mod:`attnlab.methods` and defined for the experiment's item kind ``ITEMS``
+    (checked here, when params are loaded, not midway through a stage). Left out,
+    ``methods`` is every default method of the registry for that kind."""
+
+    ITEMS: ClassVar[str] = "sequence"
+    methods: list[str]
+    batch_size: int = Field(16, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_methods(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "methods" not in data:
+            data = {**data, "methods": method_registry.names(cls.ITEMS, default_only=True)}
+        return data
+
+    @field_validator("methods")
+    @classmethod
+    def _registered(cls, methods: list[str]) -> list[str]:
+        return method_registry.check(methods, cls.ITEMS)
 
 
-class Explain(Section):
-    methods: list[Method] = ["raw", "received", "rollout", "grad_rollout", "flow",
-                             "input_x_gradient", "integrated_gradients"]
+class HeadOptions(Section):
+    head_fusion: Literal["mean", "max", "min"] = "mean"
+    residual: bool = True                               # model the skip connection as 0.5 A + 0.5 I
+
+
+class SequenceOptions(HeadOptions):
+    discard_ratio: float = Field(0.0, ge=0.0, lt=1.0)   # rollout: drop this fraction of the smallest entries
+    flow_max_pairs: int | None = Field(200_000, gt=0)   # refuse flow beyond this many max-flow problems per batch
+
+
+class InputOptions(Section):
     ig_steps: int = Field(32, gt=0)                     # integrated gradients: integration points
     baseline: float | Literal["mean"] = 0.0   # a removed item's value, for integrated gradients and the
                                               # deletion/insertion tests ("mean": training mean per feature)
-    head_fusion: Literal["mean", "max", "min"] = "mean"
-    residual: bool = True
-    discard_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    batch_size: int = Field(16, gt=0)
-    flow_max_pairs: int | None = Field(200_000, gt=0)   # refuse flow beyond this many max-flow problems per batch
+
+
+class Explain(MethodsSection, SequenceOptions, InputOptions):
     examples: int = Field(4, gt=0)                      # samples drawn with every method's importance
+
+
+class SpaceTimeExplain(MethodsSection, HeadOptions, InputOptions):
+    ITEMS: ClassVar[str] = "spacetime"
+    examples: int = Field(4, gt=0)
 
 
 class Evaluate(Section):
     steps: int | None = Field(None, gt=1)      # fractions on the deletion/insertion curves (None: every item)
     seed: int = 0                              # random-baseline importance
-    sink_k: int | None = Field(None, gt=0)     # keys counted by the sink/vertical score (None: max(1, N/20))
-    ablation: bool = True                      # head importance by zeroing each head
+    sink_k: int | None = Field(None, gt=0)     # keys counted by the sink score (None: max(1, N/20))
     batch_size: int = Field(64, gt=0)
+
+
+class ClassifierEvaluate(Evaluate):
+    ablation: bool = True                      # head importance by zeroing each head
 
 
 class Report(Section):
     examples: int = Field(4, gt=0)
+
+
+class NoSection(Section):
+    """A stage section with no knobs (``dvc.yaml`` declares the section, so
+    ``params.yaml`` holds it, empty)."""
 
 
 class ClassifierParams(Section):
@@ -105,8 +146,9 @@ class ClassifierParams(Section):
 
     train: Train = Train()
     extract: Extract = Extract()
+    aggregate: NoSection = NoSection()         # no token vocabulary: nothing to aggregate
     explain: Explain = Explain()
-    evaluate: Evaluate = Evaluate()
+    evaluate: ClassifierEvaluate = ClassifierEvaluate()
     report: Report = Report()
 
 
@@ -141,29 +183,38 @@ class CausalModel(Section):
     nhead: int = Field(4, gt=0)
     num_layers: int = Field(2, gt=0)
     dim_feedforward: int = Field(128, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
     positional: Literal["learned", "sinusoidal"] = "learned"
     norm_first: bool = False
 
 
-class VocabExplain(Section):
-    attention: Literal["layer", "mean", "rollout"] = "layer"   # which attention feeds VocabAttention
-    layer: int = 0                             # with attention: layer (negative counts from the end)
-    per_head: bool = True                      # keep one matrix per head as well
+class Aggregate(Section):
+    """Vocabulary x vocabulary aggregation of the stored attention (``VocabAttention``)."""
+
+    attention: Literal["layer", "mean", "rollout"] = "layer"   # which attention is aggregated
+    layers: list[int] = Field([0], min_length=1)   # with attention: layer, each its own matrices
+                                                   # (negative counts from the end); the first is the headline
+    heads: bool = True                         # one matrix per head as well (layer, mean)
     top_k: int = Field(16, gt=0)               # top pairs by lift (recall@K on planted)
     min_count: int = Field(20, gt=0)           # pairs seen fewer times are not ranked
-    heatmap_tokens: int = Field(30, gt=1)      # most frequent tokens in the clustered heatmap
     batch_size: int = Field(64, gt=0)
 
 
-class TokensEvaluate(Section):
-    sink_k: int | None = Field(None, gt=0)
+class TokensExplain(MethodsSection, SequenceOptions):
+    """Importance of every token for one next-token prediction per test sequence."""
+
+    ITEMS: ClassVar[str] = "tokens"
     batch_size: int = Field(64, gt=0)
-    # deletion/insertion of the tokens behind one next-token prediction per test sequence
-    methods: list[Literal["raw", "received", "rollout", "grad_rollout"]] = [
-        "raw", "received", "rollout", "grad_rollout"]
+
+
+class TokensEvaluate(Evaluate):
     steps: int | None = Field(9, gt=1)         # points on the curves (None: one per token)
-    seed: int = 0                              # random-baseline importance
+    batch_size: int = Field(256, gt=0)
+
+
+class TokensReport(Report):
+    examples: int = Field(2, gt=0)
+    heatmap_tokens: int = Field(30, gt=1)      # most frequent tokens in the clustered heatmap
 
 
 class TokensParams(Section):
@@ -171,9 +222,10 @@ class TokensParams(Section):
     model: CausalModel = CausalModel()
     train: Train = Train()
     extract: Extract = Extract()
-    explain: VocabExplain = VocabExplain()
+    aggregate: Aggregate = Aggregate()
+    explain: TokensExplain = TokensExplain()
     evaluate: TokensEvaluate = TokensEvaluate()
-    report: Report = Report()
+    report: TokensReport = TokensReport()
 
 
 # --------------------------------------------------------------------------- frames / video
@@ -184,7 +236,7 @@ class FramesPrepare(Section):
     size: int = Field(32, gt=7)
     n_key: int = Field(3, gt=0)                # key frames showing the clip's class
     distractor: Literal["digits", "noise", "none"] = "digits"
-    noise: float = Field(0.3, ge=0.0)
+    noise: float = Field(0.2, ge=0.0)
     scale: int = Field(2, gt=0)                # digits are 8x8, upsampled to 8*scale pixels
     seed: int = 0
 
@@ -218,6 +270,7 @@ class FramesParams(ClassifierParams):
 class VideoParams(ClassifierParams):
     prepare: VideoPrepare = VideoPrepare()
     model: SpaceTimeModel = SpaceTimeModel()
+    explain: SpaceTimeExplain = SpaceTimeExplain()
 
 
 # --------------------------------------------------------------------------- fusion
@@ -227,7 +280,7 @@ Stream = Literal["appearance", "structure"]
 class FusionPrepare(Section):
     size: int = Field(16, gt=7)                # side of both streams' images
     n_keypoints: int = Field(17, gt=0)         # structure stream: keypoint heatmap channels
-    corrupt_stream: Stream | None = "structure"  # the stream made uninformative (null: none)
+    corrupt_stream: Stream | None = None       # the stream made uninformative (null: none)
     corrupt_fraction: float = Field(1.0, ge=0.0, le=1.0)
     corrupt_mode: Literal["noise", "shuffle"] = "noise"
     seed: int = 0
@@ -235,7 +288,7 @@ class FusionPrepare(Section):
 
 class FusionModel(Section):
     fusion: Literal["sum", "scalar", "convex", "channel", "attention"] = "attention"
-    d: int = Field(32, gt=0)                   # common token size of the two streams
+    d_model: int = Field(32, gt=0)             # common token size of the two streams
     nhead: int = Field(1, gt=0)                # attention fusion heads
 
 
@@ -243,16 +296,13 @@ class FusionTrain(Train):
     fusion_lr_scale: float = Field(10.0, gt=0.0)   # the fusion's own parameters learn this much faster
 
 
-class FusionExplain(Section):
-    methods: list[Literal["weights", "input_x_gradient", "integrated_gradients"]] = [
-        "weights", "input_x_gradient", "integrated_gradients"]
-    ig_steps: int = Field(32, gt=0)
+class FusionExplain(MethodsSection, InputOptions):
+    ITEMS: ClassVar[str] = "streams"
     baseline: float = 0.0                      # a removed stream's value (IG baseline, deletion/insertion)
     batch_size: int = Field(128, gt=0)
 
 
-class FusionEvaluate(Section):
-    seed: int = 0                              # random-baseline importance
+class FusionEvaluate(Evaluate):
     batch_size: int = Field(256, gt=0)
     goal: float = Field(0.8, gt=0.0, le=1.0)   # weight on the informative stream that counts as found
 
@@ -262,9 +312,10 @@ class FusionParams(Section):
     model: FusionModel = FusionModel()
     train: FusionTrain = FusionTrain()
     extract: Extract = Extract()
+    aggregate: NoSection = NoSection()
     explain: FusionExplain = FusionExplain()
     evaluate: FusionEvaluate = FusionEvaluate()
-    report: Report = Report()
+    report: NoSection = NoSection()            # the report shows every test sample's weights: no knobs
 
 
 # --------------------------------------------------------------------------- top level

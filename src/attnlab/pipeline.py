@@ -1,11 +1,12 @@
 """Wiring shared by the DVC stage scripts in ``stages/``.
 
-``with stage("train") as s:`` parses ``<experiment> [--params FILE] [--data DIR]``,
-validates the whole params file, looks the experiment up, sets torch's intra-op
-threads when ``ATTNLAB_NUM_THREADS`` is set (default: torch's, one per core; set it to 1
-when several stages run at once, e.g. ``dvc queue start -j 2``), and gives the stage an
-output directory ``s.out`` that replaces ``data/<experiment>/<stage>/`` only if the
-block succeeds. A bad params file or experiment name ends the process with one
+``run("train")`` parses ``<experiment> [--params FILE] [--data DIR]``, validates the
+whole params file, looks the experiment kind up, sets torch's intra-op threads when
+``ATTNLAB_NUM_THREADS`` is set (default: torch's, one per core; set it to 1 when
+several stages run at once, e.g. ``dvc queue start -j 2``), and runs the stage's
+function of :mod:`attnlab.workflow` with a :class:`~attnlab.layout.Layout` whose
+stage directory is a temporary one, renamed to ``data/<experiment>/<stage>/`` only if
+the stage succeeds. A bad params file or experiment name ends the process with one
 line on stderr and exit status 2, before anything is written.
 """
 from __future__ import annotations
@@ -16,28 +17,25 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from attnlab.config import ConfigError, Section, load_params
-from attnlab.experiments import ClassifierExperiment, get_experiment
+from attnlab.config import ConfigError, load_params
 from attnlab.io import atomic_dir
+from attnlab.layout import STAGES, Layout
 
 
 @dataclass
 class StageContext:
     name: str
-    experiment: ClassifierExperiment
-    cfg: Section
-    root: Path            # data/<experiment>
-    out: Path             # temporary output dir, renamed to root/<stage> on success
-
-    def dir(self, stage: str) -> Path:
-        """The output directory of an upstream stage of the same experiment."""
-        return self.root / stage
+    experiment: Any        # the experiment kind (attnlab.experiments.Experiment)
+    cfg: Any               # its validated params section
+    layout: Layout         # its files; the running stage's resolve into its temporary directory
 
 
 @contextlib.contextmanager
 def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"attnlab '{name}' stage")
     parser.add_argument("experiment")
@@ -45,6 +43,8 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     parser.add_argument("--data", default="data")
     args = parser.parse_args(argv)
     import torch
+
+    from attnlab.experiments import get_experiment
 
     if os.environ.get("ATTNLAB_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["ATTNLAB_NUM_THREADS"]))
@@ -56,4 +56,12 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
         raise SystemExit(2) from None
     root = Path(args.data) / args.experiment
     with atomic_dir(root / name) as out:
-        yield StageContext(name, experiment, cfg, root, out)
+        yield StageContext(name, experiment, cfg, Layout(root, writing=(name, out)))
+
+
+def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> None:
+    """Run stage ``name`` for the experiment named on the command line (``argv``)."""
+    from attnlab.workflow import STAGE_FUNCTIONS
+
+    with stage(name, argv) as s:
+        STAGE_FUNCTIONS[name](s.experiment, s.cfg, s.layout, progress=progress)

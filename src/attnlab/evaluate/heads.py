@@ -33,7 +33,7 @@ from torch import nn
 _KEYS = ("entropy", "sink", "locality", "locality_norm")
 
 
-def _layer_sums(attn_bhqk: torch.Tensor, pad_bn: torch.Tensor | None, causal: bool,
+def _layer_sums(attn_bhqk: torch.Tensor, real_bn: torch.Tensor | None, causal: bool,
                 k: int | None) -> dict[str, Any]:
     """Sums ``[H]`` (float64) and their counts for one layer's batch of attention."""
     if attn_bhqk.dim() != 4 or attn_bhqk.shape[-1] != attn_bhqk.shape[-2]:
@@ -43,13 +43,13 @@ def _layer_sums(attn_bhqk: torch.Tensor, pad_bn: torch.Tensor | None, causal: bo
     if a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()
     dev = a.device
-    if pad_bn is None:
+    if real_bn is None:
         valid = torch.ones(b, n, dtype=torch.bool, device=dev)
     else:
-        if pad_bn.shape != (b, n):
-            raise ValueError(f"mask has shape {tuple(pad_bn.shape)}, expected [B={b}, N={n}] "
-                             "(True at padding)")
-        valid = ~pad_bn.to(dev).bool()
+        if real_bn.shape != (b, n):
+            raise ValueError(f"mask has shape {tuple(real_bn.shape)}, expected [B={b}, N={n}] "
+                             "(True at real tokens)")
+        valid = real_bn.to(dev).bool()
     key_ok = valid[:, None, :].expand(b, n, n)                        # [B, Nq, Nk]
     if causal:
         key_ok = key_ok & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
@@ -88,10 +88,10 @@ class HeadStats:
     """Streaming per-layer × per-head diagnostics (see the module docstring).
 
     >>> stats = HeadStats()
-    >>> for x, pad in loader:
+    >>> for x, real in loader:
     ...     with AttentionRecorder(model) as rec:
-    ...         model(x, padding_mask=pad)
-    ...     stats.update(rec.attentions, mask=pad)
+    ...         model(x, padding_mask=~real)
+    ...     stats.update(rec.attentions, mask=real)
     >>> stats.result()["entropy"]          # [L, H]
 
     Args:
@@ -112,8 +112,8 @@ class HeadStats:
     def update(self, attentions: Sequence[torch.Tensor],
                mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> "HeadStats":
         """Add one batch: ``attentions`` is a list of ``[B, H, N, N]`` (one per layer);
-        ``mask [B, N]`` (True at padding) applies to every layer, or give a list with
-        one mask (or None) per layer."""
+        ``mask [B, N]`` (True at real tokens, False at padding: the project's one mask
+        convention) applies to every layer, or give a list with one mask (or None) per layer."""
         attentions = list(attentions)
         if not attentions:
             raise ValueError("attentions is empty: expected one [B, H, N, N] tensor per layer")
@@ -124,15 +124,15 @@ class HeadStats:
         heads = {a.shape[1] for a in attentions}
         if len(heads) != 1:
             raise ValueError(f"layers have different head counts {sorted(heads)}")
-        n_layers, n_heads = len(attentions), heads.pop()
+        n_layers, nhead = len(attentions), heads.pop()
         if self._sums is None:
-            self._sums = {key: torch.zeros(n_layers, n_heads, dtype=torch.float64) for key in _KEYS}
+            self._sums = {key: torch.zeros(n_layers, nhead, dtype=torch.float64) for key in _KEYS}
             self._counts = {key: torch.zeros(n_layers, dtype=torch.int64) for key in _KEYS}
-        elif self._sums["entropy"].shape != (n_layers, n_heads):
-            raise ValueError(f"got {n_layers} layers × {n_heads} heads, but earlier batches had "
+        elif self._sums["entropy"].shape != (n_layers, nhead):
+            raise ValueError(f"got {n_layers} layers × {nhead} heads, but earlier batches had "
                              f"{tuple(self._sums['entropy'].shape)}")
-        for layer, (attn, pad) in enumerate(zip(attentions, masks)):
-            for key, (total, count) in _layer_sums(attn, pad, self.causal, self.k).items():
+        for layer, (attn, real) in enumerate(zip(attentions, masks)):
+            for key, (total, count) in _layer_sums(attn, real, self.causal, self.k).items():
                 self._sums[key][layer] += total.cpu()
                 self._counts[key][layer] += count
         return self
@@ -246,7 +246,7 @@ class HeadImportance:
 
 
 def head_importance(model: nn.Module, batches: Iterable[Any], module_names: Sequence[str],
-                    n_heads: int | Sequence[int] | None = None, *,
+                    nhead: int | Sequence[int] | None = None, *,
                     forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                     progress: bool = False) -> HeadImportance:
     """Drop in accuracy and in confidence when each head is zeroed alone.
@@ -256,14 +256,14 @@ def head_importance(model: nn.Module, batches: Iterable[Any], module_names: Sequ
         batches: iterable of ``(inputs, labels)`` pairs (``labels [B]`` or None);
             read once — every head is ablated on each batch in turn.
         module_names: qualified names of the attention modules (the layers ``L``).
-        n_heads: heads per module (an int for all, or one per module); default each
+        nhead: heads per module (an int for all, or one per module); default each
             module's ``num_heads``.
         forward: ``forward(model, inputs) -> logits [B, C]``; default ``model(inputs)``.
         progress: show a tqdm bar over batches.
     """
     names = list(module_names)
     modules = [_attention_module(model, name) for name in names]
-    per_module = _heads_per_module(names, modules, n_heads)
+    per_module = _heads_per_module(names, modules, nhead)
     forward = forward or (lambda m, inputs: m(inputs))
     if progress:
         from tqdm.auto import tqdm
@@ -282,20 +282,20 @@ def head_importance(model: nn.Module, batches: Iterable[Any], module_names: Sequ
 
 
 def _heads_per_module(names: list[str], modules: list[nn.Module],
-                      n_heads: int | Sequence[int] | None) -> list[int]:
-    """``head_importance``'s ``n_heads`` as one checked count per module."""
-    if n_heads is None:
+                      nhead: int | Sequence[int] | None) -> list[int]:
+    """``head_importance``'s ``nhead`` as one checked count per module."""
+    if nhead is None:
         per_module = [m.num_heads for m in modules]
-    elif isinstance(n_heads, int):
-        per_module = [n_heads] * len(names)
+    elif isinstance(nhead, int):
+        per_module = [nhead] * len(names)
     else:
-        per_module = list(n_heads)
+        per_module = list(nhead)
         if len(per_module) != len(names):
-            raise ValueError(f"n_heads has {len(per_module)} entries, expected one per module "
+            raise ValueError(f"nhead has {len(per_module)} entries, expected one per module "
                              f"({len(names)})")
     for name, module, h in zip(names, modules, per_module):
         if not 1 <= h <= module.num_heads:
-            raise ValueError(f"n_heads={h} for {name!r}, which has {module.num_heads} heads")
+            raise ValueError(f"nhead={h} for {name!r}, which has {module.num_heads} heads")
     return per_module
 
 

@@ -1,25 +1,25 @@
-"""Experiments: what each pipeline stage does for each experiment named in params.yaml.
+"""Experiment kinds: what differs between the experiments named in params.yaml.
 
-The stages in ``stages/`` are the same for every experiment; they look the
-experiment up here and call its methods with its validated params section.
+The stages in ``stages/`` are the same for every experiment; they look the kind up
+here and run the shared stage logic of :mod:`attnlab.workflow` with it.
 """
 from __future__ import annotations
 
-from attnlab.experiments.base import ClassifierExperiment
+from attnlab.experiments.base import ClassifierExperiment, Experiment, Explained, Perturbation, Prepared
 from attnlab.experiments.clips import FramesExperiment, VideoExperiment
 from attnlab.experiments.fusion import FusionExperiment
 from attnlab.experiments.motion import MotionExperiment
 from attnlab.experiments.tokens import TokensExperiment
 
-REGISTRY: dict[str, type[ClassifierExperiment]] = {
-    "motion": MotionExperiment, "tokens": TokensExperiment, "frames": FramesExperiment, "video": VideoExperiment,
-    "fusion": FusionExperiment}
+KINDS: dict[str, type[Experiment]] = {kind.name: kind for kind in (
+    MotionExperiment, TokensExperiment, FramesExperiment, VideoExperiment, FusionExperiment)}
 
 
-def get_experiment(name: str) -> ClassifierExperiment:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown experiment {name!r}; accepted: {', '.join(REGISTRY)}")
-    return REGISTRY[name]()
+def get_experiment(name: str) -> Experiment:
+    if name not in KINDS:
+        raise KeyError(f"unknown experiment {name!r}; accepted: {', '.join(KINDS)}")
+    return KINDS[name]()
 
 
-__all__ = ["ClassifierExperiment", "REGISTRY", "get_experiment"]
+__all__ = ["ClassifierExperiment", "Experiment", "Explained", "KINDS", "Perturbation", "Prepared",
+           "get_experiment"]

@@ -1,104 +1,192 @@
-"""The stage logic shared by classification experiments.
+"""What an experiment kind declares: only what differs between experiments.
 
-An experiment subclass says how to *prepare* its data and which model to build;
-training, attention extraction, the report and MLflow tracking are the same for all.
-Files per stage (all under ``data/<experiment>/<stage>/``):
+A kind says how its data are made (:meth:`Experiment.prepare`), which model it trains
+(:meth:`~Experiment.model_spec`) and how a batch is fed to it (:meth:`~Experiment.forward`),
+what is explained and how items are read out (:meth:`~Experiment.explained`), how items
+are removed for the deletion/insertion tests (:meth:`~Experiment.perturbation`) and
+what ground truth exists (the ``evidence`` of :class:`Explained`,
+:meth:`~Experiment.ground_truth`). Everything every experiment does the same way —
+training loops, extraction, aggregation, explanation, evaluation, tracking — lives once
+in :mod:`attnlab.workflow`; the stage files are listed in :mod:`attnlab.layout`.
 
-* prepare: ``dataset.npz`` (x_train, y_train, x_test, y_test[, evidence_test]), ``meta.json``
-* train:   ``model.pt`` (checkpoint), ``metrics.json``, ``history.csv``
-* extract: ``attention.h5`` (every layer's per-head attention of each test sample),
-  ``predictions.npz`` (y, pred, prob)
-* explain: ``importance.npz`` (per method ``[N, n_items]``, target, y), ``figures/*.png``
-* evaluate: ``metrics.json``, ``deletion.csv``, ``insertion.csv``, ``heads.csv``, ``figures/``
-* report:  ``report.html`` (self-contained), ``figures/*.png``
-* track:   ``run.json`` (the MLflow run holding this pipeline state)
+:class:`ClassifierExperiment` is the base of the classification kinds (one label per
+sample; its predicted class is explained); the ``tokens`` kind is an
+:class:`Experiment` of its own.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from attnlab import io
-from attnlab.config import Section, flatten
-from attnlab.models import load_checkpoint, save_checkpoint
+from attnlab.config import Section
+from attnlab.attribution import Items, SequenceItems
 
 
-class ClassifierExperiment:
-    """Base class; subclasses set ``name`` and implement ``prepare`` and ``model_spec``."""
+@dataclass
+class Prepared:
+    """A prepared dataset: arrays (``x_train``/``y_train``/``x_test``/``y_test``... ) and
+    meta (``classes``, ``n_items``, ``source``, ...); ``compress=False`` for noise-like data."""
 
-    name: str = ""
-    item_name: str = "item"          # what the attention's tokens are: timestep, frame, token...
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    compress: bool = True
 
-    # ------------------------------------------------------------------ per experiment
-    def prepare(self, cfg: Section, out: Path) -> None:
+
+@dataclass
+class Explained:
+    """The outputs that explain and evaluate explain, one per explained sample ``M``.
+
+    ``forward(model, x_rows, rows)`` gives the explained logits ``[b, C]`` of the samples
+    ``rows`` (a slice into ``x``); ``items`` maps attention and inputs to items (its
+    per-sample parts sliced the same way); ``evidence`` marks the items that carry the
+    planted evidence, ``valid`` the items that can matter at all (others are ranked last
+    by every method); ``saved`` are arrays stored beside the importance."""
+
+    x: torch.Tensor
+    items: Items
+    forward: Callable[[nn.Module, torch.Tensor, slice], torch.Tensor]
+    y: torch.Tensor | None = None
+    evidence: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    saved: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class Perturbation:
+    """What the deletion/insertion tests and head ablation run: ``fn(x', **forward_kwargs)
+    -> logits`` on ``x`` (rows of the explained samples) with items removed by ``masker``."""
+
+    fn: Callable[..., torch.Tensor]
+    x: torch.Tensor
+    masker: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    forward_kwargs: dict[str, Any] | None = None
+
+
+class Experiment:
+    """The contract of an experiment kind (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[type[Section]]
+    item_name: ClassVar[str] = "item"     # what the items are: timestep, frame, patch, stream, token
+    vocabulary: ClassVar[bool] = False    # token ids with a vocabulary: the aggregate stage runs
+    report_kind: ClassVar[str] = "classifier"
+
+    def prepare(self, cfg: Any) -> Prepared:
         raise NotImplementedError
 
-    def model_spec(self, cfg: Section, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """``(factory, kwargs)`` for :func:`attnlab.models.build_model`."""
+    def model_spec(self, cfg: Any, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``(factory, kwargs)`` of the model, a factory the project ships."""
         raise NotImplementedError
 
-    def forward(self, model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-        return model(xb)
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(batch)
 
-    def param_groups(self, cfg: Section, model: nn.Module) -> list[dict] | None:
-        """Optimizer parameter groups for training (None: one group at ``train.lr``)."""
-        return None
+    def fit(self, cfg: Any, model: nn.Module, data: dict[str, torch.Tensor], *,
+            progress: bool = False) -> tuple[Any, dict[str, Any]]:
+        """Train ``model``: ``(history DataFrame, final metrics)``."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ shared stages
-    @staticmethod
-    def load_dataset(prepared: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        arrays = io.load_arrays(prepared / "dataset.npz")
-        data = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        data = {k: v.float() if v.dtype == torch.float16 else v for k, v in data.items()}  # stored compact
-        return data, io.read_json(prepared / "meta.json")
+    def test_inputs(self, data: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The test inputs, batched along dim 0 (a tuple is sliced and fed together)."""
+        raise NotImplementedError
 
-    def train(self, cfg: Section, prepared: Path, out: Path, *, progress: bool = False) -> None:
-        from attnlab.models import build_model
-        from attnlab.training import fit_classifier
+    def records_attention(self, cfg: Any) -> bool:
+        """Whether the model has attention to extract."""
+        return True
 
-        data, meta = self.load_dataset(prepared)
-        factory, kwargs = self.model_spec(cfg, meta)
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(factory, kwargs)
-        history = fit_classifier(model, data["x_train"], data["y_train"], data["x_test"], data["y_test"],
-                                 cfg.train, forward=self.forward, param_groups=self.param_groups(cfg, model),
-                                 progress=progress)
-        save_checkpoint(out / "model.pt", model, factory, kwargs)
-        history.to_csv(out / "history.csv", index=False)
-        final = history.iloc[-1]
-        io.write_json(out / "metrics.json", {
-            "test_accuracy": float(final["test_accuracy"]),
-            "test_macro_f1": float(final["test_macro_f1"]),
-            "test_loss": float(final["test_loss"]),
-            "train_accuracy": float(final["train_accuracy"]),
-            "epochs": int(final["epoch"]),
-        })
+    def extract_outputs(self, cfg: Any, model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Arrays the extract stage stores besides attention: ``{layout file name: arrays}``."""
+        return {}
 
-    def extract(self, cfg: Section, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
-        from attnlab.store import extract_attention
-        from attnlab.training import predict
+    def explained(self, cfg: Any, data: dict[str, torch.Tensor], meta: dict[str, Any]) -> Explained:
+        raise NotImplementedError
 
-        data, _ = self.load_dataset(prepared)
-        model = load_checkpoint(trained / "model.pt")
-        x, y = data["x_test"], data["y_test"]
-        batches = (x[i:i + cfg.extract.batch_size] for i in range(0, len(x), cfg.extract.batch_size))
-        extract_attention(model, batches, out / "attention.h5",
-                          forward=self.forward, progress=progress)
-        prob = predict(model, x, forward=self.forward).softmax(-1)
-        io.save_arrays(out / "predictions.npz", y=y.numpy(), pred=prob.argmax(-1).numpy(),
-                       prob=prob.numpy().astype(np.float32))
+    def baseline(self, cfg: Any, data: dict[str, torch.Tensor]) -> float | torch.Tensor:
+        """What a removed input value becomes (integrated gradients, deletion/insertion)."""
+        return float(getattr(cfg.explain, "baseline", 0.0))
 
-    def readout_how(self, model: nn.Module) -> str:
-        """How a joint token x token matrix becomes per-item importance for this model."""
-        return "cls" if getattr(model, "pooling", "mean") == "cls" else "mean"
+    def perturbation(self, cfg: Any, model: nn.Module, data: dict[str, torch.Tensor], meta: dict[str, Any],
+                     explained: Explained) -> Perturbation:
+        raise NotImplementedError
+
+    def head_masks(self, data: dict[str, torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
+        """``(causal, mask [N, L] of real tokens or None)`` for the head diagnostics."""
+        return False, None
+
+    def ground_truth(self, cfg: Any, lay: Any, model: nn.Module, data: dict[str, torch.Tensor],
+                     meta: dict[str, Any], explained: Explained) -> dict[str, Any]:
+        """Metrics against what the data know to be true, beyond the evidence items."""
+        return {}
 
     def example_figure(self, data: dict[str, torch.Tensor], meta: dict[str, Any], i: int,
                        importance: dict[str, np.ndarray], title: str):
-        """The figure of one explained test sample (importance of every method)."""
+        """The figure of one explained test sample (importance of every method); None: none."""
+        return None
+
+
+class ClassifierExperiment(Experiment):
+    """One label per sample, the predicted class is explained; items along dim 1 of
+    ``x [N, T, ...]`` by default. Subclasses set ``name``, ``params``, ``item_name`` and
+    implement ``prepare`` and ``model_spec``."""
+
+    def fit(self, cfg, model, data, *, progress=False):
+        from attnlab.training import fit_classifier
+
+        history = fit_classifier(model, data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                                 cfg.train, forward=self.forward, param_groups=self.param_groups(cfg, model),
+                                 progress=progress)
+        final = history.iloc[-1]
+        return history, {"test_accuracy": float(final["test_accuracy"]),
+                         "test_macro_f1": float(final["test_macro_f1"]),
+                         "test_loss": float(final["test_loss"]),
+                         "train_accuracy": float(final["train_accuracy"]),
+                         "epochs": int(final["epoch"])}
+
+    def param_groups(self, cfg: Any, model: nn.Module) -> list[dict] | None:
+        """Optimizer parameter groups for training (None: one group at ``train.lr``)."""
+        return None
+
+    def test_inputs(self, data):
+        return data["x_test"]
+
+    def extract_outputs(self, cfg, model, data):
+        from attnlab.training import predict
+
+        prob = predict(model, data["x_test"], forward=self.forward).softmax(-1)
+        return {"predictions": {"y": data["y_test"].numpy(), "pred": prob.argmax(-1).numpy(),
+                                "prob": prob.numpy().astype(np.float32)}}
+
+    def items(self, cfg: Any, meta: dict[str, Any]) -> Items:
+        """How attention and input attributions become per-item importance."""
+        return SequenceItems(meta["n_items"], how=getattr(cfg.model, "pooling", "mean"))
+
+    def explained(self, cfg, data, meta):
+        return Explained(x=data["x_test"], items=self.items(cfg, meta),
+                         forward=lambda model, xb, rows: self.forward(model, xb), y=data["y_test"],
+                         evidence=data["evidence_test"].flatten(1) if "evidence_test" in data else None,
+                         saved={"y": data["y_test"].numpy()})
+
+    def baseline(self, cfg, data):
+        if cfg.explain.baseline == "mean":
+            return data["x_train"].float().mean(dim=(0, 1))       # per feature
+        return float(cfg.explain.baseline)
+
+    def masker(self, cfg: Any, data: dict[str, torch.Tensor]):
+        from attnlab.evaluate import sequence_masker
+
+        return sequence_masker(self.baseline(cfg, data))
+
+    def perturbation(self, cfg, model, data, meta, explained):
+        return Perturbation(lambda inputs: self.forward(model, inputs), explained.x, self.masker(cfg, data))
+
+    def example_figure(self, data, meta, i, importance, title):
         from attnlab.report import figures
 
         x = data["x_test"][i].numpy()
@@ -106,101 +194,3 @@ class ClassifierExperiment:
         return figures.importance_bands(importance, title, self.item_name,
                                         x_tf=x if x.ndim == 2 else None, channels=meta.get("channels", ()),
                                         evidence=evidence)
-
-    def baseline_value(self, cfg: Section, data: dict[str, torch.Tensor]) -> float | torch.Tensor:
-        """What a removed item is replaced by: a number, or the training mean per feature."""
-        if cfg.explain.baseline == "mean":
-            x = data["x_train"]
-            return x.float().mean(dim=(0, 1))
-        return float(cfg.explain.baseline)
-
-    def importance_batch(self, cfg: Section, model: nn.Module, xb: torch.Tensor, n_items: int,
-                         baseline: float | torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Every configured method's ``[B, n_items]`` importance for the predicted class."""
-        from attnlab.attribution import ATTENTION_METHODS, attention_importance, to_items
-        from attnlab.evaluate import input_x_gradient, integrated_gradients
-
-        e = cfg.explain
-        imp, target = attention_importance(
-            model, xb, n_items=n_items, methods=[m for m in e.methods if m in ATTENTION_METHODS],
-            how=self.readout_how(model), head_fusion=e.head_fusion, residual=e.residual,
-            discard_ratio=e.discard_ratio, flow_max_pairs=e.flow_max_pairs, forward=self.forward)
-        fn = lambda inputs: self.forward(model, inputs)  # noqa: E731
-        if "input_x_gradient" in e.methods:
-            imp["input_x_gradient"] = to_items(input_x_gradient(fn, xb, target), n_items)
-        if "integrated_gradients" in e.methods:
-            base = baseline if isinstance(baseline, float) else baseline.expand_as(xb)
-            imp["integrated_gradients"] = to_items(
-                integrated_gradients(fn, xb, target, n_steps=e.ig_steps, baseline=base), n_items)
-        return {m: imp[m] for m in e.methods}, target
-
-    def explain(self, cfg: Section, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
-        """Importance of every method for every test sample -> importance.npz, figures/."""
-        from tqdm.auto import tqdm
-
-        from attnlab.report import figures
-        from attnlab.report.html import save_figure
-
-        e = cfg.explain
-        data, meta = self.load_dataset(prepared)
-        model = load_checkpoint(trained / "model.pt")
-        x, y = data["x_test"], data["y_test"]
-        baseline = self.baseline_value(cfg, data)
-        parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
-        targets = []
-        for i in tqdm(range(0, len(x), e.batch_size), desc="explain", disable=not progress):
-            imp, target = self.importance_batch(cfg, model, x[i:i + e.batch_size], meta["n_items"], baseline)
-            for m in e.methods:
-                parts[m].append(imp[m])
-            targets.append(target)
-        importance = {m: torch.cat(v).numpy().astype(np.float32) for m, v in parts.items()}
-        target = torch.cat(targets).numpy()
-        io.save_arrays(out / "importance.npz", target=target, y=y.numpy(), **importance)
-        (out / "figures").mkdir()
-        classes = meta["classes"]
-        for i in figures.pick_examples(y.numpy(), e.examples):
-            title = f"sample {i}: true {classes[y[i]]}, explained (predicted) {classes[target[i]]}"
-            fig = self.example_figure(data, meta, i, {m: v[i] for m, v in importance.items()}, title)
-            save_figure(fig, out / "figures" / f"sample{i}.png")
-
-    def masker(self, cfg: Section, data: dict[str, torch.Tensor]):
-        """How items are removed for the deletion/insertion tests (items along dim 1)."""
-        from attnlab.evaluate import sequence_masker
-
-        return sequence_masker(self.baseline_value(cfg, data))
-
-    def perturbation_inputs(self, cfg: Section, model: nn.Module, data: dict[str, torch.Tensor]):
-        """What the deletion/insertion tests and head ablation run: ``(fn, x, masker)``
-        with ``fn(x') -> logits`` and ``masker`` removing items of ``x``. By default the
-        model on the test inputs; an experiment may substitute an exactly equivalent,
-        cheaper pair (e.g. cached per-item embeddings)."""
-        return (lambda inputs: self.forward(model, inputs)), data["x_test"], self.masker(cfg, data)
-
-    def evaluate(self, cfg: Section, root: Path, out: Path, *, progress: bool = False) -> None:
-        from attnlab.experiments.evaluation import evaluate_classifier
-
-        evaluate_classifier(self, cfg, root, out, progress=progress)
-
-    def report(self, cfg: Section, root: Path, out: Path) -> None:
-        from attnlab.report.classifier import write_classifier_report
-
-        write_classifier_report(self, cfg, root, out)
-
-    def track(self, cfg: Section, root: Path, out: Path) -> None:
-        """Log this pipeline state (params, metrics, model, attention, report) to MLflow."""
-        import pandas as pd
-
-        from attnlab import tracking
-
-        stage_dirs = {name: root / name for name in ("train", "extract", "explain", "evaluate", "report")}
-        train, evaluate = stage_dirs["train"], stage_dirs["evaluate"]
-        recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
-        metrics = {f"final.{k}": v for k, v in io.read_json(train / "metrics.json").items()}
-        metrics.update(tracking.flat_metrics(io.read_json(evaluate / "metrics.json"), "evaluate"))
-        run_id, created = tracking.log_pipeline_run(
-            self.name, params=flatten(cfg), metrics=metrics, files=recorded,
-            history=pd.read_csv(train / "history.csv"),
-            model=load_checkpoint(train / "model.pt"),
-            artifacts={("attention" if k == "extract" else k): d for k, d in stage_dirs.items() if k != "train"})
-        io.write_json(out / "run.json", {"experiment": self.name, "run_id": run_id})
-        print(f"{self.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")

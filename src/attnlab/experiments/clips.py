@@ -8,35 +8,35 @@ with :func:`~attnlab.explain.spacetime_rollout` over frames x patches.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from attnlab import io
 from attnlab.config import FramesParams, VideoParams
-from attnlab.experiments.base import ClassifierExperiment
+from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
+from attnlab.attribution import Items, SpaceTimeItems
 
 CLASSES = [str(d) for d in range(10)]
 
 
-def _save_clips(out: Path, train: dict, test: dict, meta: dict[str, Any]) -> None:
+def _prepared(train: dict, test: dict, meta: dict[str, Any]) -> Prepared:
     # pixels in [0, 1] plus Gaussian noise: float16 (loaded as float32) halves the file,
     # and zlib would spend seconds on incompressible noise
-    io.save_arrays(out / "dataset.npz", compress=False, x_train=train["x"].half().numpy(),
-                   y_train=train["y"].numpy(), x_test=test["x"].half().numpy(), y_test=test["y"].numpy(),
-                   evidence_test=test["evidence"].numpy())
-    io.write_json(out / "meta.json", {"classes": CLASSES, "n_train": len(train["y"]),
-                                      "n_test": len(test["y"]), **meta})
+    return Prepared({"x_train": train["x"].half().numpy(), "y_train": train["y"].numpy(),
+                     "x_test": test["x"].half().numpy(), "y_test": test["y"].numpy(),
+                     "evidence_test": test["evidence"].numpy()},
+                    {"classes": CLASSES, "n_train": len(train["y"]), "n_test": len(test["y"]), **meta},
+                    compress=False)
 
 
 class FramesExperiment(ClassifierExperiment):
     name = "frames"
+    params = FramesParams
     item_name = "frame"
 
-    def prepare(self, cfg: FramesParams, out: Path) -> None:
+    def prepare(self, cfg: FramesParams) -> Prepared:
         from attnlab.data.clips import make_frame_clips
 
         p = cfg.prepare
@@ -44,14 +44,15 @@ class FramesExperiment(ClassifierExperiment):
                   scale=p.scale)
         train = make_frame_clips(p.n_train, split="train", seed=p.seed, **kw)
         test = make_frame_clips(p.n_test, split="test", seed=p.seed + 1, **kw)
-        _save_clips(out, train, test, {"source": "sklearn digits, key frames among distractors",
+        return _prepared(train, test, {"source": "sklearn digits, key frames among distractors",
                                        "n_items": p.frames})
 
     def model_spec(self, cfg: FramesParams, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return "attnlab.models.frames:frames_classifier", {"n_classes": len(meta["classes"]),
                                                            **cfg.model.model_dump()}
 
-    def perturbation_inputs(self, cfg: FramesParams, model: nn.Module, data: dict[str, torch.Tensor]):
+    def perturbation(self, cfg: FramesParams, model: nn.Module, data: dict[str, torch.Tensor],
+                     meta: dict[str, Any], explained: Explained) -> Perturbation:
         """The CNN embeds every frame on its own (in eval mode BatchNorm uses its running
         statistics), so a clip with frames removed has the embeddings of its kept frames
         and the baseline frame's embedding elsewhere. The tests therefore perturb cached
@@ -60,12 +61,12 @@ class FramesExperiment(ClassifierExperiment):
         from attnlab.evaluate import sequence_masker
 
         model.eval()
-        x = data["x_test"]
-        base = torch.as_tensor(self.baseline_value(cfg, data), dtype=torch.float32)
+        x = explained.x
+        base = torch.as_tensor(self.baseline(cfg, data), dtype=torch.float32)
         with torch.no_grad():
             h = torch.cat([model.embed(x[i:i + 256]) for i in range(0, len(x), 256)])
             fill = model.embed(base.expand(1, 1, *x.shape[2:]))[0, 0]                # [D]
-        return model.forward_embedded, h, sequence_masker(fill)
+        return Perturbation(model.forward_embedded, h, sequence_masker(fill))
 
     def example_figure(self, data, meta, i, importance, title):
         from attnlab.report import figures
@@ -78,9 +79,10 @@ class VideoExperiment(ClassifierExperiment):
     """Items are the ``F·P`` patches of all frames, frame-major, patches row-major."""
 
     name = "video"
+    params = VideoParams
     item_name = "patch"
 
-    def prepare(self, cfg: VideoParams, out: Path) -> None:
+    def prepare(self, cfg: VideoParams) -> Prepared:
         from attnlab.data.clips import make_video_clips
 
         p = cfg.prepare
@@ -89,7 +91,7 @@ class VideoExperiment(ClassifierExperiment):
         train = make_video_clips(p.n_train, split="train", seed=p.seed, **kw)
         test = make_video_clips(p.n_test, split="test", seed=p.seed + 1, **kw)
         grid = p.size // p.patch
-        _save_clips(out, train, test, {"source": "sklearn digits moving across a canvas",
+        return _prepared(train, test, {"source": "sklearn digits moving across a canvas",
                                        "frames": p.frames, "patches": grid * grid, "patch": p.patch,
                                        "size": p.size, "n_items": p.frames * grid * grid})
 
@@ -98,55 +100,33 @@ class VideoExperiment(ClassifierExperiment):
             "n_classes": len(meta["classes"]), "frames": meta["frames"], "size": meta["size"],
             "patch": meta["patch"], **cfg.model.model_dump()}
 
+    def items(self, cfg: VideoParams, meta: dict[str, Any]) -> Items:
+        """raw: the last block's class-token space attention (its per-frame copies, / F);
+        received: the space attention each patch receives, mean over blocks, heads and
+        queries; rollout / grad_rollout: space-time rollouts of the class token."""
+        from attnlab.models.spacetime import split_attentions
+
+        def split(entries):
+            space, time = split_attentions(entries)
+            f, p = time[0].shape[-1], space[0].shape[-1] - 1
+            if (f, p) != (meta["frames"], meta["patches"]):
+                raise ValueError(f"recorded attention has frames={f}, patches={p}; the data have "
+                                 f"frames={meta['frames']}, patches={meta['patches']}")
+            return space, time
+
+        return SpaceTimeItems(meta["n_items"], patch=meta["patch"], split=split)
+
     def masker(self, cfg: VideoParams, data: dict[str, torch.Tensor]):
         from attnlab.evaluate import patch_masker
 
         f, _, size = data["x_test"].shape[1:4]
         patch = size // int(round((data["evidence_test"].shape[-1]) ** 0.5))
-        return patch_masker(f, patch, size, self.baseline_value(cfg, data))
+        return patch_masker(f, patch, size, self.baseline(cfg, data))
 
-    def baseline_value(self, cfg: VideoParams, data: dict[str, torch.Tensor]) -> float | torch.Tensor:
+    def baseline(self, cfg: VideoParams, data: dict[str, torch.Tensor]) -> float | torch.Tensor:
         if cfg.explain.baseline == "mean":
             return data["x_train"].float().mean()
         return float(cfg.explain.baseline)
-
-    def importance_batch(self, cfg: VideoParams, model: nn.Module, xb: torch.Tensor, n_items: int,
-                         baseline: float | torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """raw: last block's class-token space attention (its per-frame copies, / F);
-        received: space attention each patch receives, mean over blocks, heads and
-        queries; rollout / grad_rollout: space-time rollouts of the class token."""
-        from attnlab.attribution import record_target, to_items
-        from attnlab.evaluate import input_x_gradient, integrated_gradients
-        from attnlab.explain import spacetime_grad_rollout, spacetime_rollout
-
-        e = cfg.explain
-        unsupported = sorted(set(e.methods) & {"flow"})
-        if unsupported:
-            raise ValueError(f"video.explain.methods: {unsupported[0]!r} is not defined for divided "
-                             "space-time attention; use raw, received, rollout, grad_rollout, "
-                             "input_x_gradient, integrated_gradients")
-        atts, grads, target = record_target(model, xb)
-        space, time = model.split_attentions(atts)
-        space_g, time_g = model.split_attentions(grads)
-        fuse = {"mean": lambda a: a.mean(2), "max": lambda a: a.amax(2), "min": lambda a: a.amin(2)}[e.head_fusion]
-        frames = space[0].shape[1]
-        imp: dict[str, torch.Tensor] = {}
-        for m in e.methods:
-            if m == "raw":
-                rel = fuse(space[-1])[:, :, 0, 1:] / frames                       # [B, F, P]
-            elif m == "received":
-                rel = torch.stack([fuse(s)[..., 1:].mean(2) for s in space]).mean(0)
-            elif m == "rollout":
-                rel = spacetime_rollout(space, time, head_fusion=e.head_fusion, residual=e.residual)
-            elif m == "grad_rollout":
-                rel = spacetime_grad_rollout(space, time, space_g, time_g)
-            elif m == "input_x_gradient":
-                rel = input_x_gradient(model, xb, target, patch=model.patch)
-            else:
-                base = baseline if isinstance(baseline, float) else float(baseline)
-                rel = integrated_gradients(model, xb, target, n_steps=e.ig_steps, baseline=base, patch=model.patch)
-            imp[m] = to_items(rel.detach().flatten(1).float(), n_items)
-        return imp, target
 
     def example_figure(self, data, meta, i, importance, title):
         from attnlab.report import figures

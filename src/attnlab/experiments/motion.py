@@ -1,26 +1,25 @@
 """``motion``: BasicMotions sensor sequences -> per-timestep embedding -> TransformerEncoder."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from attnlab import io
 from attnlab.config import MotionParams
 from attnlab.data.motion import CHANNELS, load_basic_motions
-from attnlab.experiments.base import ClassifierExperiment
+from attnlab.experiments.base import ClassifierExperiment, Prepared
 
 
 class MotionExperiment(ClassifierExperiment):
     name = "motion"
+    params = MotionParams
     item_name = "timestep"
 
-    def prepare(self, cfg: MotionParams, out: Path) -> None:
+    def prepare(self, cfg: MotionParams) -> Prepared:
         train, test, classes = load_basic_motions(normalize=cfg.prepare.normalize)
-        io.save_arrays(out / "dataset.npz", x_train=train.x, y_train=train.y, x_test=test.x, y_test=test.y)
-        io.write_json(out / "meta.json", {
-            "source": cfg.prepare.source, "classes": classes, "channels": list(CHANNELS),
-            "n_train": len(train.y), "n_test": len(test.y), "n_items": train.x.shape[1],
-            "n_features": train.x.shape[2]})
+        return Prepared(
+            {"x_train": train.x, "y_train": train.y, "x_test": test.x, "y_test": test.y},
+            {"source": cfg.prepare.source, "classes": classes, "channels": list(CHANNELS),
+             "n_train": len(train.y), "n_test": len(test.y), "n_items": train.x.shape[1],
+             "n_features": train.x.shape[2]})
 
     def model_spec(self, cfg: MotionParams, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return "attnlab.models.encoder:EncoderClassifier", {

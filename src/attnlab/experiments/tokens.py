@@ -3,23 +3,22 @@ vocabulary x vocabulary attention of the whole test set (``VocabAttention``).
 
 Stages: prepare (one of the sources of :mod:`attnlab.data.tokens`), train (perplexity,
 accuracy), extract (every layer's per-head attention, causal + padding masks),
-explain (``VocabAttention`` over the test set from a chosen layer, the mean of the
-layers or the rollout: sum/count/expected/mean/lift, the long table, top pairs,
-clustered heatmap), evaluate (recall@K of the planted pairs, head diagnostics),
-report, track.
+aggregate (``VocabAttention`` over the stored attention: sum/count/expected/mean/lift
+per layer and head, the long table, top pairs), explain (every method's importance of
+the tokens behind one next-token prediction per test sequence), evaluate
+(deletion/insertion, evidence AUROC and recall@K of the planted pairs, head
+diagnostics), report, track.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from attnlab import io
 from attnlab.config import TokensParams
-from attnlab.experiments.base import ClassifierExperiment
-from attnlab.models import load_checkpoint, save_checkpoint
+from attnlab.experiments.base import Experiment, Explained, Perturbation, Prepared
+from attnlab.attribution import SequenceItems
 
 FACTORY = "attnlab.models.causal:CausalTransformerLM"
 
@@ -95,60 +94,14 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: to
     return model(tokens, mask)[torch.arange(len(tokens)), position]
 
 
-def faithfulness(model: torch.nn.Module, data: dict[str, torch.Tensor], vocab: list[str], cfg: Any,
-                 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    """Deletion/insertion AUC (and, on planted data, evidence AUROC and pointing game)
-    of each attention method's importance for one next-token prediction per sequence.
-
-    Only the tokens at or before the explained position can matter to a causal model;
-    every method (the random baseline too) ranks later positions last. A removed token
-    becomes ``<unk>``."""
-    from attnlab.attribution import importance_from_records, record_target
-    from attnlab.data.tokens import UNK
-    from attnlab.evaluate import evidence_auroc, pointing_game, random_importance, sequence_masker
-    from attnlab.experiments.evaluation import perturbation_curves
-
-    ev = cfg.evaluate
-    rows, position, evidence = explained_positions(data)
-    tokens, mask = data["tokens_test"][rows], data["mask_test"][rows]
-    n_items = tokens.shape[1]
-    parts: dict[str, list[torch.Tensor]] = {m: [] for m in ev.methods}
-    targets, layer_sums = [], []
-    for i in range(0, len(rows), ev.batch_size):
-        sl = slice(i, i + ev.batch_size)
-        fwd = lambda m, x, sl=sl: next_token_logits(m, x, position[sl], mask[sl])  # noqa: E731
-        atts, grads, target = record_target(model, tokens[sl], forward=fwd,
-                                            keep_grad="grad_rollout" in ev.methods or evidence is not None)
-        imp = importance_from_records(atts, grads, n_items=n_items, methods=ev.methods, how=position[sl])
-        for m in ev.methods:
-            parts[m].append(imp[m])
-        targets.append(target)
-        if evidence is not None:
-            layer_sums.append(evidence_gradients(atts, grads, position[sl], evidence[sl]))
-    importance = {m: torch.cat(v) for m, v in parts.items()}
-    importance["random"] = random_importance((len(rows), n_items), ev.seed).float()
-    later = torch.arange(n_items)[None, :] > position[:, None]
-    importance = {m: v.masked_fill(later, -1.0) for m, v in importance.items()}
-    aucs, curves = perturbation_curves(
-        lambda x, position, mask: next_token_logits(model, x, position, mask), tokens, importance,
-        sequence_masker(vocab.index(UNK)), target=torch.cat(targets), steps=ev.steps,
-        batch_size=4 * ev.batch_size, forward_kwargs={"position": position, "mask": mask})
-    metrics: dict[str, Any] = {"n_explained": len(rows), **aucs}
-    if evidence is not None:
-        metrics["evidence"] = {
-            "auroc": {m: float(evidence_auroc(imp, evidence, valid=~later).mean) for m, imp in importance.items()},
-            "pointing_game": {m: float(pointing_game(imp, evidence, valid=~later)) for m, imp in importance.items()},
-            # Means over the explained sequences.
-            "per_layer": {str(layer): {k: sum(batch[layer][k] for batch in layer_sums) / len(rows)
-                                       for k in layer_sums[0][layer]} for layer in range(len(layer_sums[0]))}}
-    return metrics, curves
-
-
-class TokensExperiment(ClassifierExperiment):
+class TokensExperiment(Experiment):
     name = "tokens"
+    params = TokensParams
     item_name = "token"
+    vocabulary = True
+    report_kind = "tokens"
 
-    def prepare(self, cfg: TokensParams, out: Path) -> None:
+    def prepare(self, cfg: TokensParams) -> Prepared:
         from attnlab.data.tokens import train_test_split
 
         data = load_source(cfg)
@@ -157,8 +110,7 @@ class TokensExperiment(ClassifierExperiment):
                   "tokens_test": test.tokens, "mask_test": test.mask}
         if test.rule_mask is not None:
             arrays |= {"rule_mask_test": test.rule_mask, "true_key_test": test.true_key}
-        io.save_arrays(out / "dataset.npz", **{k: v.numpy() for k, v in arrays.items()})
-        io.write_json(out / "meta.json", {
+        return Prepared({k: v.numpy() for k, v in arrays.items()}, {
             "source": cfg.prepare.source, "vocab": data.vocab, "n_train": len(train), "n_test": len(test),
             "n_items": data.tokens.shape[1], "true_pairs": [list(p) for p in data.true_pairs or []],
             "source_meta": data.meta})
@@ -170,116 +122,78 @@ class TokensExperiment(ClassifierExperiment):
         tokens, mask = batch
         return model(tokens, mask)
 
-    def train(self, cfg: TokensParams, prepared: Path, out: Path, *, progress: bool = False) -> None:
-        from attnlab.models import build_model
+    def fit(self, cfg, model, data, *, progress=False):
         from attnlab.training import fit_lm
 
-        data, meta = self.load_dataset(prepared)
-        factory, kwargs = self.model_spec(cfg, meta)
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(factory, kwargs)
         history = fit_lm(model, (data["tokens_train"], data["mask_train"]), (data["tokens_test"], data["mask_test"]),
                          cfg.train, test_target_mask=data.get("rule_mask_test"), progress=progress)
-        save_checkpoint(out / "model.pt", model, factory, kwargs)
-        history.to_csv(out / "history.csv", index=False)
         final = history.iloc[-1]
-        io.write_json(out / "metrics.json", {k: float(final[k]) for k in history.columns if k != "epoch"}
-                      | {"epochs": int(final["epoch"])})
+        return history, {k: float(final[k]) for k in history.columns if k != "epoch"} | {"epochs": int(final["epoch"])}
 
-    def _batches(self, data: dict[str, torch.Tensor], batch_size: int):
-        tokens, mask = data["tokens_test"], data["mask_test"]
-        return ((tokens[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(tokens), batch_size))
+    def test_inputs(self, data):
+        return data["tokens_test"], data["mask_test"]
 
-    def extract(self, cfg: TokensParams, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
-        from attnlab.store import extract_attention
+    def explained(self, cfg, data, meta):
+        """One next-token prediction per test sequence (:func:`explained_positions`); only
+        the tokens at or before its position can matter to a causal model."""
+        rows, position, evidence = explained_positions(data)
+        tokens, mask = data["tokens_test"][rows], data["mask_test"][rows]
+        later = torch.arange(tokens.shape[1])[None, :] > position[:, None]
+        return Explained(x=tokens, items=SequenceItems(tokens.shape[1], how=position, token_ids=True),
+                         forward=lambda model, xb, sl: next_token_logits(model, xb, position[sl], mask[sl]),
+                         evidence=evidence, valid=~later,
+                         saved={"rows": rows.numpy(), "position": position.numpy()})
 
-        data, _ = self.load_dataset(prepared)
-        model = load_checkpoint(trained / "model.pt")
-        extract_attention(model, self._batches(data, cfg.extract.batch_size), out / "attention.h5", progress=progress)
+    def perturbation(self, cfg, model, data, meta, explained):
+        """A removed token becomes ``<unk>``."""
+        from attnlab.data.tokens import UNK
+        from attnlab.evaluate import sequence_masker
 
-    def explain(self, cfg: TokensParams, prepared: Path, trained: Path, out: Path, *, progress: bool = False) -> None:
-        """VocabAttention over the test set, streamed from the extracted attention."""
-        from attnlab.aggregate import VocabAttention
-        from attnlab.explain import rollout
-        from attnlab.report import figures
-        from attnlab.report.html import save_figure
-        from attnlab.store import AttentionReader
+        rows = torch.from_numpy(explained.saved["rows"])
+        return Perturbation(lambda x, position, mask: next_token_logits(model, x, position, mask), explained.x,
+                            sequence_masker(meta["vocab"].index(UNK)),
+                            forward_kwargs={"position": explained.items.how, "mask": data["mask_test"][rows]})
 
-        e = cfg.explain
-        data, meta = self.load_dataset(prepared)
-        itos = meta["vocab"]
-        tokens, mask = data["tokens_test"], data["mask_test"]
-        agg, heads = VocabAttention(len(itos)), None
-        with AttentionReader(out.parent / "extract" / "attention.h5") as reader:
-            n_layers = len(reader.names)
-            if not -n_layers <= e.layer < n_layers:
-                raise ValueError(f"explain.layer={e.layer}: the model has {n_layers} layers")
-            start = 0
-            for batch in reader.batches(e.batch_size):
-                stop = start + batch[0].shape[0]
-                t, m = tokens[start:stop], mask[start:stop]
-                if e.attention == "layer":
-                    att = batch[e.layer]                               # [B, H, N, N]
-                elif e.attention == "mean":
-                    att = torch.stack(batch).mean(0)
-                else:
-                    att = rollout(batch, padding_mask=~m)              # [B, N, N]
-                agg.update(t, att, mask=m, causal=True)
-                if e.per_head and att.ndim == 4:
-                    heads = heads or VocabAttention(len(itos), n_heads=att.shape[1])
-                    heads.update(t, att, mask=m, causal=True)
-                start = stop
-        agg.save(out / "vocab.npz")
-        agg.to_frame(itos).to_csv(out / "pairs.csv.gz", index=False, float_format="%.6g",
-                                  compression={"method": "gzip", "mtime": 0})   # reproducible bytes
-        agg.top_pairs(e.top_k, min_count=e.min_count, itos=itos).to_csv(out / "top_pairs.csv", index=False)
-        if heads is not None:
-            heads.save(out / "vocab_heads.npz")
-            per_head = pd.concat([heads.top_pairs(e.top_k, min_count=e.min_count, itos=itos, head=h).assign(head=h)
-                                  for h in range(heads.sum.shape[0])])
-            per_head.to_csv(out / "top_pairs_per_head.csv", index=False)
-        (out / "figures").mkdir()
-        save_figure(figures.vocab_clustermap(agg, itos, e.heatmap_tokens, min_count=e.min_count),
-                    out / "figures" / "vocab_lift.png")
+    def head_masks(self, data):
+        return True, data["mask_test"]
 
-    def evaluate(self, cfg: TokensParams, root: Path, out: Path, *, progress: bool = False) -> None:
-        from attnlab.aggregate import VocabAttention
-        from attnlab.experiments.evaluation import head_summary, head_table, write_curves
-        from attnlab.report import figures
-        from attnlab.report.html import save_figure
-        from attnlab.store import AttentionReader
+    def ground_truth(self, cfg, lay, model, data, meta, explained):
+        """On planted data: recall@K of the planted pairs among the aggregate's top pairs
+        (head mean and per head), and per layer the attention and gradient at the trigger
+        (:func:`evidence_gradients`)."""
+        if not meta["true_pairs"]:
+            return {}
+        return {"planted": planted_recall(cfg, lay, meta),
+                "evidence": {"per_layer": evidence_per_layer(cfg, model, explained)}}
 
-        e, meta = cfg.explain, io.read_json(root / "prepare" / "meta.json")
-        metrics: dict[str, Any] = {"n_sequences": meta["n_test"]}
-        if meta["true_pairs"]:
-            itos = meta["vocab"]
-            agg = VocabAttention.load(root / "explain" / "vocab.npz")
-            top = agg.top_pairs(e.top_k, min_count=e.min_count, itos=itos)
-            metrics["planted"] = {"recall_at_k": recall_at_k(top, meta["true_pairs"]), "k": e.top_k,
-                                  "n_true_pairs": len(meta["true_pairs"])}
-            if (root / "explain" / "vocab_heads.npz").exists():
-                heads = VocabAttention.load(root / "explain" / "vocab_heads.npz")
-                per_head = [recall_at_k(heads.top_pairs(e.top_k, min_count=e.min_count, itos=itos, head=h),
-                                        meta["true_pairs"]) for h in range(heads.sum.shape[0])]
-                metrics["planted"]["recall_at_k_per_head"] = {str(h): r for h, r in enumerate(per_head)}
-                metrics["planted"]["recall_at_k_best_head"] = max(per_head)
-        data, _ = self.load_dataset(root / "prepare")
-        model = load_checkpoint(root / "train" / "model.pt")
-        faith, curves = faithfulness(model, data, meta["vocab"], cfg)
-        metrics["faithfulness"] = {k: faith.pop(k) for k in ("deletion_auc", "insertion_auc")}
-        metrics |= faith
-        with AttentionReader(root / "extract" / "attention.h5") as reader:
-            heads = head_table(reader, k=cfg.evaluate.sink_k, batch_size=cfg.evaluate.batch_size,
-                               causal=True, padding=~data["mask_test"])
-        res = out / "results"
-        (res / "figures").mkdir(parents=True)
-        write_curves(curves, res)
-        heads.to_csv(res / "heads.csv", index=False, float_format="%.6g")
-        metrics["heads"] = head_summary(heads)
-        io.write_json(out / "metrics.json", metrics)
-        save_figure(figures.head_heatmaps(heads, ["entropy", "sink", "locality_norm"]), res / "figures" / "heads.png")
 
-    def report(self, cfg: TokensParams, root: Path, out: Path) -> None:
-        from attnlab.report.tokens import write_tokens_report
+def planted_recall(cfg: TokensParams, lay: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    from attnlab import io
+    from attnlab.aggregate import VocabAttention
 
-        write_tokens_report(self, cfg, root, out)
+    a, itos, true = cfg.aggregate, meta["vocab"], meta["true_pairs"]
+    view = io.read_json(lay.aggregate_summary)["headline"]
+    top = VocabAttention.load(lay.vocab(view)).top_pairs(a.top_k, min_count=a.min_count, itos=itos)
+    out: dict[str, Any] = {"recall_at_k": recall_at_k(top, true), "k": a.top_k, "n_true_pairs": len(true)}
+    if lay.vocab(view, kind="head_matrices").exists():
+        heads = VocabAttention.load(lay.vocab(view, kind="head_matrices"))
+        per_head = [recall_at_k(heads.top_pairs(a.top_k, min_count=a.min_count, itos=itos, head=h), true)
+                    for h in range(heads.sum.shape[0])]
+        out["recall_at_k_per_head"] = {str(h): r for h, r in enumerate(per_head)}
+        out["recall_at_k_best_head"] = max(per_head)
+    return out
+
+
+def evidence_per_layer(cfg: TokensParams, model: torch.nn.Module, explained: Explained) -> dict[str, dict[str, float]]:
+    """:func:`evidence_gradients` over the explained sequences, in explain's batches: means
+    per layer."""
+    from attnlab.attribution import record_target
+
+    sums = []
+    for i in range(0, len(explained), cfg.explain.batch_size):
+        sl = slice(i, i + cfg.explain.batch_size)
+        atts, grads, _ = record_target(model, explained.x[sl],
+                                       forward=lambda m, xb, sl=sl: explained.forward(m, xb, sl))
+        sums.append(evidence_gradients(atts, grads, explained.items.how[sl], explained.evidence[sl]))
+    return {str(layer): {k: sum(batch[layer][k] for batch in sums) / len(explained) for k in sums[0][layer]}
+            for layer in range(len(sums[0]))}

@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .rollout import check_padding_mask
+from .rollout import real_tokens
 
 __all__ = ["readout"]
 
@@ -15,6 +15,7 @@ def readout(
     joint: Tensor,
     how: Literal["cls", "mean"] | int | Tensor = "cls",
     *,
+    mask: Tensor | None = None,
     padding_mask: Tensor | None = None,
 ) -> Tensor:
     """One row of a joint relevance matrix ``[B, N, N]`` (row = output token, column =
@@ -27,9 +28,10 @@ def readout(
             rows (mean-pooled models); an ``int`` — that token's row (negative counts
             from the end, as in Python indexing); an int64 tensor ``[B]`` — one row per
             sample (e.g. the position whose next-token prediction is explained).
-        padding_mask: optional ``[B, N]`` bool, True = padded; only for ``"mean"``,
-            which then averages over real query rows only (a sample with no real token
-            gives a zero row).
+        mask: optional ``[B, N]`` bool, True = real token; only for ``"mean"``, which
+            then averages over real query rows only (a sample with no real token gives
+            a zero row).
+        padding_mask: the same with torch's polarity (True = padded), instead of ``mask``.
 
     Returns:
         ``[B, N]``: relevance of every input token for the chosen output.
@@ -38,14 +40,15 @@ def readout(
         shape = tuple(joint.shape) if isinstance(joint, Tensor) else type(joint).__name__
         raise ValueError(f"joint must be a tensor [B, N, N]; got {shape}")
     batch, n_tok, _ = joint.shape
-    if padding_mask is not None and how != "mean":
-        raise ValueError(f'padding_mask is only used with how="mean"; got how={how!r}')
+    if (mask is not None or padding_mask is not None) and how != "mean":
+        raise ValueError(f'mask / padding_mask are only used with how="mean"; got how={how!r}')
     if how == "cls":
         return joint[:, 0]
     if how == "mean":
-        if padding_mask is None:
+        real = real_tokens(mask, padding_mask, batch, n_tok)
+        if real is None:
             return joint.mean(dim=1)
-        real = ~check_padding_mask(padding_mask, batch, n_tok).to(joint.device)
+        real = real.to(joint.device)
         weight = real.to(joint.dtype)
         count = weight.sum(dim=1, keepdim=True).clamp_min(1)
         return (weight[:, :, None] * joint).sum(dim=1) / count

@@ -16,7 +16,7 @@ from torch import Tensor
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
-__all__ = ["rollout", "HeadFusion", "HEAD_FUSIONS"]
+__all__ = ["rollout", "fuse_heads", "HeadFusion", "HEAD_FUSIONS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -78,50 +78,70 @@ def check_layers(attentions: object, name: str = "attentions") -> tuple[list[Ten
     return layers, batch, n_tok
 
 
-def check_padding_mask(padding_mask: object, batch: int, n_tok: int) -> Tensor:
-    """Validate ``padding_mask`` ``[B, N]`` (True = padded); return it as bool."""
+def real_tokens(mask: object, padding_mask: object, batch: int, n_tok: int) -> Tensor | None:
+    """The real tokens ``[B, N]`` (bool) from the project's ``mask`` (True = real token)
+    or torch's ``padding_mask`` (True = padded; kept as an alias); None when neither."""
+    if mask is not None and padding_mask is not None:
+        raise ValueError("give mask (True = real token) or padding_mask (True = padded), not both")
+    if mask is not None:
+        return ~check_padding_mask(mask, batch, n_tok, name="mask", meaning="True = real token")
+    if padding_mask is not None:
+        return ~check_padding_mask(padding_mask, batch, n_tok)
+    return None
+
+
+def check_padding_mask(padding_mask: object, batch: int, n_tok: int, *, name: str = "padding_mask",
+                       meaning: str = "True = padded") -> Tensor:
+    """Validate a mask ``[B, N]`` called ``name``; return it as bool, inverted when it is
+    a ``mask`` of real tokens (so the result is always True = padded)."""
     if not isinstance(padding_mask, Tensor):
         raise ValueError(
-            f"padding_mask must be a bool tensor [B, N]; got {type(padding_mask).__name__}"
+            f"{name} must be a bool tensor [B, N]; got {type(padding_mask).__name__}"
         )
     if tuple(padding_mask.shape) != (batch, n_tok):
         raise ValueError(
-            f"padding_mask must have shape [B, N] = {(batch, n_tok)}; "
+            f"{name} must have shape [B, N] = {(batch, n_tok)}; "
             f"got {tuple(padding_mask.shape)}"
         )
     if padding_mask.dtype != torch.bool:
         if padding_mask.is_floating_point() or padding_mask.is_complex():
-            raise ValueError(f"padding_mask must be bool (True = padded); got {padding_mask.dtype}")
+            raise ValueError(f"{name} must be bool ({meaning}); got {padding_mask.dtype}")
         padding_mask = padding_mask != 0
-    return padding_mask
+    return padding_mask if name == "padding_mask" else ~padding_mask
 
 
 # --------------------------------------------------------------------------- one layer
 
 
-def fuse_heads(attn: Tensor, head_fusion: str, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """Fuse the heads of ``attn`` ``[..., H, N, N]`` → ``[..., N, N]``.
+def fuse_heads(attn: Tensor, head_fusion: str = "mean", dim: int = -3) -> Tensor:
+    """The one head fusion of the project: ``mean`` / ``max`` / ``min`` over the heads
+    dimension ``dim`` (``[B, H, N, N]`` -> ``[B, N, N]`` by default)."""
+    check_head_fusion(head_fusion)
+    if head_fusion == "mean":
+        return attn.mean(dim)
+    return attn.amax(dim) if head_fusion == "max" else attn.amin(dim)
 
-    Returns ``(fused, unit)``: a **fresh** tensor the caller may modify in place and
-    the scale it is expressed in. For ``"mean"`` the heads are *summed* (``unit = H``):
-    every later step (discard by rank, residual ``+ unit·I``, row renormalisation) is
-    invariant to that common factor, and a sum saves one pass over the data.
+
+def _fuse_scaled(attn: Tensor, head_fusion: str, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """:func:`fuse_heads` over ``[..., H, N, N]`` as rollout and flow use it: returns
+    ``(fused, unit)``, a **fresh** tensor the caller may modify in place and the scale it
+    is expressed in. For ``"mean"`` the heads are *summed* (``unit = H``): every later
+    step (discard by rank, residual ``+ unit·I``, row renormalisation) is invariant to
+    that common factor, and a sum saves one pass over the data.
     """
     if head_fusion == "mean":
         return attn.sum(dim=-3, dtype=dtype), attn.shape[-3]
-    if head_fusion == "max":
-        return attn.amax(dim=-3).to(dtype, copy=True), 1
-    return attn.amin(dim=-3).to(dtype, copy=True), 1
+    return fuse_heads(attn, head_fusion).to(dtype, copy=True), 1
 
 
 def fused_layer(
     attn: Tensor, head_fusion: str, dtype: torch.dtype, fused_ndim: int = 3
 ) -> tuple[Tensor, int]:
     """``[B, H, N, N]`` or already fused ``[B, N, N]`` (``attn.ndim == fused_ndim``) →
-    fresh ``([B, N, N], unit)`` (see :func:`fuse_heads`)."""
+    fresh ``([B, N, N], unit)`` (see :func:`_fuse_scaled`)."""
     if attn.ndim == fused_ndim:
         return attn.to(dtype, copy=True), 1
-    return fuse_heads(attn, head_fusion, dtype)
+    return _fuse_scaled(attn, head_fusion, dtype)
 
 
 def add_identity_(a: Tensor, unit: float, real: Tensor | None = None) -> Tensor:
@@ -175,7 +195,7 @@ def unnormalised_layer(
 ) -> Tensor:
     """Steps 1–4 of :func:`rollout` for one layer, before the row renormalisation:
     ``[B, H, N, N]``/``[B, N, N]`` → fresh ``[B, N, N]``, proportional per row to the
-    renormalised layer (the head *sum* stands for the mean, see :func:`fuse_heads`)."""
+    renormalised layer (the head *sum* stands for the mean, see :func:`_fuse_scaled`)."""
     a, unit = fused_layer(attn, head_fusion, dtype, fused_ndim)
     if real is not None:
         a.mul_(real[:, :, None] & real[:, None, :])
@@ -217,6 +237,7 @@ def rollout(
     head_fusion: HeadFusion = "mean",
     residual: bool = True,
     discard_ratio: float = 0.0,
+    mask: Tensor | None = None,
     padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention rollout of Abnar & Zuidema (2020), batched.
@@ -225,7 +246,7 @@ def rollout(
 
     1. fuse heads: ``A = mean_h`` / ``max_h`` / ``min_h`` of ``[B, H, N, N]``
        (a ``[B, N, N]`` input is taken as already fused);
-    2. with ``padding_mask``: zero the rows and columns of padded tokens;
+    2. with a mask: zero the rows and columns of padded tokens;
     3. ``discard_ratio > 0``: per sample, zero the ``floor(discard_ratio · M)``
        smallest of the ``M = m(m-1)`` off-diagonal entries between the ``m`` real
        tokens (ties: first in row-major order). The diagonal is never zeroed;
@@ -243,7 +264,9 @@ def rollout(
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
         residual: model the skip connection as ``0.5·A + 0.5·I``.
         discard_ratio: fraction in ``[0, 1)`` of the smallest entries to zero per layer.
-        padding_mask: optional ``[B, N]`` bool, True = padded token.
+        mask: optional ``[B, N]`` bool, True = real token (the project's convention,
+            as in ``VocabAttention.update``).
+        padding_mask: the same as torch's ``key_padding_mask`` (True = padded), instead of ``mask``.
 
     Returns:
         ``[B, N, N]`` in the inputs' floating dtype (at least float32), on their device.
@@ -254,9 +277,9 @@ def rollout(
         0.0 <= discard_ratio < 1.0
     ):
         raise ValueError(f"discard_ratio must be a number in [0, 1); got {discard_ratio!r}")
-    real = None
-    if padding_mask is not None:
-        real = ~check_padding_mask(padding_mask, batch, n_tok).to(layers[0].device)
+    real = real_tokens(mask, padding_mask, batch, n_tok)
+    if real is not None:
+        real = real.to(layers[0].device)
     dtype = compute_dtype(layers)
 
     ratio = float(discard_ratio)

@@ -109,11 +109,11 @@ class ChannelFusion(nn.Module):
     (all gates 1/S).
     """
 
-    def __init__(self, d: int, n_streams: int = 2, hidden: int | None = None):
+    def __init__(self, d_model: int, n_streams: int = 2, hidden: int | None = None):
         super().__init__()
-        hidden = hidden or d
-        self.fc1 = nn.Linear(n_streams * d, hidden)
-        self.fc2 = nn.Linear(hidden, n_streams * d)
+        hidden = hidden or d_model
+        self.fc1 = nn.Linear(n_streams * d_model, hidden)
+        self.fc2 = nn.Linear(hidden, n_streams * d_model)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
@@ -135,10 +135,10 @@ class AttentionFusion(nn.Module):
     ``attn [B, 1, S]`` averaged over heads. ``fused`` includes the MHA's output projection.
     """
 
-    def __init__(self, d: int, nhead: int = 1):
+    def __init__(self, d_model: int, nhead: int = 1):
         super().__init__()
-        self.query = nn.Parameter(torch.zeros(1, 1, d))
-        self.attn = nn.MultiheadAttention(d, nhead, batch_first=True)
+        self.query = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
 
     def forward(self, tokens_bsd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_b1d = self.query.expand(tokens_bsd.shape[0], -1, -1)
@@ -154,8 +154,8 @@ class TwoStreamClassifier(nn.Module):
         n_classes: number of classes ``C``.
         fusion: one of :data:`FUSIONS` (see the module docstring).
         appearance_channels, structure_channels: input channels of the two streams.
-        d: common token size after each stream's projection.
-        nhead: heads of the ``attention`` fusion (must divide ``d``).
+        d_model: common token size ``d`` after each stream's projection.
+        nhead: heads of the ``attention`` fusion (must divide ``d_model``).
 
     ``forward(appearance [B, Ca, H, W], structure [B, Cs, H, W])`` → logits ``[B, C]``;
     :meth:`forward_with_weights` also returns ``weights [B, 2]`` (appearance, structure),
@@ -165,30 +165,30 @@ class TwoStreamClassifier(nn.Module):
     """
 
     def __init__(self, n_classes: int, *, fusion: str = "attention", appearance_channels: int = 3,
-                 structure_channels: int = 17, d: int = 32, nhead: int = 1):
+                 structure_channels: int = 17, d_model: int = 32, nhead: int = 1):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
         if n_classes < 1:
             raise ValueError(f"n_classes={n_classes}: expected >= 1")
-        if d < 1 or d % nhead:
-            raise ValueError(f"d={d}, nhead={nhead}: expected d >= 1 divisible by nhead")
+        if d_model < 1 or d_model % nhead:
+            raise ValueError(f"d_model={d_model}, nhead={nhead}: expected d_model >= 1 divisible by nhead")
         self.fusion_name = fusion
         self.channels = (appearance_channels, structure_channels)
         # Different feature sizes on purpose: the projections bring both to d.
         self.appearance = StreamCNN(appearance_channels, 48, width=16)
         self.structure = StreamCNN(structure_channels, 24, width=16)
-        self.proj_appearance = nn.Linear(self.appearance.out_features, d)
-        self.proj_structure = nn.Linear(self.structure.out_features, d)
-        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.proj_appearance = nn.Linear(self.appearance.out_features, d_model)
+        self.proj_structure = nn.Linear(self.structure.out_features, d_model)
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
         self.fusion = {
             "sum": lambda: SumFusion(),
             "scalar": lambda: ScalarFusion(2),
             "convex": lambda: ConvexFusion(),
-            "channel": lambda: ChannelFusion(d, 2),
-            "attention": lambda: AttentionFusion(d, nhead),
+            "channel": lambda: ChannelFusion(d_model, 2),
+            "attention": lambda: AttentionFusion(d_model, nhead),
         }[fusion]()
-        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_classes))
+        self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, n_classes))
 
     def forward_features(self, appearance: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
         """``[B, Ca, H, W]``, ``[B, Cs, H, W]`` → stream tokens ``[B, 2, d]`` (appearance first)."""
@@ -211,6 +211,10 @@ class TwoStreamClassifier(nn.Module):
 
     def forward(self, appearance: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
         return self.forward_with_weights(appearance, structure)[0]
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams packed along the channels ``[B, Ca + Cs, H, W]`` -> ``(appearance, structure)``."""
+        return x[:, :self.channels[0]], x[:, self.channels[0]:]
 
     def param_groups(self, lr: float, weight_decay: float = 0.0,
                      fusion_lr_scale: float = 10.0) -> list[dict]:

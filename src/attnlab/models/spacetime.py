@@ -29,16 +29,16 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention ``[B', L, D]`` → ``[B', L, D]``; probabilities
     ``[B', H, L, L]`` pass through ``self.attn_probs`` before dropout."""
 
-    def __init__(self, dim: int, nhead: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
-        if dim % nhead:
-            raise ValueError(f"nhead={nhead!r}: expected a divisor of d_model={dim}")
+        if d_model % nhead:
+            raise ValueError(f"nhead={nhead!r}: expected a divisor of d_model={d_model}")
         self.nhead = nhead
-        self.scale = (dim // nhead) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.scale = (d_model // nhead) ** -0.5
+        self.qkv = nn.Linear(d_model, 3 * d_model)
         self.attn_probs = AttentionProbs()
         self.attn_drop = nn.Dropout(dropout)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(d_model, d_model)
         self.proj_drop = nn.Dropout(dropout)
 
     # nn.MultiheadAttention's names, so head ablation (evaluate.ablate_heads) applies
@@ -62,11 +62,11 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = nn.Linear(d_model, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, d_model)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +77,14 @@ class DividedBlock(nn.Module):
     """Pre-norm block: time attention (patches only), space attention (class-token copy
     + patches, per frame), MLP (all tokens), each with a residual connection."""
 
-    def __init__(self, dim: int, nhead: int, mlp_ratio: float = 2.0, dropout: float = 0.0):
+    def __init__(self, d_model: int, nhead: int, mlp_ratio: float = 2.0, dropout: float = 0.0):
         super().__init__()
-        self.norm_time = nn.LayerNorm(dim)
-        self.attn_time = SelfAttention(dim, nhead, dropout)
-        self.norm_space = nn.LayerNorm(dim)
-        self.attn_space = SelfAttention(dim, nhead, dropout)
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.norm_time = nn.LayerNorm(d_model)
+        self.attn_time = SelfAttention(d_model, nhead, dropout)
+        self.norm_space = nn.LayerNorm(d_model)
+        self.attn_space = SelfAttention(d_model, nhead, dropout)
+        self.norm_mlp = nn.LayerNorm(d_model)
+        self.mlp = Mlp(d_model, int(d_model * mlp_ratio), dropout)
 
     def forward(self, cls_b1d: torch.Tensor, x_bfpd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, f, p, d = x_bfpd.shape

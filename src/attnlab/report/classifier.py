@@ -8,17 +8,25 @@ import numpy as np
 import pandas as pd
 
 from attnlab import io
+from attnlab.layout import Layout
 from attnlab.report import figures
 from attnlab.report.html import HtmlReport
 
 
-def write_classifier_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Path:
+def methods_paragraph(methods: list[str], item: str) -> str:
+    """One sentence per method, from the method registry."""
+    from attnlab.methods import get
+
+    return "; ".join(f"{m} = {get(m).summary}" for m in methods) + f"; random = {item}s ranked at random."
+
+
+def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     from attnlab.store import AttentionReader
 
-    meta = io.read_json(root / "prepare" / "meta.json")
-    history = pd.read_csv(root / "train" / "history.csv")
-    metrics = io.read_json(root / "train" / "metrics.json")
-    preds = io.load_arrays(root / "extract" / "predictions.npz")
+    meta = io.read_json(lay.meta)
+    history = pd.read_csv(lay.history)
+    metrics = io.read_json(lay.train_metrics)
+    preds = io.load_arrays(lay.predictions)
     classes, item, n_items = meta["classes"], experiment.item_name, meta["n_items"]
 
     rep = HtmlReport(f"attnlab — {experiment.name}")
@@ -29,7 +37,7 @@ def write_classifier_report(experiment: Any, cfg: Any, root: Path, out: Path) ->
     rep.figure(figures.training_curves(history), "training_curves", "Loss and accuracy per epoch.")
 
     examples = figures.pick_examples(preds["y"], cfg.report.examples)
-    with AttentionReader(root / "extract" / "attention.h5") as reader:
+    with AttentionReader(lay.attention) as reader:
         names = list(reader.names)
         samples = {i: [a.numpy() for a in reader.sample(i)] for i in examples}
 
@@ -46,21 +54,19 @@ def write_classifier_report(experiment: Any, cfg: Any, root: Path, out: Path) ->
             rep.figure(figures.head_grid(np.stack([maps[k] for k in group]), [names[k] for k in group],
                                          label, item), f"heads_sample{i}_{shape[-1]}", label)
 
-    explained = io.load_arrays(root / "explain" / "importance.npz")
-    methods = [m for m in explained if m not in ("target", "y")]
+    explained = io.load_arrays(lay.importance)
+    methods = list(cfg.explain.methods)
     rep.heading(f"Which {item}s the model looks at")
-    rep.paragraph(f"Importance of each {item} for the predicted class, by method: raw = last layer's "
-                  "attention, received = attention each item receives (mean over layers, heads, queries), "
-                  "rollout and flow = Abnar & Zuidema (2020), grad_rollout = Chefer et al. (2021). "
-                  f"Mean ± one standard deviation over the test samples of each class; the dotted line is "
-                  f"uniform importance (1/{n_items}).")
+    rep.paragraph(f"Importance of each {item} for the predicted class, by method: "
+                  f"{methods_paragraph(methods, item)} Mean ± one standard deviation over the test samples of "
+                  f"each class; the dotted line is uniform importance (1/{n_items}).")
     rep.figure(figures.importance_by_class({m: explained[m] for m in methods}, explained["y"], classes, item),
                "importance_by_class", "Per-class importance of every method (test set).")
-    for png in sorted((root / "explain" / "figures").glob("*.png"), key=lambda p: int(p.stem[6:])):
+    for png in sorted(lay.explain_figures.glob("*.png"), key=lambda p: int(p.stem[6:])):
         rep.image(png.read_bytes(), f"explain_{png.stem}", f"{png.stem}: every method's importance "
                   f"(each band scaled to its maximum).")
-    add_evaluation(rep, root / "evaluate", item)
-    return rep.write(out)
+    add_evaluation(rep, lay, item)
+    return rep.write(lay.dir("report"))
 
 
 def method_table(metrics: dict[str, Any]) -> pd.DataFrame:
@@ -78,9 +84,9 @@ def method_table(metrics: dict[str, Any]) -> pd.DataFrame:
 
 
 def heads_paragraph(heads: dict[str, Any]) -> str:
-    v, d = heads["most_vertical"], heads["most_diffuse"]
-    text = (f"The most vertical head is {v['module']} head {v['head']}: on average its queries put "
-            f"{v['sink']:.0%} of their attention on the same few keys (sink score; uniform attention would "
+    v, d = heads["strongest_sink"], heads["most_diffuse"]
+    text = (f"The head with the strongest sink is {v['module']} head {v['head']}: on average its queries put "
+            f"{v['sink']:.0%} of their attention on the same few keys (its sink score; uniform attention would "
             f"give far less), which is what vertical stripes in its map mean. The most diffuse is "
             f"{d['module']} head {d['head']} (normalised entropy {d['entropy']:.2f}, 1 = uniform). ")
     if "most_important" in heads:
@@ -90,20 +96,20 @@ def heads_paragraph(heads: dict[str, Any]) -> str:
     return text
 
 
-def add_evaluation(rep: HtmlReport, evaluate: Path, item: str) -> None:
-    metrics = io.read_json(evaluate / "metrics.json")
-    add_faithfulness(rep, evaluate, metrics, item)
+def add_evaluation(rep: HtmlReport, lay: Layout, item: str) -> None:
+    metrics = io.read_json(lay.metrics)
+    add_faithfulness(rep, lay, metrics, item)
     if "heads" not in metrics:
         return
     rep.heading("What the heads do")
     rep.paragraph(heads_paragraph(metrics["heads"]))
-    rep.image((evaluate / "results" / "figures" / "heads.png").read_bytes(), "heads",
+    rep.image((lay.results / "figures" / "heads.png").read_bytes(), "heads",
               "Per head: normalised entropy (1 = uniform), sink score (share of attention on the top keys, "
               "averaged over queries: high = vertical stripes), locality (mean |i - j| / N), and the drop in "
               "the predicted class's probability / in accuracy when the head is zeroed.")
 
 
-def add_faithfulness(rep: HtmlReport, evaluate: Path, metrics: dict[str, Any], item: str) -> None:
+def add_faithfulness(rep: HtmlReport, lay: Layout, metrics: dict[str, Any], item: str) -> None:
     """The methods ranked by deletion AUC beside the random baseline, and the curves."""
     table = method_table(metrics)
     rep.heading("Is the explanation faithful?")
@@ -121,5 +127,5 @@ def add_faithfulness(rep: HtmlReport, evaluate: Path, metrics: dict[str, Any], i
         rep.paragraph("Evidence AUROC: how well each method's importance separates the items that carry the "
                       "planted evidence from the others (0.5 = chance); pointing game: how often the top item "
                       "is evidence.")
-    rep.image((evaluate / "results" / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
+    rep.image((lay.results / "figures" / "faithfulness.png").read_bytes(), "faithfulness",
               "Mean probability of the explained class along the deletion and insertion curves.")

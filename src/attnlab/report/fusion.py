@@ -7,15 +7,16 @@ from typing import Any
 import pandas as pd
 
 from attnlab import io
+from attnlab.layout import Layout
 from attnlab.report import figures
 from attnlab.report.classifier import add_evaluation
 from attnlab.report.html import HtmlReport
 
 
-def write_fusion_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Path:
-    meta = io.read_json(root / "prepare" / "meta.json")
-    trained = io.read_json(root / "train" / "metrics.json")
-    metrics = io.read_json(root / "evaluate" / "metrics.json")
+def write_fusion_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
+    meta = io.read_json(lay.meta)
+    trained = io.read_json(lay.train_metrics)
+    metrics = io.read_json(lay.metrics)
     mode, w = cfg.model.fusion, metrics["weights"]
     rep = HtmlReport(f"attnlab — {experiment.name} ({mode} fusion)")
     corrupt = ("no stream corrupted" if meta["corrupt_stream"] is None else
@@ -27,7 +28,7 @@ def write_fusion_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
                   f"(rows sum to 1) are the explanation examined here.")
     rep.heading("Training")
     rep.table(pd.DataFrame([{"metric": k, "value": v} for k, v in trained.items()]))
-    rep.figure(figures.training_curves(pd.read_csv(root / "train" / "history.csv")), "training_curves",
+    rep.figure(figures.training_curves(pd.read_csv(lay.history)), "training_curves",
                "Loss and accuracy per epoch.")
 
     rep.heading("Which stream does the fusion weigh?")
@@ -42,8 +43,11 @@ def write_fusion_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
                       f"weight on the informative stream: it {'DID' if found else 'did NOT'} find it "
                       f"(goal ≥ {metrics['goal']:.2f}). Compare the modes side by side with the sweep in "
                       "the README (one MLflow run per mode).", css="ok" if found else "warn")
-    for name, caption in (("weights_by_class", "Each stream's weight per class."),
-                          ("weights_by_corruption", "Per-sample weights, split by which stream was corrupted.")):
-        rep.image((root / "evaluate" / "results" / "figures" / f"{name}.png").read_bytes(), name, caption)
-    add_evaluation(rep, root / "evaluate", "stream")
-    return rep.write(out)
+    stored = io.load_arrays(lay.stream_weights)
+    preds = io.load_arrays(lay.predictions)
+    rep.figure(figures.stream_weights_by_class(stored["weights"], preds["y"], meta["classes"], meta["streams"]),
+               "weights_by_class", "Each stream's weight per class.")
+    rep.figure(figures.stream_weights_by_corruption(stored["weights"], stored["corrupted"], meta["streams"]),
+               "weights_by_corruption", "Per-sample weights, split by which stream was corrupted.")
+    add_evaluation(rep, lay, "stream")
+    return rep.write(lay.dir("report"))

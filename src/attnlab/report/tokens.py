@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from attnlab import io
+from attnlab.layout import Layout
 from attnlab.report import figures
 from attnlab.report.classifier import add_faithfulness, heads_paragraph
 from attnlab.report.html import HtmlReport
@@ -28,38 +29,44 @@ def gradient_paragraph(per_layer: dict[str, dict[str, float]]) -> str:
                    if top["dropped_at_evidence"] > 0.5 else ".")
 
 
-def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Path:
+def write_tokens_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
+    from attnlab.aggregate import VocabAttention
+    from attnlab.report.classifier import methods_paragraph
     from attnlab.store import AttentionReader
 
-    meta = io.read_json(root / "prepare" / "meta.json")
-    metrics = io.read_json(root / "train" / "metrics.json")
-    evaluated = io.read_json(root / "evaluate" / "metrics.json")
-    e = cfg.explain
+    meta = io.read_json(lay.meta)
+    metrics = io.read_json(lay.train_metrics)
+    evaluated = io.read_json(lay.metrics)
+    a, summary = cfg.aggregate, io.read_json(lay.aggregate_summary)
+    view = summary["headline"]
     rep = HtmlReport(f"attnlab — {experiment.name}")
     rep.paragraph(f"Data: {meta['source']} ({meta['n_train']} training, {meta['n_test']} test sequences of up to "
                   f"{meta['n_items']} tokens, vocabulary of {len(meta['vocab'])} tokens). Model: causal "
                   "nn.TransformerEncoder trained to predict the next token.")
     rep.heading("Training")
     rep.table(pd.DataFrame([{"metric": k, "value": v} for k, v in metrics.items()]))
-    rep.figure(figures.training_curves(pd.read_csv(root / "train" / "history.csv")), "training_curves",
+    rep.figure(figures.training_curves(pd.read_csv(lay.history)), "training_curves",
                "Next-token loss and accuracy per epoch.")
 
     rep.heading("Attention per layer and head")
-    with AttentionReader(root / "extract" / "attention.h5") as reader:
+    with AttentionReader(lay.attention) as reader:
         names = list(reader.names)
         for i in range(min(cfg.report.examples, len(reader))):
             maps = np.stack([a.numpy() for a in reader.sample(i)])
             rep.figure(figures.head_grid(maps, names, f"test sequence {i}", "token"), f"heads_seq{i}",
                        f"Causal attention of test sequence {i} (padding keys get 0).")
 
-    source = {"layer": f"layer {e.layer}", "mean": "the mean of all layers", "rollout": "the attention rollout"}
+    source = {"layer": f"layer {view.removeprefix('layer')}", "mean": "the mean of all layers",
+              "rollout": "the attention rollout"}
     rep.heading("Which token attends to which")
-    rep.paragraph(f"VocabAttention over the whole test set, fed with {source[e.attention]} (heads averaged). "
+    rep.paragraph(f"VocabAttention over the whole test set, fed with {source[a.attention]} (heads averaged). "
                   "For each (query token, key token) pair: the attention summed over every valid position pair "
                   "(causal: key at or before the query), how often the pair occurred, and the lift = attention "
                   "received / what uniform attention would have given (1 = no preference; corrects for "
-                  f"frequent tokens). Top {e.top_k} pairs by lift among pairs seen at least {e.min_count} times:")
-    rep.table(pd.read_csv(root / "explain" / "top_pairs.csv"))
+                  f"frequent tokens). Top {a.top_k} pairs by lift among pairs seen at least {a.min_count} times"
+                  + (f" (every view: {', '.join(summary['views'])}, per head too, in the aggregate stage's files):"
+                     if len(summary["views"]) > 1 or summary["heads"] else ":"))
+    rep.table(pd.read_csv(lay.vocab(view, kind="top_pairs")))
     if "planted" in evaluated:
         planted = evaluated["planted"]
         true = ", ".join(f"{q}→{k}" for q, k in meta["true_pairs"])
@@ -69,11 +76,15 @@ def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
                       (f" (best single head: {planted['recall_at_k_best_head']:.2f})"
                        if "recall_at_k_best_head" in planted else "") +
                       (" — meets the 0.9 goal." if ok else " — BELOW the 0.9 goal."), css="ok" if ok else "warn")
-    rep.image((root / "explain" / "figures" / "vocab_lift.png").read_bytes(), "vocab_lift",
-              f"log2 lift among the {e.heatmap_tokens} most frequent tokens, rows and columns clustered "
-              "(red: attended more than uniform; blank: too rare).")
-    add_faithfulness(rep, root / "evaluate", evaluated, "token")
-    rep.paragraph(f"Explained: one next-token prediction per test sequence ({evaluated['n_explained']} "
+    n_tokens = cfg.report.heatmap_tokens
+    rep.figure(figures.vocab_clustermap(VocabAttention.load(lay.vocab(view)), meta["vocab"], n_tokens,
+                                        min_count=a.min_count), "vocab_lift",
+               f"log2 lift among the {n_tokens} most frequent tokens, rows and columns clustered "
+               "(red: attended more than uniform; blank: too rare).")
+    rep.paragraph(f"Importance of each token for the explained prediction, by method: "
+                  f"{methods_paragraph(list(cfg.explain.methods), 'token')}")
+    add_faithfulness(rep, lay, evaluated, "token")
+    rep.paragraph(f"Explained: one next-token prediction per test sequence ({evaluated['n_samples']} "
                   "sequences): " + ("the answer predicted at the first probe whose trigger is present; the "
                                     "evidence is the trigger's position." if "evidence" in evaluated else
                                     "the prediction after the last token.") +
@@ -86,7 +97,7 @@ def write_tokens_report(experiment: Any, cfg: Any, root: Path, out: Path) -> Pat
                   .rename(columns={"dropped at evidence": "share dropped at evidence"}))
     rep.heading("What the heads do")
     rep.paragraph(heads_paragraph(evaluated["heads"]))
-    rep.image((root / "evaluate" / "results" / "figures" / "heads.png").read_bytes(), "heads",
+    rep.image((lay.results / "figures" / "heads.png").read_bytes(), "heads",
               "Per head, over real tokens only: normalised entropy (causal rows normalised by their number of "
               "keys), sink score, locality.")
-    return rep.write(out)
+    return rep.write(lay.dir("report"))

@@ -1,0 +1,79 @@
+"""Vocabulary x vocabulary aggregation of stored attention, streamed from disk.
+
+:func:`aggregate_views` reads an attention file written by
+:func:`~attnlab.store.extract_attention` one batch at a time (the model is never run)
+and feeds :class:`~attnlab.aggregate.VocabAttention`: memory is one batch of attention
+plus the ``V x V`` tables, whatever the number of sequences.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal, Sequence
+
+import torch
+
+from attnlab.aggregate import VocabAttention
+from attnlab.explain import rollout
+from attnlab.store import AttentionReader
+
+View = tuple[VocabAttention, VocabAttention | None]
+
+
+def aggregate_views(path: str | os.PathLike, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int, *,
+                    attention: Literal["layer", "mean", "rollout"] = "layer", layers: Sequence[int] = (0,),
+                    heads: bool = True, batch_size: int = 64, causal: bool = False,
+                    progress: bool = False) -> dict[str, View]:
+    """Aggregate the stored attention of ``tokens [N, L]`` (``mask [N, L]``: True = real
+    token) into ``{view: (head mean, per head or None)}``.
+
+    Views: with ``attention="layer"`` one per entry of ``layers`` (``"layer0"``, ...;
+    negative indices count from the end), with ``"mean"`` the mean of all layers
+    (``"mean"``; every layer must have the same heads), with ``"rollout"`` the attention
+    rollout over the layers (``"rollout"``, no heads). ``heads`` adds one matrix per head.
+    """
+    with AttentionReader(path) as reader:
+        n_layers = len(reader.names)
+        if len(reader) != len(tokens):
+            raise ValueError(f"{path}: {len(reader)} samples of attention for {len(tokens)} token sequences")
+        if attention == "layer":
+            bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
+            if bad:
+                raise ValueError(f"aggregate.layers: layer {bad[0]} does not exist; the model has {n_layers} "
+                                 f"layers (0..{n_layers - 1}, or negative from the end)")
+            picks = {f"layer{layer % n_layers}": layer % n_layers for layer in layers}
+        elif attention in ("mean", "rollout"):
+            picks = {attention: None}
+        else:
+            raise ValueError(f"attention={attention!r}; accepted: layer, mean, rollout")
+        views: dict[str, View] = {}
+        batches = reader.batches(batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="aggregate", total=-(-len(reader) // batch_size), unit="batch")
+        start = 0
+        for batch in batches:
+            stop = start + batch[0].shape[0]
+            t, m = tokens[start:stop], mask[start:stop]
+            for view, layer in picks.items():
+                att = _view_attention(batch, attention, layer, m)
+                if view not in views:
+                    views[view] = (VocabAttention(vocab_size),
+                                   VocabAttention(vocab_size, nhead=att.shape[1]) if heads and att.ndim == 4 else None)
+                agg, per_head = views[view]
+                agg.update(t, att, mask=m, causal=causal)
+                if per_head is not None:
+                    per_head.update(t, att, mask=m, causal=causal)
+            start = stop
+    return views
+
+
+def _view_attention(batch: list[torch.Tensor], attention: str, layer: int | None, mask: torch.Tensor) -> torch.Tensor:
+    """One batch of the view's attention: ``[B, H, N, N]`` (layer, mean) or ``[B, N, N]`` (rollout)."""
+    if attention == "layer":
+        return batch[layer]
+    if attention == "mean":
+        if len({a.shape for a in batch}) != 1:
+            raise ValueError("attention='mean' needs every layer to have the same shape; got "
+                             f"{sorted({tuple(a.shape[1:]) for a in batch})}")
+        return torch.stack(batch).mean(0)
+    return rollout(batch, mask=mask)

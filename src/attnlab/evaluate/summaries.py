@@ -1,0 +1,102 @@
+"""Summaries the evaluate stage writes, shared by every experiment: deletion/insertion
+curves of every method, per-head tables, and fusion stream weights.
+
+Pure computations on tensors, data frames and readers; files are written by
+:mod:`attnlab.workflow` and drawn by :mod:`attnlab.report`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def stream_weight_summary(weights: np.ndarray, y: np.ndarray, corrupted: np.ndarray,
+                          classes: Sequence[str], streams: Sequence[str]) -> dict[str, Any]:
+    """Mean weight per stream: overall, per class, on samples where each stream is
+    corrupted / clean, and on the informative stream (mean over samples with exactly
+    one stream corrupted of the weight on the other one; None if there are none)."""
+    out: dict[str, Any] = {"mean": {s: float(weights[:, i].mean()) for i, s in enumerate(streams)},
+                           "per_class": {c: {s: float(weights[y == k, i].mean()) for i, s in enumerate(streams)}
+                                         for k, c in enumerate(classes) if (y == k).any()}}
+    for i, s in enumerate(streams):
+        for state, rows in (("corrupted", corrupted[:, i]), ("clean", ~corrupted[:, i])):
+            if rows.any():
+                out.setdefault(f"{s}_{state}", {t: float(weights[rows, j].mean()) for j, t in enumerate(streams)})
+    one = corrupted.sum(1) == 1
+    informative = (~corrupted[one]).argmax(1)
+    out["informative"] = float(weights[one][np.arange(one.sum()), informative].mean()) if one.any() else None
+    return out
+
+
+def best_head(frame: pd.DataFrame, column: str, largest: bool = True) -> dict[str, Any]:
+    """The head with the largest (smallest) ``column``, as a small dict for metrics.json."""
+    row = frame.loc[frame[column].idxmax() if largest else frame[column].idxmin()]
+    return {"module": str(row["module"]), "entry": int(row["entry"]), "head": int(row["head"]),
+            column: float(row[column])}
+
+
+def head_summary(heads: pd.DataFrame) -> dict[str, Any]:
+    summary = {"strongest_sink": best_head(heads, "sink"), "most_diffuse": best_head(heads, "entropy"),
+               "most_focused": best_head(heads, "entropy", largest=False),
+               "mean_entropy": float(heads["entropy"].mean()), "mean_sink": float(heads["sink"].mean())}
+    if "prob_drop" in heads and heads["prob_drop"].notna().any():
+        summary["most_important"] = best_head(heads.dropna(subset=["prob_drop"]), "prob_drop")
+    return summary
+
+
+def head_table(reader: Any, *, k: int | None, batch_size: int, causal: bool = False,
+               mask: torch.Tensor | None = None) -> pd.DataFrame:
+    """Entropy, sink score and locality of every recorded entry's heads, streamed from
+    disk; ``mask [N, L]`` (True = real token) is sliced per batch."""
+    from attnlab.evaluate import HeadStats
+
+    stats, start = HeadStats(k=k, causal=causal), 0
+    for batch in reader.batches(batch_size):
+        stop = start + batch[0].shape[0]
+        # factorised entries ([N, k, H, L, L], e.g. space-time) count each of their k maps
+        stats.update([a.flatten(0, 1) if a.ndim == 5 else a for a in batch],
+                     mask=None if mask is None else mask[start:stop])
+        start = stop
+    result = {key: value.numpy() for key, value in stats.result().items()}
+    return pd.DataFrame([{"entry": e, "module": name, "head": h, **{key: float(v[e, h]) for key, v in result.items()}}
+                         for e, name in enumerate(reader.names) for h in range(result["entropy"].shape[1])
+                         if not np.isnan(result["entropy"][e, h])])
+
+
+def ablation_module(model: torch.nn.Module, name: str) -> str | None:
+    """The module whose heads :func:`~attnlab.evaluate.ablate_heads` zeroes for the
+    recorded attention ``name``: itself if it has ``num_heads`` and ``out_proj``, else its
+    parent if that has them (a recorded ``AttentionProbs`` marker), else None."""
+    for candidate in (name, name.rpartition(".")[0]):
+        module = model.get_submodule(candidate)
+        if isinstance(getattr(module, "num_heads", None), int) and isinstance(
+                getattr(module, "out_proj", None), torch.nn.Linear):
+            return candidate
+    return None
+
+
+def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Tensor], masker: Any, *,
+                        target: torch.Tensor, steps: int | None, batch_size: int,
+                        forward_kwargs: dict[str, Any] | None = None,
+                        ) -> tuple[dict[str, dict[str, float]], dict[str, pd.DataFrame]]:
+    """Deletion and insertion curves of every method's importance:
+    ``({"deletion_auc": {method: mean AUC}, "insertion_auc": {...}},
+    {"deletion": mean curve per method (a column each, beside "fraction"), "insertion": ...})``."""
+    from attnlab.evaluate import deletion_curve, insertion_curve
+
+    aucs: dict[str, dict[str, float]] = {"deletion_auc": {}, "insertion_auc": {}}
+    curves: dict[str, pd.DataFrame] = {}
+    with torch.no_grad():
+        for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+            columns = {}
+            for method, imp in importance.items():
+                curve = curve_fn(fn, x, imp, masker, target=target, steps=steps, batch_size=batch_size,
+                                 forward_kwargs=forward_kwargs)
+                aucs[f"{mode}_auc"][method] = float(curve.auc.mean())
+                columns["fraction"] = curve.fractions.numpy()
+                columns[method] = curve.probs.mean(0).numpy()
+            curves[mode] = pd.DataFrame(columns)
+    return aucs, curves

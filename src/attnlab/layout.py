@@ -1,0 +1,78 @@
+"""Where the pipeline's files live: ``data/<experiment>/<stage>/<file>``.
+
+The one place that knows the stage layout; stages, the report and tracking ask it.
+
+``lay = Layout(Path("data/motion"))``; ``lay.model`` is ``data/motion/train/model.pt``,
+``lay.dir("explain")`` the explain stage's directory. While a stage runs it writes
+into a temporary directory (renamed into place on success):
+``Layout(root, writing=("explain", tmp))`` resolves that stage's files inside ``tmp``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The stages, in pipeline order (``dvc.yaml`` runs each for every experiment).
+STAGES = ("prepare", "train", "extract", "aggregate", "explain", "evaluate", "report", "track")
+
+#: Every file a stage writes that another stage, the report or tracking reads: name -> (stage, path).
+FILES: dict[str, tuple[str, str]] = {
+    "dataset": ("prepare", "dataset.npz"),               # x/y or tokens/mask, train and test splits
+    "meta": ("prepare", "meta.json"),                    # classes, vocabulary, item counts, source
+    "model": ("train", "model.pt"),                      # checkpoint: factory, kwargs, state dict
+    "train_metrics": ("train", "metrics.json"),
+    "history": ("train", "history.csv"),                 # one row per epoch
+    "attention": ("extract", "attention.h5"),            # every entry's [N, H, Lq, Lk], float16
+    "predictions": ("extract", "predictions.npz"),       # y, pred, prob (classifiers)
+    "stream_weights": ("extract", "weights.npz"),        # a fusion's per-sample stream weights
+    "aggregate_summary": ("aggregate", "summary.json"),  # which aggregations were made
+    "importance": ("explain", "importance.npz"),         # per method [N, n_items], target, y
+    "explain_figures": ("explain", "figures"),
+    "metrics": ("evaluate", "metrics.json"),
+    "results": ("evaluate", "results"),                  # heads.csv, figures/
+    "deletion_curves": ("evaluate", "deletion.csv"),     # fraction, method, probability (DVC plots)
+    "insertion_curves": ("evaluate", "insertion.csv"),
+    "report": ("report", "report.html"),
+    "run": ("track", "run.json"),
+}
+
+
+class Layout:
+    """Paths of one experiment's stage outputs under ``root`` (``data/<experiment>``)."""
+
+    def __init__(self, root: str | Path, writing: tuple[str, Path] | None = None):
+        self.root = Path(root)
+        if writing is not None and writing[0] not in STAGES:
+            raise ValueError(f"unknown stage {writing[0]!r}; stages: {', '.join(STAGES)}")
+        self.writing = writing
+
+    @property
+    def experiment(self) -> str:
+        return self.root.name
+
+    def dir(self, stage: str) -> Path:
+        """The directory of ``stage`` (the temporary one while that stage is being written)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        if self.writing is not None and self.writing[0] == stage:
+            return Path(self.writing[1])
+        return self.root / stage
+
+    def vocab(self, view: str, *, kind: str = "matrices") -> Path:
+        """The aggregate stage's files of one aggregation ``view`` (e.g. ``layer0``):
+        ``matrices`` (head mean, ``.npz``), ``head_matrices``, ``pairs`` (long table),
+        ``top_pairs``, ``top_pairs_per_head``."""
+        names = {"matrices": f"vocab_{view}.npz", "head_matrices": f"vocab_{view}_heads.npz",
+                 "pairs": f"pairs_{view}.csv.gz", "top_pairs": f"top_pairs_{view}.csv",
+                 "top_pairs_per_head": f"top_pairs_{view}_per_head.csv"}
+        if kind not in names:
+            raise ValueError(f"kind={kind!r}; accepted: {', '.join(names)}")
+        return self.dir("aggregate") / names[kind]
+
+    def __getattr__(self, name: str) -> Path:
+        if name.startswith("_") or name not in FILES:
+            raise AttributeError(f"Layout has no file {name!r}; files: {', '.join(FILES)}")
+        stage, path = FILES[name]
+        return self.dir(stage) / path
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.root)!r})"

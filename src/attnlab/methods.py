@@ -1,0 +1,156 @@
+"""The registry of explanation methods: one entry per method, one verb per entry.
+
+An entry says what a method is called, what it needs (``attention``: the recorded
+maps; ``gradients``: their gradients; ``reruns``: more forward/backward passes of
+the model; ``module``: the model's own modules or weights), which item kinds it
+supports, and how it turns one :class:`Batch` into importance ``[B, n_items]``
+(rows sum to 1). Params validation, the explain and evaluate stages, the report and
+the DVC plots take the method list from here, so a new method is one
+:func:`register` call and nothing else::
+
+    from attnlab.methods import register
+
+    @register("magnitude", items=("sequence", "spacetime", "streams"), needs=("reruns",),
+              summary="|x| summed per item (ignores the model)", default=False)
+    def magnitude(batch):
+        return batch.items.group(batch.x.abs().flatten(2).sum(2))
+
+Item kinds (an experiment has one):
+
+* ``sequence`` — items along dim 1 of a float input (timesteps, frames); attention
+  over the items, plus a leading class token when the model has one;
+* ``tokens`` — the same over integer token ids (no input gradients);
+* ``spacetime`` — the ``F·P`` patches of a video under divided space-time attention;
+* ``streams`` — the channel groups of a multi-stream input (a fusion's streams).
+
+Installed packages can add methods through the ``attnlab.methods`` entry-point
+group: importing the entry point's module registers them. The built-in methods are in
+:mod:`attnlab.builtin_methods`; the item spaces, :class:`~attnlab.attribution.Batch`
+and :func:`~attnlab.attribution.explain_batch` in :mod:`attnlab.attribution`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from attnlab.attribution import Batch
+
+ITEM_KINDS = ("sequence", "tokens", "spacetime", "streams")
+NEEDS = ("attention", "gradients", "reruns", "module")
+
+
+@dataclass
+class Method:
+    """One registry entry; calling it gives ``[B, n_items]`` importance, rows summing to 1."""
+
+    name: str
+    needs: frozenset[str]
+    summary: str
+    default: bool = True
+    compute: dict[str, Callable[[Batch], Tensor]] = field(default_factory=dict)
+
+    @property
+    def items(self) -> tuple[str, ...]:
+        return tuple(self.compute)
+
+    def supports(self, kind: str) -> bool:
+        return kind in self.compute
+
+    def __call__(self, batch: Batch) -> Tensor:
+        from attnlab.attribution import to_items
+
+        kind = batch.items.kind
+        if kind not in self.compute:
+            raise ValueError(f"method {self.name!r} is not defined for {kind} items; "
+                             f"it supports: {', '.join(self.compute)}")
+        rel = self.compute[kind](batch)
+        return to_items(rel.detach().flatten(1).float(), batch.items.n_items)
+
+
+_REGISTRY: dict[str, Method] = {}
+_plugins_loaded = False
+
+
+def register(name: str, *, items: Iterable[str], needs: Iterable[str] | None = None,
+             summary: str | None = None, default: bool | None = None,
+             replace: bool = False) -> Callable[[Callable[[Batch], Tensor]], Callable[[Batch], Tensor]]:
+    """Decorator: ``fn(batch) -> [B, n_items]`` computes method ``name`` for ``items``.
+
+    The first registration of a name sets ``needs`` and ``summary`` (required) and
+    ``default`` (whether experiments run it unless their params list methods);
+    later ones add implementations for other item kinds. ``replace`` allows
+    redefining a (name, item kind) pair."""
+    kinds = tuple(items)
+    bad = [k for k in kinds if k not in ITEM_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"register({name!r}): items={list(kinds)}; expected some of {', '.join(ITEM_KINDS)}")
+
+    def decorate(fn: Callable[[Batch], Tensor]) -> Callable[[Batch], Tensor]:
+        entry = _REGISTRY.get(name)
+        if entry is None:
+            if needs is None or summary is None:
+                raise ValueError(f"register({name!r}): a new method needs 'needs' and 'summary'")
+            unknown = sorted(set(needs) - set(NEEDS))
+            if unknown:
+                raise ValueError(f"register({name!r}): needs={unknown[0]!r}; accepted: {', '.join(NEEDS)}")
+            entry = _REGISTRY[name] = Method(name, frozenset(needs), summary,
+                                             True if default is None else default)
+        for kind in kinds:
+            if kind in entry.compute and not replace:
+                raise ValueError(f"method {name!r} is already registered for {kind} items")
+            entry.compute[kind] = fn
+        return fn
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove a method (e.g. one a test registered)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for ep in metadata.entry_points(group="attnlab.methods"):
+            ep.load()
+
+
+def registry() -> Mapping[str, Method]:
+    """Every registered method by name, in registration order."""
+    _load_plugins()
+    return _REGISTRY
+
+
+def get(name: str) -> Method:
+    methods = registry()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(methods)}")
+    return methods[name]
+
+
+def names(kind: str | None = None, *, default_only: bool = False) -> list[str]:
+    """The methods defined for item ``kind`` (all when None)."""
+    return [m.name for m in registry().values()
+            if (kind is None or m.supports(kind)) and (m.default or not default_only)]
+
+
+def check(methods: Sequence[str], kind: str) -> list[str]:
+    """``methods`` if every one is registered and defined for ``kind`` items, else a
+    ``ValueError`` naming the first bad one and the accepted names."""
+    for name in methods:
+        if name not in registry() or not registry()[name].supports(kind):
+            what = (f"unknown method {name!r}" if name not in registry() else
+                    f"method {name!r} is not defined for {kind} items")
+            raise ValueError(f"{what}; accepted for {kind} items: {', '.join(names(kind))}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods listed twice: {sorted(m for m in set(methods) if list(methods).count(m) > 1)}")
+    return list(methods)
+
+
+from attnlab import builtin_methods  # noqa: E402,F401  registers the built-in methods

@@ -1,0 +1,265 @@
+"""What every pipeline stage does, the same way for every experiment kind.
+
+Each function takes the experiment kind (:mod:`attnlab.experiments`, which declares
+only what differs), its validated params section and a :class:`~attnlab.layout.Layout`
+whose current stage writes into its temporary directory. ``STAGE_FUNCTIONS`` maps
+stage names to them; ``stages/<name>.py`` calls them through :mod:`attnlab.pipeline`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from attnlab import io
+from attnlab.experiments.base import Experiment
+from attnlab.layout import Layout
+from attnlab.models import build_model, load_checkpoint, save_checkpoint
+
+
+def load_dataset(lay: Layout) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The prepared arrays as tensors (float16 storage loaded as float32) and the meta."""
+    arrays = io.load_arrays(lay.dataset)
+    data = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    data = {k: v.float() if v.dtype == torch.float16 else v for k, v in data.items()}
+    return data, io.read_json(lay.meta)
+
+
+def _rows(x: torch.Tensor | tuple[torch.Tensor, ...], sl: slice):
+    return tuple(t[sl] for t in x) if isinstance(x, tuple) else x[sl]
+
+
+# --------------------------------------------------------------------------- prepare, train, extract
+def prepare(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    prepared = exp.prepare(cfg)
+    io.save_arrays(lay.dataset, compress=prepared.compress, **prepared.arrays)
+    io.write_json(lay.meta, prepared.meta)
+
+
+def train(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    data, meta = load_dataset(lay)
+    factory, kwargs = exp.model_spec(cfg, meta)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(factory, kwargs)
+    history, metrics = exp.fit(cfg, model, data, progress=progress)
+    save_checkpoint(lay.model, model, factory, kwargs)
+    history.to_csv(lay.history, index=False)
+    io.write_json(lay.train_metrics, metrics)
+
+
+def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    """Every layer's per-head attention of the test samples (streamed to disk), and the
+    kind's other per-sample outputs (predictions, fusion weights)."""
+    from attnlab.store import extract_attention
+
+    data, _ = load_dataset(lay)
+    model = load_checkpoint(lay.model)
+    if exp.records_attention(cfg):
+        x, bs = exp.test_inputs(data), cfg.extract.batch_size
+        n = len(x[0] if isinstance(x, tuple) else x)
+        batches = (_rows(x, slice(i, i + bs)) for i in range(0, n, bs))
+        extract_attention(model, batches, lay.attention, forward=exp.forward, progress=progress)
+    for name, arrays in exp.extract_outputs(cfg, model, data).items():
+        io.save_arrays(getattr(lay, name), **arrays)
+
+
+# --------------------------------------------------------------------------- aggregate
+def aggregate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    """``VocabAttention`` of the stored attention (no model run), one aggregation per
+    view (a layer, the layer mean or the rollout), head mean and per head; kinds without
+    a vocabulary write only ``summary.json`` saying so."""
+    from attnlab.aggregate_views import aggregate_views
+
+    if not exp.vocabulary:
+        io.write_json(lay.aggregate_summary, {"vocabulary": False,
+                                              "reason": f"the {exp.name} experiment has no token vocabulary"})
+        return
+    a = cfg.aggregate
+    data, meta = load_dataset(lay)
+    itos = meta["vocab"]
+    views = aggregate_views(lay.attention, data["tokens_test"], data["mask_test"], len(itos),
+                            attention=a.attention, layers=a.layers, heads=a.heads, batch_size=a.batch_size,
+                            causal=True, progress=progress)
+    for view, (agg, per_head) in views.items():
+        agg.save(lay.vocab(view))
+        agg.to_frame(itos).to_csv(lay.vocab(view, kind="pairs"), index=False, float_format="%.6g",
+                                  compression={"method": "gzip", "mtime": 0})   # reproducible bytes
+        agg.top_pairs(a.top_k, min_count=a.min_count, itos=itos).to_csv(lay.vocab(view, kind="top_pairs"),
+                                                                         index=False)
+        if per_head is not None:
+            per_head.save(lay.vocab(view, kind="head_matrices"))
+            pd.concat([per_head.top_pairs(a.top_k, min_count=a.min_count, itos=itos, head=h).assign(head=h)
+                       for h in range(per_head.sum.shape[0])]).to_csv(
+                lay.vocab(view, kind="top_pairs_per_head"), index=False)
+    io.write_json(lay.aggregate_summary, {"vocabulary": True, "views": list(views), "headline": next(iter(views)),
+                                          "attention": a.attention, "heads": a.heads, "top_k": a.top_k,
+                                          "min_count": a.min_count, "vocab_size": len(itos)})
+
+
+# --------------------------------------------------------------------------- explain
+def explain(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    """Every configured method's per-item importance for every explained sample
+    (``importance.npz``: one ``[M, n_items]`` array per method, ``target`` and the kind's
+    own arrays), and figures of a few samples."""
+    from tqdm.auto import tqdm
+
+    from attnlab.attribution import explain_batch
+
+    e = cfg.explain
+    data, meta = load_dataset(lay)
+    model = load_checkpoint(lay.model)
+    ex = exp.explained(cfg, data, meta)
+    baseline = exp.baseline(cfg, data)
+    parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
+    targets = []
+    for i in tqdm(range(0, len(ex), e.batch_size), desc="explain", disable=not progress):
+        sl = slice(i, i + e.batch_size)
+        imp, batch = explain_batch(e.methods, model, ex.x[sl], ex.items.rows(sl), e, baseline=baseline,
+                                   forward=lambda m, xb, sl=sl: ex.forward(m, xb, sl))
+        for m in e.methods:
+            parts[m].append(imp[m])
+        targets.append(batch.target)
+    importance = {m: torch.cat(v).numpy().astype(np.float32) for m, v in parts.items()}
+    target = torch.cat(targets).numpy()
+    io.save_arrays(lay.importance, target=target, **ex.saved, **importance)
+    _example_figures(exp, cfg, lay, data, meta, importance, target)
+
+
+def _example_figures(exp: Experiment, cfg: Any, lay: Layout, data: dict[str, torch.Tensor], meta: dict[str, Any],
+                     importance: dict[str, np.ndarray], target: np.ndarray) -> None:
+    from attnlab.report import figures
+    from attnlab.report.html import save_figure
+
+    lay.explain_figures.mkdir()
+    n = getattr(cfg.explain, "examples", 0)
+    if not n or "y_test" not in data:
+        return
+    y, classes = data["y_test"].numpy(), meta["classes"]
+    for i in figures.pick_examples(y, n):
+        title = f"sample {i}: true {classes[y[i]]}, explained (predicted) {classes[target[i]]}"
+        fig = exp.example_figure(data, meta, i, {m: v[i] for m, v in importance.items()}, title)
+        if fig is not None:
+            save_figure(fig, lay.explain_figures / f"sample{i}.png")
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    """Deletion/insertion of every method beside a seeded random baseline, evidence AUROC
+    and pointing game where the data have planted evidence, the kind's ground truth, and
+    per-head diagnostics (entropy, sink score, locality, ablation) of the stored attention."""
+    from attnlab.evaluate import evidence_auroc, pointing_game, random_importance
+    from attnlab.evaluate.summaries import perturbation_curves
+    from attnlab.report.figures import write_curves
+
+    ev = cfg.evaluate
+    res = lay.results
+    (res / "figures").mkdir(parents=True)
+    data, meta = load_dataset(lay)
+    model = load_checkpoint(lay.model)
+    ex = exp.explained(cfg, data, meta)
+    stored = io.load_arrays(lay.importance)
+    importance = {m: torch.from_numpy(stored[m]) for m in cfg.explain.methods}
+    importance["random"] = random_importance((len(ex), ex.items.n_items), ev.seed).float()
+    if ex.valid is not None:                   # items that cannot matter are ranked last by every method
+        importance = {m: v.masked_fill(~ex.valid, -1.0) for m, v in importance.items()}
+    target = torch.from_numpy(stored["target"])
+
+    pert = exp.perturbation(cfg, model, data, meta, ex)
+    aucs, curves = perturbation_curves(pert.fn, pert.x, importance, pert.masker, target=target, steps=ev.steps,
+                                       batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs)
+    write_curves(curves, lay.dir("evaluate"), res / "figures")
+    metrics: dict[str, Any] = {"n_samples": len(ex), "faithfulness": aucs}
+    if ex.y is not None:
+        metrics["accuracy"] = float((target == ex.y).float().mean())
+    if ex.evidence is not None:
+        metrics["evidence"] = {
+            "auroc": {m: float(evidence_auroc(v, ex.evidence, valid=ex.valid).mean) for m, v in importance.items()},
+            "pointing_game": {m: float(pointing_game(v, ex.evidence, valid=ex.valid)) for m, v in importance.items()}}
+    _merge(metrics, exp.ground_truth(cfg, lay, model, data, meta, ex))
+    if lay.attention.exists() and _self_attention_only(lay):
+        metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, progress=progress)
+    io.write_json(lay.metrics, metrics)
+
+
+def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _self_attention_only(lay: Layout) -> bool:
+    """Whether every stored entry is square (token x token); the head diagnostics need it
+    (a fusion's learned query over two stream tokens is not)."""
+    from attnlab.store import AttentionReader
+
+    with AttentionReader(lay.attention) as reader:
+        return all(reader.entry(k).shape[-1] == reader.entry(k).shape[-2] for k in reader.keys)
+
+
+def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data: dict[str, torch.Tensor],
+           pert: Any, *, progress: bool) -> dict[str, Any]:
+    """``heads.csv`` (one row per recorded head), its figure, and the summary for metrics.json."""
+    from attnlab.evaluate import head_importance
+    from attnlab.evaluate.summaries import ablation_module, head_summary, head_table
+    from attnlab.report import figures
+    from attnlab.report.html import save_figure
+    from attnlab.store import AttentionReader
+
+    ev = cfg.evaluate
+    causal, real = exp.head_masks(data)
+    with AttentionReader(lay.attention) as reader:
+        names = list(reader.names)
+        heads = head_table(reader, k=ev.sink_k, batch_size=ev.batch_size, causal=causal, mask=real)
+    # head ablation zeroes a head's slice of out_proj: the recorded module (an
+    # nn.MultiheadAttention) or the attention module holding a recorded AttentionProbs
+    ablatable = {n: a for n in dict.fromkeys(names) if (a := ablation_module(model, n)) is not None}
+    if getattr(ev, "ablation", False) and ablatable:
+        y = data["y_test"]
+        batches = [(pert.x[i:i + ev.batch_size], y[i:i + ev.batch_size]) for i in range(0, len(y), ev.batch_size)]
+        ablated = head_importance(model, batches, list(ablatable.values()),
+                                  forward=lambda _, inputs: pert.fn(inputs), progress=progress)
+        recorded = {a: n for n, a in ablatable.items()}
+        drops = pd.DataFrame([{"module": recorded[name], "head": h, "accuracy_drop": float(ablated.accuracy_drop[l, h]),
+                               "prob_drop": float(ablated.prob_drop[l, h])}
+                              for l, name in enumerate(ablated.names)
+                              for h in range(ablated.accuracy_drop.shape[1])
+                              if not np.isnan(float(ablated.prob_drop[l, h]))])
+        heads = heads.merge(drops, on=["module", "head"], how="left")
+    heads.to_csv(lay.results / "heads.csv", index=False, float_format="%.6g")
+    columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if "prob_drop" in heads else [])
+    save_figure(figures.head_heatmaps(heads, columns), lay.results / "figures" / "heads.png")
+    return head_summary(heads)
+
+
+# --------------------------------------------------------------------------- report, track
+def report(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    from attnlab.report import write_report
+
+    write_report(exp, cfg, lay)
+
+
+def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    """Log this pipeline state (params, metrics, model, attention, aggregation,
+    explanations, report) to MLflow as one run."""
+    from attnlab import tracking
+    from attnlab.config import flatten
+
+    stage_dirs = {name: lay.dir(name) for name in ("train", "extract", "aggregate", "explain", "evaluate", "report")}
+    recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
+    metrics = {f"final.{k}": v for k, v in io.read_json(lay.train_metrics).items()}
+    metrics.update(tracking.flat_metrics(io.read_json(lay.metrics), "evaluate"))
+    run_id, created = tracking.log_pipeline_run(
+        exp.name, params=flatten(cfg), metrics=metrics, files=recorded, history=pd.read_csv(lay.history),
+        model=load_checkpoint(lay.model),
+        artifacts={("attention" if k == "extract" else k): d for k, d in stage_dirs.items() if k != "train"})
+    io.write_json(lay.run, {"experiment": exp.name, "run_id": run_id})
+    print(f"{exp.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")
+
+
+STAGE_FUNCTIONS: dict[str, Callable[..., None]] = {
+    "prepare": prepare, "train": train, "extract": extract, "aggregate": aggregate, "explain": explain,
+    "evaluate": evaluate, "report": report, "track": track}

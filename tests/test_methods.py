@@ -19,7 +19,7 @@ def magnitude():
     @methods.register("magnitude", items=("sequence", "spacetime", "streams"), needs=("reruns",),
                       summary="|x| summed per item (a test's toy method)", default=False)
     def magnitude(batch):
-        return batch.items.group(batch.x.abs().flatten(2).sum(2))
+        return batch.items.from_input(batch.x.abs())
 
     yield "magnitude"
     methods.unregister("magnitude")
@@ -56,6 +56,29 @@ def test_a_registered_method_runs_through_explain_evaluate_and_report(magnitude,
     assert "<td>magnitude</td>" in html
 
 
+def test_the_toy_method_runs_on_every_item_kind_it_declares(magnitude):
+    """The same function gives per-item importance for sequences, video patches and
+    streams, each checked against a literal sum over the item's input values."""
+    from attnlab.attribution import Batch, SequenceItems, SpaceTimeItems, StreamItems
+
+    g = torch.Generator().manual_seed(0)
+    method = methods.get("magnitude")
+    run = lambda x, items: method(Batch(x=x, target=torch.zeros(2, dtype=torch.long), items=items,  # noqa: E731
+                                        logits=None, options=None))
+    x = torch.randn(2, 5, 3, generator=g)
+    expected = x.abs().sum(2)
+    torch.testing.assert_close(run(x, SequenceItems(5)), expected / expected.sum(1, keepdim=True))
+    clip = torch.randn(2, 3, 1, 8, 8, generator=g)                  # 3 frames of 2 x 2 patches of 4 x 4
+    per_patch = torch.tensor([[[clip[b, f, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4].abs().sum() for r in range(2)
+                                for c in range(2)] for f in range(3)] for b in range(2)]).flatten(1)
+    torch.testing.assert_close(run(clip, SpaceTimeItems(12, patch=4, split=None)),
+                               per_patch / per_patch.sum(1, keepdim=True))
+    packed = torch.randn(2, 5, 4, 4, generator=g)                   # streams of 2 and 3 channels
+    streams = torch.stack([packed[:, :2].abs().sum((1, 2, 3)), packed[:, 2:].abs().sum((1, 2, 3))], 1)
+    torch.testing.assert_close(run(packed, StreamItems((2, 3), weights=None)),
+                               streams / streams.sum(1, keepdim=True))
+
+
 def test_params_refuse_a_method_the_experiment_cannot_run():
     with pytest.raises(ConfigError, match=r"video\.explain\.methods: method 'flow' is not defined for "
                                           r"spacetime items; accepted for spacetime items: raw, received"):
@@ -84,6 +107,12 @@ def test_registration_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs='weights'; accepted: attention, gradients, reruns, module"):
         methods.register("brand_new", items=("sequence",), needs=("weights",), summary="s")(lambda batch: None)
     assert "brand_new" not in methods.registry()
+    with pytest.raises(ValueError, match="needs differs from the method's first registration"):
+        methods.register("raw", items=("streams",), needs=("module",))(lambda batch: None)
+    for name in ("random", "target", "y", "not a name"):
+        with pytest.raises(ValueError, match="a method name is an identifier other than random, target"):
+            methods.register(name, items=("sequence",), needs=("reruns",), summary="s")
+    assert not methods.get("raw").supports("streams")
 
 
 def test_the_method_list_lives_only_in_the_registry():

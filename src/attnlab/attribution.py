@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.capture import AttentionRecorder
+from attnlab.evaluate.baselines import attributions_to_items
 
 
 def attention_received(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,7 +83,12 @@ class SequenceItems:
         return replace(self, how=self.how[rows]) if isinstance(self.how, Tensor) else self
 
     def group(self, rel: Tensor) -> Tensor:
+        """Relevance per position along dim 1 ``[B, T]`` -> per item (the same here)."""
         return rel
+
+    def from_input(self, attr: Tensor) -> Tensor:
+        """An attribution shaped like the input ``[B, T, ...]`` -> ``[B, T]`` (summed per item)."""
+        return attributions_to_items(attr, signed=True)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,12 @@ class SpaceTimeItems:
         return self
 
     def group(self, rel: Tensor) -> Tensor:
+        """Relevance already per patch ``[B, F·P]`` (or ``[B, F, P]``) stays as it is."""
         return rel
+
+    def from_input(self, attr: Tensor) -> Tensor:
+        """An attribution shaped like the clip ``[B, F, C, S, S]`` -> ``[B, F·P]`` (summed per patch)."""
+        return attributions_to_items(attr, patch=self.patch, signed=True)
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,10 @@ class StreamItems:
     def group(self, rel_bc: Tensor) -> Tensor:
         """Per-channel relevance ``[B, C]`` -> per stream ``[B, n_streams]``."""
         return torch.stack([part.sum(1) for part in rel_bc.split(list(self.channels), dim=1)], dim=1)
+
+    def from_input(self, attr: Tensor) -> Tensor:
+        """An attribution shaped like the packed input ``[B, C, ...]`` -> ``[B, n_streams]``."""
+        return self.group(attributions_to_items(attr, signed=True))
 
 
 Items = SequenceItems | SpaceTimeItems | StreamItems

@@ -25,7 +25,7 @@ FILES: dict[str, tuple[str, str]] = {
     "predictions": ("extract", "predictions.npz"),       # y, pred, prob (classifiers)
     "stream_weights": ("extract", "weights.npz"),        # a fusion's per-sample stream weights
     "aggregate_summary": ("aggregate", "summary.json"),  # which aggregations were made
-    "importance": ("explain", "importance.npz"),         # per method [N, n_items], target, y
+    "importance": ("explain", "importance.npz"),         # per method [M, n_items], target, the kind's arrays
     "explain_figures": ("explain", "figures"),
     "metrics": ("evaluate", "metrics.json"),
     "results": ("evaluate", "results"),                  # heads.csv, figures/
@@ -44,10 +44,6 @@ class Layout:
         if writing is not None and writing[0] not in STAGES:
             raise ValueError(f"unknown stage {writing[0]!r}; stages: {', '.join(STAGES)}")
         self.writing = writing
-
-    @property
-    def experiment(self) -> str:
-        return self.root.name
 
     def dir(self, stage: str) -> Path:
         """The directory of ``stage`` (the temporary one while that stage is being written)."""

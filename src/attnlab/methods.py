@@ -13,7 +13,7 @@ the DVC plots take the method list from here, so a new method is one
     @register("magnitude", items=("sequence", "spacetime", "streams"), needs=("reruns",),
               summary="|x| summed per item (ignores the model)", default=False)
     def magnitude(batch):
-        return batch.items.group(batch.x.abs().flatten(2).sum(2))
+        return batch.items.from_input(batch.x.abs())
 
 Item kinds (an experiment has one):
 
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 ITEM_KINDS = ("sequence", "tokens", "spacetime", "streams")
 NEEDS = ("attention", "gradients", "reruns", "module")
+#: Names the explain and evaluate stages use for other arrays and the random baseline.
+RESERVED = ("random", "target", "y", "rows", "position")
 
 
 @dataclass
@@ -89,9 +91,18 @@ def register(name: str, *, items: Iterable[str], needs: Iterable[str] | None = N
     if bad or not kinds:
         raise ValueError(f"register({name!r}): items={list(kinds)}; expected some of {', '.join(ITEM_KINDS)}")
 
+    if name in RESERVED or not name.isidentifier():
+        raise ValueError(f"register({name!r}): a method name is an identifier other than {', '.join(RESERVED)}")
+
     def decorate(fn: Callable[[Batch], Tensor]) -> Callable[[Batch], Tensor]:
         entry = _REGISTRY.get(name)
-        if entry is None:
+        if entry is not None:
+            given = {"needs": None if needs is None else frozenset(needs), "summary": summary, "default": default}
+            differ = [k for k, v in given.items() if v is not None and v != getattr(entry, k)]
+            if differ:
+                raise ValueError(f"register({name!r}): {differ[0]} differs from the method's first "
+                                 "registration; give it only there")
+        else:
             if needs is None or summary is None:
                 raise ValueError(f"register({name!r}): a new method needs 'needs' and 'summary'")
             unknown = sorted(set(needs) - set(NEEDS))
@@ -114,11 +125,17 @@ def unregister(name: str) -> None:
 
 
 def _load_plugins() -> None:
+    """Import the modules of the ``attnlab.methods`` entry points (once per process)."""
     global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        for ep in metadata.entry_points(group="attnlab.methods"):
+    if _plugins_loaded:
+        return
+    for ep in metadata.entry_points(group="attnlab.methods"):
+        try:
             ep.load()
+        except Exception as err:
+            raise ValueError(f"entry point {ep.name!r} = {ep.value!r} (group attnlab.methods) failed to load: "
+                             f"{type(err).__name__}: {err}") from err
+    _plugins_loaded = True
 
 
 def registry() -> Mapping[str, Method]:

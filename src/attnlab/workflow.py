@@ -56,7 +56,7 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
     data, _ = load_dataset(lay)
     model = load_checkpoint(lay.model)
-    if exp.records_attention(cfg):
+    if exp.records_attention(model):
         x, bs = exp.test_inputs(data), cfg.extract.batch_size
         n = len(x[0] if isinstance(x, tuple) else x)
         batches = (_rows(x, slice(i, i + bs)) for i in range(0, n, bs))
@@ -151,7 +151,8 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     per-head diagnostics (entropy, sink score, locality, ablation) of the stored attention."""
     from attnlab.evaluate import evidence_auroc, pointing_game, random_importance
     from attnlab.evaluate.summaries import perturbation_curves
-    from attnlab.report.figures import write_curves
+    from attnlab.report import figures
+    from attnlab.report.html import save_figure
 
     ev = cfg.evaluate
     res = lay.results
@@ -169,7 +170,10 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     pert = exp.perturbation(cfg, model, data, meta, ex)
     aucs, curves = perturbation_curves(pert.fn, pert.x, importance, pert.masker, target=target, steps=ev.steps,
                                        batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs)
-    write_curves(curves, lay.dir("evaluate"), res / "figures")
+    for mode, frame in curves.items():     # long form: DVC's method_curves template draws a line per method
+        frame.melt(id_vars="fraction", var_name="method", value_name="probability").to_csv(
+            getattr(lay, f"{mode}_curves"), index=False, float_format="%.6g")
+    save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
     metrics: dict[str, Any] = {"n_samples": len(ex), "faithfulness": aucs}
     if ex.y is not None:
         metrics["accuracy"] = float((target == ex.y).float().mean())

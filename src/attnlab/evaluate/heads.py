@@ -109,11 +109,18 @@ class HeadStats:
         self._sums: dict[str, torch.Tensor] | None = None      # name -> [L, H] float64
         self._counts: dict[str, torch.Tensor] | None = None    # name -> [L] int64
 
-    def update(self, attentions: Sequence[torch.Tensor],
-               mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> "HeadStats":
+    def update(self, attentions: Sequence[torch.Tensor], *,
+               mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+               padding_mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> "HeadStats":
         """Add one batch: ``attentions`` is a list of ``[B, H, N, N]`` (one per layer);
         ``mask [B, N]`` (True at real tokens, False at padding: the project's one mask
-        convention) applies to every layer, or give a list with one mask (or None) per layer."""
+        convention) applies to every layer, or give a list with one mask (or None) per layer;
+        ``padding_mask`` is the same with torch's polarity (True at padding), instead."""
+        if mask is not None and padding_mask is not None:
+            raise ValueError("give mask (True = real token) or padding_mask (True = padded), not both")
+        if padding_mask is not None:
+            flip = lambda m: None if m is None else ~m.bool()  # noqa: E731
+            mask = [flip(m) for m in padding_mask] if isinstance(padding_mask, (list, tuple)) else flip(padding_mask)
         attentions = list(attentions)
         if not attentions:
             raise ValueError("attentions is empty: expected one [B, H, N, N] tensor per layer")
@@ -167,12 +174,13 @@ class HeadStats:
         return out
 
 
-def head_diagnostics(attentions: Sequence[torch.Tensor],
-                     mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None, *,
+def head_diagnostics(attentions: Sequence[torch.Tensor], *,
+                     mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+                     padding_mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
                      causal: bool = False, k: int | None = None) -> dict[str, torch.Tensor]:
     """Diagnostics of one batch of attention (list of ``[B, H, N, N]``, one per layer)
     → dict of ``[L, H]`` tensors; see :class:`HeadStats` to stream over batches."""
-    return HeadStats(k=k, causal=causal).update(attentions, mask).result()
+    return HeadStats(k=k, causal=causal).update(attentions, mask=mask, padding_mask=padding_mask).result()
 
 
 # --------------------------------------------------------------------------- ablation

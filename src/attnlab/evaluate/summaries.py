@@ -1,8 +1,8 @@
 """Summaries the evaluate stage writes, shared by every experiment: deletion/insertion
 curves of every method, per-head tables, and fusion stream weights.
 
-Pure computations on tensors, data frames and readers; files are written by
-:mod:`attnlab.workflow` and drawn by :mod:`attnlab.report`.
+Pure computations on tensors, data frames and readers; :mod:`attnlab.workflow` writes
+them to files and :mod:`attnlab.report` draws them.
 """
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnlab.config import Section
 from attnlab.attribution import Items, SequenceItems
 
 
@@ -38,7 +37,7 @@ class Prepared:
 
 @dataclass
 class Explained:
-    """The outputs that explain and evaluate explain, one per explained sample ``M``.
+    """What the explain and evaluate stages explain: one output of each explained sample (``M``).
 
     ``forward(model, x_rows, rows)`` gives the explained logits ``[b, C]`` of the samples
     ``rows`` (a slice into ``x``); ``items`` maps attention and inputs to items (its
@@ -73,7 +72,6 @@ class Experiment:
     """The contract of an experiment kind (see the module docstring)."""
 
     name: ClassVar[str] = ""
-    params: ClassVar[type[Section]]
     item_name: ClassVar[str] = "item"     # what the items are: timestep, frame, patch, stream, token
     vocabulary: ClassVar[bool] = False    # token ids with a vocabulary: the aggregate stage runs
     report_kind: ClassVar[str] = "classifier"
@@ -97,9 +95,11 @@ class Experiment:
         """The test inputs, batched along dim 0 (a tuple is sliced and fed together)."""
         raise NotImplementedError
 
-    def records_attention(self, cfg: Any) -> bool:
-        """Whether the model has attention to extract."""
-        return True
+    def records_attention(self, model: nn.Module) -> bool:
+        """Whether the model has attention to extract (e.g. not a fusion by weights)."""
+        from attnlab.capture import AttentionProbs
+
+        return any(isinstance(m, (nn.MultiheadAttention, AttentionProbs)) for m in model.modules())
 
     def extract_outputs(self, cfg: Any, model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Arrays the extract stage stores besides attention: ``{layout file name: arrays}``."""

@@ -33,7 +33,6 @@ def _prepared(train: dict, test: dict, meta: dict[str, Any]) -> Prepared:
 
 class FramesExperiment(ClassifierExperiment):
     name = "frames"
-    params = FramesParams
     item_name = "frame"
 
     def prepare(self, cfg: FramesParams) -> Prepared:
@@ -79,7 +78,6 @@ class VideoExperiment(ClassifierExperiment):
     """Items are the ``F·P`` patches of all frames, frame-major, patches row-major."""
 
     name = "video"
-    params = VideoParams
     item_name = "patch"
 
     def prepare(self, cfg: VideoParams) -> Prepared:
@@ -104,24 +102,19 @@ class VideoExperiment(ClassifierExperiment):
         """raw: the last block's class-token space attention (its per-frame copies, / F);
         received: the space attention each patch receives, mean over blocks, heads and
         queries; rollout / grad_rollout: space-time rollouts of the class token."""
+        from functools import partial
+
         from attnlab.models.spacetime import split_attentions
 
-        def split(entries):
-            space, time = split_attentions(entries)
-            f, p = time[0].shape[-1], space[0].shape[-1] - 1
-            if (f, p) != (meta["frames"], meta["patches"]):
-                raise ValueError(f"recorded attention has frames={f}, patches={p}; the data have "
-                                 f"frames={meta['frames']}, patches={meta['patches']}")
-            return space, time
+        return SpaceTimeItems(meta["n_items"], patch=meta["patch"], split=partial(
+            split_attentions, blocks=cfg.model.num_layers, frames=meta["frames"], patches=meta["patches"]))
 
-        return SpaceTimeItems(meta["n_items"], patch=meta["patch"], split=split)
-
-    def masker(self, cfg: VideoParams, data: dict[str, torch.Tensor]):
+    def perturbation(self, cfg: VideoParams, model: nn.Module, data: dict[str, torch.Tensor],
+                     meta: dict[str, Any], explained: Explained) -> Perturbation:
         from attnlab.evaluate import patch_masker
 
-        f, _, size = data["x_test"].shape[1:4]
-        patch = size // int(round((data["evidence_test"].shape[-1]) ** 0.5))
-        return patch_masker(f, patch, size, self.baseline(cfg, data))
+        masker = patch_masker(meta["frames"], meta["patch"], meta["size"], self.baseline(cfg, data))
+        return Perturbation(lambda inputs: self.forward(model, inputs), explained.x, masker)
 
     def baseline(self, cfg: VideoParams, data: dict[str, torch.Tensor]) -> float | torch.Tensor:
         if cfg.explain.baseline == "mean":

@@ -27,9 +27,13 @@ STREAMS = ("appearance", "structure")
 CLASSES = [str(d) for d in range(10)]
 
 
+def stream_weights(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fusion's own weights ``[B, 2]`` of the packed streams ``x``."""
+    return model.forward_with_weights(*model.unpack(x))[1]
+
+
 class FusionExperiment(ClassifierExperiment):
     name = "fusion"
-    params = FusionParams
     item_name = "stream"
     report_kind = "fusion"
 
@@ -63,24 +67,16 @@ class FusionExperiment(ClassifierExperiment):
     def param_groups(self, cfg: FusionParams, model: nn.Module) -> list[dict]:
         return model.param_groups(cfg.train.lr, cfg.train.weight_decay, cfg.train.fusion_lr_scale)
 
-    def records_attention(self, cfg: FusionParams) -> bool:
-        return cfg.model.fusion == "attention"          # the other fusions have no attention module
-
-    def stream_weights(self, model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """The fusion's per-sample stream weights ``[N, 2]`` (eval mode)."""
-        model.eval()
-        with torch.no_grad():
-            return torch.cat([model.forward_with_weights(*model.unpack(x[i:i + batch_size]))[1]
-                              for i in range(0, len(x), batch_size)])
-
     def extract_outputs(self, cfg, model, data):
-        weights = self.stream_weights(model, data["x_test"], cfg.extract.batch_size)
+        model.eval()
+        x, bs = data["x_test"], cfg.extract.batch_size
+        with torch.no_grad():
+            weights = torch.cat([stream_weights(model, x[i:i + bs]) for i in range(0, len(x), bs)])
         return super().extract_outputs(cfg, model, data) | {
             "stream_weights": {"weights": weights.numpy(), "corrupted": data["corrupted_test"].numpy()}}
 
     def items(self, cfg: FusionParams, meta: dict[str, Any]) -> Items:
-        return StreamItems(tuple(meta["channels"]),
-                           weights=lambda model, x: model.forward_with_weights(*model.unpack(x))[1])
+        return StreamItems(tuple(meta["channels"]), weights=stream_weights)
 
     def perturbation(self, cfg: FusionParams, model: nn.Module, data: dict[str, torch.Tensor],
                      meta: dict[str, Any], explained: Explained) -> Perturbation:

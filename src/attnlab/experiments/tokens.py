@@ -96,7 +96,6 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: to
 
 class TokensExperiment(Experiment):
     name = "tokens"
-    params = TokensParams
     item_name = "token"
     vocabulary = True
     report_kind = "tokens"

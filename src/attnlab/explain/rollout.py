@@ -84,7 +84,7 @@ def real_tokens(mask: object, padding_mask: object, batch: int, n_tok: int) -> T
     if mask is not None and padding_mask is not None:
         raise ValueError("give mask (True = real token) or padding_mask (True = padded), not both")
     if mask is not None:
-        return ~check_padding_mask(mask, batch, n_tok, name="mask", meaning="True = real token")
+        return check_padding_mask(mask, batch, n_tok, name="mask", meaning="True = real token")
     if padding_mask is not None:
         return ~check_padding_mask(padding_mask, batch, n_tok)
     return None
@@ -92,8 +92,7 @@ def real_tokens(mask: object, padding_mask: object, batch: int, n_tok: int) -> T
 
 def check_padding_mask(padding_mask: object, batch: int, n_tok: int, *, name: str = "padding_mask",
                        meaning: str = "True = padded") -> Tensor:
-    """Validate a mask ``[B, N]`` called ``name``; return it as bool, inverted when it is
-    a ``mask`` of real tokens (so the result is always True = padded)."""
+    """Validate a bool mask ``[B, N]`` called ``name`` (0/1 integers are accepted); return it as bool."""
     if not isinstance(padding_mask, Tensor):
         raise ValueError(
             f"{name} must be a bool tensor [B, N]; got {type(padding_mask).__name__}"
@@ -107,7 +106,7 @@ def check_padding_mask(padding_mask: object, batch: int, n_tok: int, *, name: st
         if padding_mask.is_floating_point() or padding_mask.is_complex():
             raise ValueError(f"{name} must be bool ({meaning}); got {padding_mask.dtype}")
         padding_mask = padding_mask != 0
-    return padding_mask if name == "padding_mask" else ~padding_mask
+    return padding_mask
 
 
 # --------------------------------------------------------------------------- one layer

@@ -157,19 +157,12 @@ class DividedSpaceTimeTransformer(nn.Module):
         return self.forward_head(self.forward_features(x_bfchw))
 
     def split_attentions(self, attentions: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """:func:`split_attentions`, checked against this model's frames and patches."""
-        space, time = split_attentions(attentions)
-        if len(space) != len(self.blocks):
-            raise ValueError(f"attentions: {2 * len(space)} entries, expected "
-                             f"{2 * len(self.blocks)} (time and space of each block)")
-        f, p = time[0].shape[-1], space[0].shape[-1] - 1
-        if (f, p) != (self.frames, self.num_patches):
-            raise ValueError(f"attentions: frames={f}, patches={p}; this model has "
-                             f"frames={self.frames}, patches={self.num_patches}")
-        return space, time
+        """:func:`split_attentions`, checked against this model's blocks, frames and patches."""
+        return split_attentions(attentions, blocks=len(self.blocks), frames=self.frames, patches=self.num_patches)
 
 
-def split_attentions(attentions: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def split_attentions(attentions: Sequence[torch.Tensor], *, blocks: int | None = None, frames: int | None = None,
+                     patches: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Recorder entries of one forward of a :class:`DividedSpaceTimeTransformer` on ``B``
     clips → ``(space, time)`` for ``spacetime_rollout``.
 
@@ -177,7 +170,8 @@ def split_attentions(attentions: Sequence[torch.Tensor]) -> tuple[list[torch.Ten
     ``time_l [B·P, H, F, F]`` (row ``b·P + p``) and ``space_l [B·F, H, 1+P, 1+P]`` (row
     ``b·F + f``). Returns ``space`` = list over layers of ``[B, F, H, 1+P, 1+P]`` (index 0
     = class-token copy, ``1 + p`` = patch ``p`` row-major) and ``time`` = list over
-    layers of ``[B, P, H, F, F]``. Works the same on the matching gradients.
+    layers of ``[B, P, H, F, F]``. Works the same on the matching gradients. ``blocks``,
+    ``frames``, ``patches``: when given, the entries must describe that many.
     """
     if len(attentions) == 0 or len(attentions) % 2:
         raise ValueError(f"attentions: {len(attentions)} entries, expected a non-zero even "
@@ -195,4 +189,9 @@ def split_attentions(attentions: Sequence[torch.Tensor]) -> tuple[list[torch.Ten
         b = t.shape[0] // p
         time.append(t.reshape(b, p, *t.shape[1:]))
         space.append(s.reshape(b, f, *s.shape[1:]))
+    if blocks is not None and len(space) != blocks:
+        raise ValueError(f"attentions: {2 * len(space)} entries, expected {2 * blocks} (time and space of each block)")
+    f, p = time[0].shape[-1], space[0].shape[-1] - 1
+    if (frames is not None and f != frames) or (patches is not None and p != patches):
+        raise ValueError(f"attentions: frames={f}, patches={p}; expected frames={frames}, patches={patches}")
     return space, time

@@ -265,16 +265,3 @@ def stream_weights_by_corruption(weights_bs: np.ndarray, corrupted_bs: np.ndarra
     fig.tight_layout()
     return fig
 
-
-def write_curves(curves: dict[str, pd.DataFrame], csv_dir, figure_dir) -> None:
-    """``deletion.csv`` and ``insertion.csv`` in long form (``fraction, method,
-    probability``: DVC's ``method_curves`` template draws one line per method, whatever
-    the methods) under ``csv_dir``, and ``faithfulness.png`` under ``figure_dir``."""
-    from pathlib import Path
-
-    from attnlab.report.html import save_figure
-
-    for mode, frame in curves.items():
-        long = frame.melt(id_vars="fraction", var_name="method", value_name="probability")
-        long.to_csv(Path(csv_dir) / f"{mode}.csv", index=False, float_format="%.6g")
-    save_figure(faithfulness_curves(curves), Path(figure_dir) / "faithfulness.png")

@@ -118,3 +118,27 @@ def test_one_default_per_knob():
 def test_params_without_effect_are_refused(section, key, value, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         parse_params({"experiments": [section], section: {key: value}})
+
+
+def test_several_instances_of_one_kind_each_with_its_own_section():
+    params = parse_params({"experiments": ["motion", "motion_cls"], "motion": {},
+                           "motion_cls": {"kind": "motion", "model": {"pooling": "cls"}}})
+    assert params.kind("motion") == params.kind("motion_cls") == "motion"
+    assert params.experiment("motion").model.pooling == "mean"
+    assert params.experiment("motion_cls").model.pooling == "cls"
+    assert "kind" not in flatten(params.experiment("motion_cls"))
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"experiments": ["a"], "a": {"kind": "motion", "train": {"lr": -1}}}, "params.yaml: a.train.lr: "),
+    ({"experiments": ["a"], "a": {"kind": "moton"}},
+     "params.yaml: a.kind: unknown experiment kind 'moton'; accepted: motion, tokens, frames, video, fusion"),
+    ({"experiments": ["motion", "motion"], "motion": {}}, "experiments: listed twice: 'motion'"),
+    ({"experiments": "motion", "motion": {}}, "experiments: expected a list of experiment names"),
+    ({"experiments": ["a"], "b": {"kind": "motion"}}, "experiments[0]: unknown experiment 'a'; accepted: motion, "
+                                                       "tokens, frames, video, fusion, b"),
+])
+def test_instance_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    assert message in str(err.value) and "\n" not in str(err.value)

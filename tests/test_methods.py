@@ -16,7 +16,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture
 def magnitude():
     """A toy method that ignores the model: |x| summed over each item's features."""
-    @methods.register("magnitude", items=("sequence", "spacetime", "streams"), needs=("reruns",),
+    @methods.register("magnitude", items=("sequence", "spacetime", "streams"), needs=(),
                       summary="|x| summed per item (a test's toy method)", default=False)
     def magnitude(batch):
         return batch.items.from_input(batch.x.abs())

@@ -1,5 +1,6 @@
 """End to end: the real dvc.yaml and stages on a tiny configuration, in a temporary
 git + DVC repository, with MLflow runs checked in the project's SQLite store."""
+import copy
 import json
 import os
 import shutil
@@ -52,6 +53,12 @@ def project(tmp_path_factory):
     params["motion"]["report"]["examples"] = 2
     params["motion"]["explain"].update(ig_steps=4, examples=2)
     params["motion"]["evaluate"].update(steps=5)
+    # a second instance of the motion kind, side by side: its own section, outputs and MLflow experiment
+    params["motion_cls"] = {"kind": "motion", **copy.deepcopy(params["motion"])}
+    params["motion_cls"]["model"]["pooling"] = "cls"
+    params["motion_cls"]["explain"]["methods"] = ["raw", "rollout"]
+    params["motion_cls"]["evaluate"]["ablation"] = False
+    params["experiments"].append("motion_cls")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -136,6 +143,23 @@ def test_editing_library_code_makes_its_stages_stale(project):
     assert "aggregate@tokens" in stale, status
     assert not any(s.startswith(("train@", "prepare@", "explain@")) for s in stale), status
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
+
+
+def test_two_instances_of_one_kind_run_side_by_side(project):
+    """motion and motion_cls (kind: motion, class-token pooling) through the real dvc.yaml:
+    two MLflow experiments, each run with its own params, and separate outputs."""
+    repo, env, _ = project
+    _, motion = _runs(repo, "motion")
+    _, motion_cls = _runs(repo, "motion_cls")
+    assert len(motion_cls) == 1 and len(motion) >= 1
+    assert motion_cls[0].data.params["model.pooling"] == "cls" and motion_cls[0].data.params["kind"] == "motion"
+    assert {r.data.params["model.pooling"] for r in motion} == {"mean"} and "kind" not in motion[0].data.params
+    evaluated = json.loads((repo / "data" / "motion_cls" / "evaluate" / "metrics.json").read_text())
+    assert set(evaluated["faithfulness"]["deletion_auc"]) == {"raw", "rollout", "random"}
+    import h5py
+    with h5py.File(repo / "data" / "motion_cls" / "extract" / "attention.h5") as f:
+        assert {f[k].shape for k in f} == {(40, 2, 101, 101)}            # the class token is a position
+    assert "attnlab — motion_cls (motion)" in (repo / "data" / "motion_cls" / "report" / "report.html").read_text()
 
 
 def test_tokens_vocab_attention_outputs(project):

@@ -324,29 +324,56 @@ EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": Token
                                           "fusion": FusionParams}
 
 
-class Params(Section):
-    experiments: list[str]
-    motion: MotionParams | None = None
-    tokens: TokensParams | None = None
-    frames: FramesParams | None = None
-    video: VideoParams | None = None
-    fusion: FusionParams | None = None
+class Params:
+    """A validated params file: the ``experiments`` to run and a section per instance.
 
-    @model_validator(mode="after")
-    def _experiments_known(self) -> "Params":
-        for i, name in enumerate(self.experiments):
-            if name not in EXPERIMENTS:
-                raise ValueError(f"experiments[{i}]: unknown experiment {name!r}; accepted: {', '.join(EXPERIMENTS)}")
-            if getattr(self, name) is None:
-                raise ValueError(f"experiments[{i}]: {name!r} is listed but has no '{name}:' section")
-        return self
+    An instance is a top-level section named like a kind (``motion:``), or any name with
+    ``kind: <kind>`` inside (``motion_cls: {kind: motion, model: {pooling: cls}}``), so
+    several instances of one kind run side by side, each with its own outputs and MLflow
+    experiment. ``params.motion`` is the section of instance ``motion``."""
+
+    def __init__(self, experiments: list[str], sections: dict[str, tuple[str, Section]]):
+        self.experiments = experiments
+        self._sections = sections
+
+    def kind(self, name: str) -> str:
+        """The experiment kind of instance ``name``."""
+        return self._section(name)[0]
 
     def experiment(self, name: str) -> Section:
         """The section of experiment ``name``; it must be listed in ``experiments``."""
         if name not in self.experiments:
             raise ConfigError(f"experiment {name!r} is not listed in params.yaml 'experiments' "
                               f"(listed: {', '.join(self.experiments) or 'none'})")
-        return getattr(self, name)
+        return self._section(name)[1]
+
+    def _section(self, name: str) -> tuple[str, Section]:
+        if name not in self._sections:
+            raise ConfigError(f"no section {name!r}; sections: {', '.join(self._sections) or 'none'}")
+        return self._sections[name]
+
+    def __getattr__(self, name: str) -> Section:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._sections[name][1] if name in self._sections else None
+
+
+def _instance(name: str, data: Any) -> tuple[str, Section]:
+    """Validate one instance section: its ``kind`` (default: the section's name) and its knobs."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: expected a mapping, got {type(data).__name__}")
+    kind = data.get("kind", name)
+    if kind not in EXPERIMENTS:
+        if "kind" in data:
+            raise ValueError(f"{name}.kind: unknown experiment kind {kind!r}; accepted: {', '.join(EXPERIMENTS)}")
+        raise ValueError(f"unknown key {name!r}; accepted: experiments, {', '.join(EXPERIMENTS)}, "
+                         "or a section with 'kind: <one of those>'")
+    try:
+        return kind, EXPERIMENTS[kind].model_validate({k: v for k, v in data.items() if k != "kind"})
+    except ValidationError as err:
+        raise ValueError(f"{name}.{_one_line(err)}") from None
 
 
 def _one_line(err: ValidationError) -> str:
@@ -362,10 +389,23 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
     """Validate a params mapping; raises :class:`ConfigError` with one line."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    experiments = data.get("experiments")
+    if not isinstance(experiments, list) or not all(isinstance(e, str) for e in experiments):
+        raise ConfigError(f"{source}: experiments: expected a list of experiment names, got {experiments!r}")
     try:
-        return Params.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {_one_line(err)}") from None
+        sections = {name: _instance(name, value) for name, value in data.items() if name != "experiments"}
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    for i, name in enumerate(experiments):
+        if name not in sections:
+            if name in EXPERIMENTS:
+                raise ConfigError(f"{source}: experiments[{i}]: {name!r} is listed but has no '{name}:' section")
+            raise ConfigError(f"{source}: experiments[{i}]: unknown experiment {name!r}; accepted: "
+                              f"{', '.join(dict.fromkeys([*EXPERIMENTS, *sections]))}")
+    if len(set(experiments)) != len(experiments):
+        raise ConfigError(f"{source}: experiments: listed twice: "
+                          f"{sorted(e for e in set(experiments) if experiments.count(e) > 1)[0]!r}")
+    return Params(experiments, sections)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

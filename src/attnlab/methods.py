@@ -10,7 +10,7 @@ the DVC plots take the method list from here, so a new method is one
 
     from attnlab.methods import register
 
-    @register("magnitude", items=("sequence", "spacetime", "streams"), needs=("reruns",),
+    @register("magnitude", items=("sequence", "spacetime", "streams"), needs=(),
               summary="|x| summed per item (ignores the model)", default=False)
     def magnitude(batch):
         return batch.items.from_input(batch.x.abs())

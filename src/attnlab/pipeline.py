@@ -1,7 +1,7 @@
 """Wiring shared by the DVC stage scripts in ``stages/``.
 
 ``run("train")`` parses ``<experiment> [--params FILE] [--data DIR]``, validates the
-whole params file, looks the experiment kind up, sets torch's intra-op threads when
+whole params file, looks the experiment instance's kind up, sets torch's intra-op threads when
 ``ATTNLAB_NUM_THREADS`` is set (default: torch's, one per core; set it to 1 when
 several stages run at once, e.g. ``dvc queue start -j 2``), and runs the stage's
 function of :mod:`attnlab.workflow` with a :class:`~attnlab.layout.Layout` whose
@@ -49,8 +49,9 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     if os.environ.get("ATTNLAB_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["ATTNLAB_NUM_THREADS"]))
     try:
-        cfg = load_params(args.params).experiment(args.experiment)
-        experiment = get_experiment(args.experiment)
+        params = load_params(args.params)
+        cfg = params.experiment(args.experiment)
+        experiment = get_experiment(params.kind(args.experiment))
     except (ConfigError, KeyError) as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         raise SystemExit(2) from None

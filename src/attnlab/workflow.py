@@ -74,7 +74,7 @@ def aggregate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False)
 
     if not exp.vocabulary:
         io.write_json(lay.aggregate_summary, {"vocabulary": False,
-                                              "reason": f"the {exp.name} experiment has no token vocabulary"})
+                                              "reason": f"the {exp.name} kind has no token vocabulary"})
         return
     a = cfg.aggregate
     data, meta = load_dataset(lay)
@@ -256,12 +256,14 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
     recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
     metrics = {f"final.{k}": v for k, v in io.read_json(lay.train_metrics).items()}
     metrics.update(tracking.flat_metrics(io.read_json(lay.metrics), "evaluate"))
+    instance = lay.root.name                   # the MLflow experiment: one per instance
+    params = flatten(cfg) | ({"kind": exp.name} if exp.name != instance else {})
     run_id, created = tracking.log_pipeline_run(
-        exp.name, params=flatten(cfg), metrics=metrics, files=recorded, history=pd.read_csv(lay.history),
+        instance, params=params, metrics=metrics, files=recorded, history=pd.read_csv(lay.history),
         model=load_checkpoint(lay.model),
         artifacts={("attention" if k == "extract" else k): d for k, d in stage_dirs.items() if k != "train"})
-    io.write_json(lay.run, {"experiment": exp.name, "run_id": run_id})
-    print(f"{exp.name}: MLflow run {run_id} ({'logged' if created else 'already logged'})")
+    io.write_json(lay.run, {"experiment": instance, "run_id": run_id})
+    print(f"{instance}: MLflow run {run_id} ({'logged' if created else 'already logged'})")
 
 
 STAGE_FUNCTIONS: dict[str, Callable[..., None]] = {

@@ -29,7 +29,7 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     preds = io.load_arrays(lay.predictions)
     classes, item, n_items = meta["classes"], experiment.item_name, meta["n_items"]
 
-    rep = HtmlReport(f"attnlab — {experiment.name}")
+    rep = HtmlReport(f"attnlab — {lay.root.name}" + (f" ({experiment.name})" if experiment.name != lay.root.name else ""))
     rep.paragraph(f"Data: {meta['source']} ({meta['n_train']} training, {meta['n_test']} test sequences, "
                   f"{n_items} {item}s each, classes: {', '.join(classes)}).")
     rep.heading("Training")

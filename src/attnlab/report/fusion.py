@@ -18,7 +18,7 @@ def write_fusion_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     trained = io.read_json(lay.train_metrics)
     metrics = io.read_json(lay.metrics)
     mode, w = cfg.model.fusion, metrics["weights"]
-    rep = HtmlReport(f"attnlab — {experiment.name} ({mode} fusion)")
+    rep = HtmlReport(f"attnlab — {lay.root.name} ({mode} fusion)")
     corrupt = ("no stream corrupted" if meta["corrupt_stream"] is None else
                f"the {meta['corrupt_stream']} stream corrupted ({meta['corrupt_mode']}) on "
                f"{meta['corrupt_fraction']:.0%} of the samples")

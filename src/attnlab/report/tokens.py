@@ -39,7 +39,7 @@ def write_tokens_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     evaluated = io.read_json(lay.metrics)
     a, summary = cfg.aggregate, io.read_json(lay.aggregate_summary)
     view = summary["headline"]
-    rep = HtmlReport(f"attnlab — {experiment.name}")
+    rep = HtmlReport(f"attnlab — {lay.root.name}" + (f" ({experiment.name})" if experiment.name != lay.root.name else ""))
     rep.paragraph(f"Data: {meta['source']} ({meta['n_train']} training, {meta['n_test']} test sequences of up to "
                   f"{meta['n_items']} tokens, vocabulary of {len(meta['vocab'])} tokens). Model: causal "
                   "nn.TransformerEncoder trained to predict the next token.")

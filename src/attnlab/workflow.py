@@ -56,13 +56,19 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
     data, _ = load_dataset(lay)
     model = load_checkpoint(lay.model)
-    if exp.records_attention(model):
+    if _has_attention(model):                  # e.g. a fusion by weights has none
         x, bs = exp.test_inputs(data), cfg.extract.batch_size
         n = len(x[0] if isinstance(x, tuple) else x)
         batches = (_rows(x, slice(i, i + bs)) for i in range(0, n, bs))
         extract_attention(model, batches, lay.attention, forward=exp.forward, progress=progress)
     for name, arrays in exp.extract_outputs(cfg, model, data).items():
         io.save_arrays(getattr(lay, name), **arrays)
+
+
+def _has_attention(model: torch.nn.Module) -> bool:
+    from attnlab.capture import AttentionProbs
+
+    return any(isinstance(m, (torch.nn.MultiheadAttention, AttentionProbs)) for m in model.modules())
 
 
 # --------------------------------------------------------------------------- aggregate

@@ -95,12 +95,6 @@ class Experiment:
         """The test inputs, batched along dim 0 (a tuple is sliced and fed together)."""
         raise NotImplementedError
 
-    def records_attention(self, model: nn.Module) -> bool:
-        """Whether the model has attention to extract (e.g. not a fusion by weights)."""
-        from attnlab.capture import AttentionProbs
-
-        return any(isinstance(m, (nn.MultiheadAttention, AttentionProbs)) for m in model.modules())
-
     def extract_outputs(self, cfg: Any, model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, dict]:
         """Arrays the extract stage stores besides attention: ``{layout file name: arrays}``."""
         return {}
@@ -178,13 +172,12 @@ class ClassifierExperiment(Experiment):
             return data["x_train"].float().mean(dim=(0, 1))       # per feature
         return float(cfg.explain.baseline)
 
-    def masker(self, cfg: Any, data: dict[str, torch.Tensor]):
+    def perturbation(self, cfg, model, data, meta, explained):
+        """Items along dim 1 of ``x`` are replaced whole by the baseline."""
         from attnlab.evaluate import sequence_masker
 
-        return sequence_masker(self.baseline(cfg, data))
-
-    def perturbation(self, cfg, model, data, meta, explained):
-        return Perturbation(lambda inputs: self.forward(model, inputs), explained.x, self.masker(cfg, data))
+        return Perturbation(lambda inputs: self.forward(model, inputs), explained.x,
+                            sequence_masker(self.baseline(cfg, data)))
 
     def example_figure(self, data, meta, i, importance, title):
         from attnlab.report import figures

@@ -313,6 +313,7 @@ def _faithfulness(model: nn.Module, data: Inputs, importance: dict[str, torch.Te
     a removed item becomes 0 (or ``<unk>`` for token ids with a vocabulary)."""
     from attnlab.evaluate import random_importance, sequence_masker
     from attnlab.evaluate.summaries import perturbation_curves
+    from attnlab.workflow import write_curves
 
     fill = data.vocab.index("<unk>") if data.token_ids and data.vocab and "<unk>" in data.vocab else 0.0
     rest = {f"input{i}": a for i, a in enumerate(data.arrays[1:], start=1)}
@@ -322,19 +323,18 @@ def _faithfulness(model: nn.Module, data: Inputs, importance: dict[str, torch.Te
                                        sequence_masker(fill), target=target,
                                        steps=None if n_items <= 20 else 20, batch_size=4 * batch_size,
                                        forward_kwargs=rest or None)
-    for mode, frame in curves.items():
-        frame.melt(id_vars="fraction", var_name="method", value_name="probability").to_csv(
-            out / f"{mode}.csv", index=False, float_format="%.6g")
+    write_curves(curves, out)
     return aucs
 
 
 def _heads(path: Path, batch_size: int, out: Path) -> dict[str, Any] | None:
     from attnlab.evaluate.summaries import head_summary, head_table
     from attnlab.store import AttentionReader
+    from attnlab.workflow import self_attention_only
 
+    if not self_attention_only(path):
+        return None                          # cross-attention: no token x token map to characterise
     with AttentionReader(path) as reader:
-        if not all(reader.entry(k).shape[-1] == reader.entry(k).shape[-2] for k in reader.keys):
-            return None                      # cross-attention: no token x token map to characterise
         heads = head_table(reader, k=None, batch_size=batch_size)
     heads.to_csv(out / "heads.csv", index=False, float_format="%.6g")
     return head_summary(heads)

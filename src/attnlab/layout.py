@@ -29,8 +29,6 @@ FILES: dict[str, tuple[str, str]] = {
     "explain_figures": ("explain", "figures"),
     "metrics": ("evaluate", "metrics.json"),
     "results": ("evaluate", "results"),                  # heads.csv, figures/
-    "deletion_curves": ("evaluate", "deletion.csv"),     # fraction, method, probability (DVC plots)
-    "insertion_curves": ("evaluate", "insertion.csv"),
     "report": ("report", "report.html"),
     "run": ("track", "run.json"),
 }

@@ -7,6 +7,7 @@ stage names to them; ``stages/<name>.py`` calls them through :mod:`attnlab.pipel
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -176,9 +177,7 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     pert = exp.perturbation(cfg, model, data, meta, ex)
     aucs, curves = perturbation_curves(pert.fn, pert.x, importance, pert.masker, target=target, steps=ev.steps,
                                        batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs)
-    for mode, frame in curves.items():     # long form: DVC's method_curves template draws a line per method
-        frame.melt(id_vars="fraction", var_name="method", value_name="probability").to_csv(
-            getattr(lay, f"{mode}_curves"), index=False, float_format="%.6g")
+    write_curves(curves, lay.dir("evaluate"))
     save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
     metrics: dict[str, Any] = {"n_samples": len(ex), "faithfulness": aucs}
     if ex.y is not None:
@@ -188,7 +187,7 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
             "auroc": {m: float(evidence_auroc(v, ex.evidence, valid=ex.valid).mean) for m, v in importance.items()},
             "pointing_game": {m: float(pointing_game(v, ex.evidence, valid=ex.valid)) for m, v in importance.items()}}
     _merge(metrics, exp.ground_truth(cfg, lay, model, data, meta, ex))
-    if lay.attention.exists() and _self_attention_only(lay):
+    if lay.attention.exists() and self_attention_only(lay.attention):
         metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, progress=progress)
     io.write_json(lay.metrics, metrics)
 
@@ -201,12 +200,20 @@ def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
             into[key] = value
 
 
-def _self_attention_only(lay: Layout) -> bool:
-    """Whether every stored entry is square (token x token); the head diagnostics need it
-    (a fusion's learned query over two stream tokens is not)."""
+def write_curves(curves: dict[str, pd.DataFrame], directory: str | Path) -> None:
+    """``deletion.csv`` and ``insertion.csv`` in ``directory``, long form (``fraction,
+    method, probability``): DVC's ``method_curves`` template draws a line per method."""
+    for mode, frame in curves.items():
+        frame.melt(id_vars="fraction", var_name="method", value_name="probability").to_csv(
+            Path(directory) / f"{mode}.csv", index=False, float_format="%.6g")
+
+
+def self_attention_only(path: str | Path) -> bool:
+    """Whether every entry of an attention file is square (token x token); the head
+    diagnostics need it (a fusion's learned query over two stream tokens is not)."""
     from attnlab.store import AttentionReader
 
-    with AttentionReader(lay.attention) as reader:
+    with AttentionReader(path) as reader:
         return all(reader.entry(k).shape[-1] == reader.entry(k).shape[-2] for k in reader.keys)
 
 

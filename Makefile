@@ -23,6 +23,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Test-only packages (transformers for the Hugging Face adapters, hypothesis for the
+# property tests), on top of setup; `make run` never needs them.
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-test.txt
+	touch $@
+
 # Create the MLflow store once, before anything uses it in parallel.
 store: setup
 	$(PY) -c "from attnlab.tracking import init_store; init_store()"
@@ -30,7 +36,7 @@ store: setup
 run: store
 	dvc repro
 
-test: setup
+test: $(VENV)/.test-installed
 	$(PY) -m pytest
 
 ui: store

@@ -3,14 +3,16 @@
 Public API (stable names; see DESIGN.md):
 ``AttentionRecorder`` records every attention call of a model; ``rollout``,
 ``grad_rollout``, ``attention_flow``, ``spacetime_rollout`` and ``readout`` turn the
-recorded maps into explanations; ``VocabAttention`` aggregates token x token attention.
+recorded maps into explanations (``split_spacetime`` turns a divided space-time
+model's entries into what ``spacetime_rollout`` takes); ``VocabAttention`` aggregates token x token attention.
 
 Masks: ``mask`` is always a ``[B, N]`` bool that is True at real tokens (torch's
 ``padding_mask``, True at padding, is accepted by ``rollout`` and ``readout`` as well).
 """
 from attnlab.aggregate import VocabAttention
 from attnlab.capture import AttentionProbs, AttentionRecorder
-from attnlab.explain import attention_flow, grad_rollout, readout, rollout, spacetime_rollout
+from attnlab.explain import (attention_flow, grad_rollout, readout, rollout, spacetime_rollout,
+                             split_spacetime)
 
 __all__ = ["AttentionProbs", "AttentionRecorder", "VocabAttention", "attention_flow", "grad_rollout",
-           "readout", "rollout", "spacetime_rollout"]
+           "readout", "rollout", "spacetime_rollout", "split_spacetime"]

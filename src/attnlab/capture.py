@@ -1,25 +1,42 @@
 """Recording attention probabilities (and their gradients) from any PyTorch model.
 
-Two kinds of module are recordable:
+Recordable modules, each through an adapter chosen by the module's type:
 
 * ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoder``/``Decoder`` layers, whose
   attention is otherwise hidden behind ``need_weights=False`` and fused fast paths);
 * :class:`AttentionProbs`, the marker the project's own attention modules call on
-  their softmax output.
+  their softmax output;
+* Hugging Face ``transformers`` attention modules (detected by type, without importing
+  ``transformers``): those that dispatch through ``ALL_ATTENTION_FUNCTIONS`` (BERT,
+  RoBERTa, ViT and their relatives, self- and cross-attention), under the ``eager`` and
+  ``sdpa`` implementations, and TimeSformer's ``TimesformerSelfAttention`` (its spatial
+  and its temporal attention). While such a module runs, its one softmax call (eager)
+  is recorded as it is, or its one ``scaled_dot_product_attention`` call (sdpa) is
+  computed explicitly (the same maths, the probabilities in the graph).
+
+Never silent: modules that look like attention (an attention name with q/k/v or qkv
+projections) that no adapter records make the recorder raise on entry, and so does a
+call to ``scaled_dot_product_attention`` from any other module of the model while it
+records (see :func:`attention_lookalikes`).
 
 :class:`AttentionRecorder` is a context manager: inside ``with`` the modules record,
-on exit the model is exactly as it was (no hooks, no patched methods, the global MHA
-fast-path flag back to its previous value), also when the block raises.
+on exit the model is exactly as it was (no hooks, no patched methods, no torch
+function mode, the global MHA fast-path flag back to its previous value), also when
+the block raises.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import sys
 from collections.abc import Iterable
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 class AttentionProbs(nn.Module):
@@ -57,36 +74,64 @@ class AttentionRecorder:
       was computed from. It works on frozen models too: the probabilities are made to
       require grad when nothing upstream does.
 
+    Recorded modules (adapters chosen by type, no flag): ``nn.MultiheadAttention``,
+    :class:`AttentionProbs` markers, and Hugging Face attention modules — those that
+    dispatch through ``ALL_ATTENTION_FUNCTIONS`` (``BertSelfAttention``,
+    ``RobertaSelfAttention``, ``ViTAttention``, their cross-attention and relatives)
+    under ``attn_implementation="eager"`` or ``"sdpa"``, and TimeSformer's
+    ``TimesformerSelfAttention``, spatial (``[B·F, H, 1+P, 1+P]``) and temporal
+    (``[B·P, H, F, F]``; see :func:`~attnlab.explain.split_spacetime`). ``transformers``
+    is never imported here: its modules are recognised by their class.
+
     Args:
-        model: any ``nn.Module`` containing ``nn.MultiheadAttention`` or
-            :class:`AttentionProbs` modules.
+        model: any ``nn.Module`` containing recordable modules.
         modules: qualified names (as in ``model.named_modules()``) of the modules to
             record; default all of them.
         keep_grad: also capture the gradient of the loss with respect to each entry.
 
     Raises:
-        ValueError: ``model`` has no recordable module; a name in ``modules`` is not
-            a recordable module of ``model``; a module cannot be recorded (TorchScript,
-            ``torch.compile``, a subclass of ``nn.MultiheadAttention`` that overrides
-            ``forward``, or a module whose ``forward`` is already patched).
+        ValueError: on entry: ``model`` has no recordable module; a name in ``modules``
+            is not a recordable module of ``model``; a module cannot be recorded
+            (TorchScript, ``torch.compile``, a subclass of ``nn.MultiheadAttention``
+            that overrides ``forward``, or a module whose ``forward`` is already
+            patched); with ``modules=None``, the model has modules that look like
+            attention that no adapter records (:func:`attention_lookalikes`).
+            Inside the block: a module of the model calls
+            ``scaled_dot_product_attention`` outside a recorded module (with
+            ``modules=None``); a Hugging Face module computes its attention without a
+            softmax or SDPA call the recorder sees (e.g. ``flex_attention``), or more
+            than one. On exit: nothing was recorded (no recorded module ran).
 
     Inside the block ``torch.backends.mha`` fast path is disabled (globally), because
-    the fused kernels never expose the probabilities. Numerically the recorded model
-    equals the plain one to float rounding; dropout draws the same random numbers as
-    torch's own attention, so seeded train-mode runs are reproduced as well.
+    the fused kernels never expose the probabilities, and a torch function mode watches
+    for SDPA calls. Numerically the recorded model equals the plain one to float
+    rounding; dropout draws the same random numbers as torch's own attention, so seeded
+    train-mode runs are reproduced as well (for ``nn.MultiheadAttention`` and eager
+    Hugging Face attention).
     """
 
     def __init__(self, model: nn.Module, *, modules: Iterable[str] | str | None = None,
                  keep_grad: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(keep_grad, bool):
+            raise TypeError(f"keep_grad must be True or False, got {keep_grad!r}")
+        if modules is not None and not isinstance(modules, str):
+            if isinstance(modules, Iterable):
+                modules = tuple(modules)
+            if not isinstance(modules, tuple) or not all(isinstance(n, str) for n in modules):
+                raise TypeError(f"modules must be a module name or an iterable of names (as in "
+                                f"model.named_modules()), got {modules!r}")
         self.model = model
-        self.keep_grad = bool(keep_grad)
+        self.keep_grad = keep_grad
         self._targets = _select_targets(model, modules)
+        # every module of the model, to name the caller of an unrecorded SDPA call
+        self._watch = ({id(m): (n, m) for n, m in model.named_modules()} if modules is None else None)
         self.attentions: list[torch.Tensor] = []
         self.names: list[str] = []
         self._grad_slots: list[list] = []      # one [grad or None, needs_grad] per entry
         self._restore: list[Callable[[], None]] = []
+        self._recorded = 0                     # calls recorded since __enter__ (clear() keeps it)
         self._active = False
 
     # ------------------------------------------------------------------ context
@@ -94,12 +139,19 @@ class AttentionRecorder:
         if self._active:
             raise RuntimeError("this AttentionRecorder is already active (entered twice)")
         try:
+            mode = None                        # torch function mode: HF modules, SDPA watch
+            if self._watch is not None or any(_hf_kind(m) is not None for _, m in self._targets):
+                mode = _Intercept(self._watch)
+                mode.__enter__()
+                self._restore.append(lambda: mode.__exit__(None, None, None))
             for name, module in self._targets:
                 if isinstance(module, nn.MultiheadAttention):
                     self._patch_mha(name, module)
-                else:
+                elif isinstance(module, AttentionProbs):
                     handle = module.register_forward_hook(self._probs_hook(name))
                     self._restore.append(handle.remove)
+                else:
+                    self._patch_traced(name, module, mode)
             if any(isinstance(m, nn.MultiheadAttention) for _, m in self._targets):
                 previous = torch.backends.mha.get_fastpath_enabled()
                 torch.backends.mha.set_fastpath_enabled(False)
@@ -107,22 +159,30 @@ class AttentionRecorder:
         except BaseException:
             self._undo()
             raise
+        self._recorded = 0
         self._active = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._undo()
         self._active = False
+        if exc_type is None and self._recorded == 0:
+            listing = ", ".join(repr(n) for n, _ in self._targets)
+            raise ValueError(f"nothing was recorded: none of the recorded modules ({listing}) ran inside "
+                             f"the with block; call the model inside `with AttentionRecorder(...)`")
 
     def _undo(self) -> None:
         while self._restore:
             self._restore.pop()()
 
-    def _patch_mha(self, name: str, mha: nn.MultiheadAttention) -> None:
-        if "forward" in mha.__dict__:
+    def _check_unpatched(self, name: str, module: nn.Module) -> None:
+        if "forward" in module.__dict__:
             raise ValueError(f"module {name!r} already has a patched forward (is another "
                              "AttentionRecorder active on it?); nested recorders on the "
                              "same module are not supported")
+
+    def _patch_mha(self, name: str, mha: nn.MultiheadAttention) -> None:
+        self._check_unpatched(name, mha)
         record = self._recorder_for(name)
 
         def forward(query, key, value, key_padding_mask=None, need_weights=True,
@@ -133,14 +193,36 @@ class AttentionRecorder:
         mha.forward = forward
         self._restore.append(lambda: mha.__dict__.pop("forward", None))
 
+    def _patch_traced(self, name: str, module: nn.Module, mode: "_Intercept") -> None:
+        """A Hugging Face module: its own forward runs while ``mode`` records its one
+        softmax or SDPA call (see :class:`_Call`)."""
+        self._check_unpatched(name, module)
+        record = self._recorder_for(name)
+        original = type(module).forward.__get__(module)
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            call = _Call(name, module, record)
+            mode.calls.append(call)
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                mode.calls.pop()
+            call.finish()
+            return out
+
+        module.forward = forward
+        self._restore.append(lambda: module.__dict__.pop("forward", None))
+
     def _probs_hook(self, name: str):
         record = self._recorder_for(name)
 
         def hook(module, args, output):
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            if not isinstance(output, torch.Tensor) or output.dim() != 4 or not output.is_floating_point():
                 raise ValueError(f"AttentionProbs module {name!r} got "
-                                 f"{getattr(output, 'shape', type(output).__name__)}; "
-                                 "expected a [B, H, Lq, Lk] tensor")
+                                 f"{getattr(output, 'shape', type(output).__name__)} "
+                                 f"{getattr(output, 'dtype', '')}; expected a floating-point [B, H, Lq, Lk] "
+                                 "tensor of softmax probabilities")
             return record(output)
 
         return hook
@@ -153,6 +235,7 @@ class AttentionRecorder:
         def record(probs: torch.Tensor) -> torch.Tensor:
             self.attentions.append(probs.detach())
             self.names.append(name)
+            self._recorded += 1
             slot = [None, False]
             self._grad_slots.append(slot)
             if self.keep_grad and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
@@ -210,7 +293,208 @@ class AttentionRecorder:
                 f"keep_grad={self.keep_grad}, {state})")
 
 
+# ---------------------------------------------------------------------- Hugging Face adapters
+_SDPA = F.scaled_dot_product_attention
+_SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax, torch._softmax})
+
+
+def _hf_kind(module: nn.Module) -> str | None:
+    """``"dispatch"``: a ``transformers`` module whose forward picks its attention from
+    ``ALL_ATTENTION_FUNCTIONS`` (eager → one softmax, sdpa → one SDPA call);
+    ``"timesformer"``: ``TimesformerSelfAttention`` (one ``.softmax``); else None.
+    Recognised by class and code, so ``transformers`` need not be installed."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.models."):
+        return None
+    if cls.__name__ == "TimesformerSelfAttention" and isinstance(getattr(module, "qkv", None), nn.Linear):
+        return "timesformer"
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    if code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+        return "dispatch"
+    return None
+
+
+class _Call:
+    """One forward call of a Hugging Face module: records its one attention softmax."""
+
+    def __init__(self, name: str, module: nn.Module, record: _Record):
+        self.name, self.module, self.record, self.count = name, module, record, 0
+
+    def _where(self) -> str:
+        impl = getattr(getattr(self.module, "config", None), "_attn_implementation", None)
+        return f"{self.name!r} ({type(self.module).__name__}" + (f", attn_implementation={impl!r})" if impl else ")")
+
+    def _take(self, probs: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        if self.count > 1:
+            raise ValueError(f"{self._where()} computed a second softmax or scaled_dot_product_attention in "
+                             "one call; expected exactly one attention per call")
+        if probs.dim() != 4:
+            raise ValueError(f"{self._where()} computed attention probabilities of shape {tuple(probs.shape)}; "
+                             "expected [B, H, Lq, Lk]")
+        return self.record(probs)
+
+    def softmax(self, func, args, kwargs) -> torch.Tensor:
+        """eager: the softmax output is the probabilities; dropout follows in the module."""
+        return self._take(func(*args, **kwargs))
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False) -> torch.Tensor:
+        """sdpa: ``F.scaled_dot_product_attention`` as documented by torch, explicitly."""
+        if enable_gqa:
+            key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+            value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+        probs = self._take(_sdpa_probs(query, key, attn_mask, is_causal, scale))
+        dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
+        return torch.matmul(dropped, value)
+
+    def finish(self) -> None:
+        if self.count == 0:
+            raise ValueError(f"{self._where()} ran without a softmax or scaled_dot_product_attention call the "
+                             "recorder can see, so its attention cannot be recorded; load the model with "
+                             "attn_implementation='eager' or 'sdpa'")
+
+
+def _sdpa_probs(query, key, attn_mask, is_causal: bool, scale: float | None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask)`` with torch's SDPA semantics: a bool mask is True
+    where a key takes part, a float mask is added, ``is_causal`` keeps ``j ≤ i``
+    (top-left aligned); a fully masked row gets zeros, as torch's SDPA gives."""
+    if is_causal:
+        if attn_mask is not None:
+            raise RuntimeError("scaled_dot_product_attention: an explicit attn_mask should not be set "
+                               "when is_causal=True")
+        attn_mask = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    probs = torch.softmax(scores, dim=-1)
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    return probs.masked_fill(dead, 0.0) if bool(dead.any()) else probs
+
+
+class _Intercept(TorchFunctionMode):
+    """Active while a recorder is: the innermost running Hugging Face module (``calls``)
+    has its softmax / SDPA call recorded; with ``watch`` (every module of the model, by
+    id) an SDPA call from any other module of the model raises, naming the module."""
+
+    def __init__(self, watch: dict[int, tuple[str, nn.Module]] | None):
+        super().__init__()
+        self.calls: list[_Call] = []
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.calls:
+            if func is _SDPA:
+                return self.calls[-1].sdpa(*args, **kwargs)
+            if func in _SOFTMAX:
+                return self.calls[-1].softmax(func, args, kwargs)
+        elif func is _SDPA and self.watch is not None:
+            caller = _calling_module(self.watch)
+            if caller is not None:
+                name, module = caller
+                where = f"module {name!r}" if name else "the model"
+                raise ValueError(
+                    f"{where} ({type(module).__name__}) calls scaled_dot_product_attention, which never exposes "
+                    "the attention probabilities, and no adapter records it. " + _HOW_TO_RECORD)
+        return func(*args, **kwargs)
+
+
+def _calling_module(watch: dict[int, tuple[str, nn.Module]]) -> tuple[str, nn.Module] | None:
+    """The innermost module of the model on the Python call stack (its ``forward`` or
+    ``Module.__call__`` frame), or None when the call is not the model's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        hit = watch.get(id(obj)) if obj is not None else None
+        if hit is not None and hit[1] is obj:
+            return hit
+        frame = frame.f_back
+    return None
+
+
+_HOW_TO_RECORD = ("To record it, compute the probabilities explicitly and pass them through an "
+                  "attnlab.AttentionProbs marker right after the softmax, before dropout "
+                  "(`self.attn_probs = AttentionProbs()`; `probs = self.attn_probs(scores.softmax(-1))`; "
+                  "`out = self.drop(probs) @ v`), or use nn.MultiheadAttention; or pass modules=[...] "
+                  "to record only the recordable modules.")
+
+
 # ---------------------------------------------------------------------- discovery
+_SINGLE_PROJECTIONS = ("qkv", "to_qkv", "qkv_proj", "Wqkv", "query_key_value", "c_attn", "in_proj")
+_PROJECTION_SETS = (("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
+                    ("to_q", "to_k", "to_v"), ("wq", "wk", "wv"), ("query_proj", "key_proj", "value_proj"))
+
+
+def _projections(module: nn.Module) -> tuple[str, ...]:
+    """The q/k/v (or fused qkv) projections a module holds as submodules or parameters."""
+    def has(attr: str) -> bool:
+        return attr in module._modules or attr in module._parameters
+
+    for names in _PROJECTION_SETS:
+        if all(has(n) for n in names):
+            return names
+    return tuple(n for n in _SINGLE_PROJECTIONS if has(n))[:1]
+
+
+def _looks_like_attention(name: str, module: nn.Module) -> str:
+    """Why ``module`` looks like attention: an attention name (class or attribute name
+    with 'attn'/'attention') with q/k/v or qkv projections, or a ``forward`` that calls
+    ``scaled_dot_product_attention``; "" otherwise."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    if code is not None and "scaled_dot_product_attention" in code.co_names:
+        return "calls scaled_dot_product_attention"
+    named = any(w in type(module).__name__.lower() or w in name.rsplit(".", 1)[-1].lower()
+                for w in ("attn", "attention"))
+    projections = _projections(module) if named else ()
+    return f"projections {', '.join(projections)}" if projections else ""
+
+
+def _kind(module: nn.Module) -> str | None:
+    """The adapter recording ``module`` ("mha", "probs", "dispatch", "timesformer"), or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha" if type(module).forward is nn.MultiheadAttention.forward else None
+    if isinstance(module, AttentionProbs):
+        return "probs"
+    return _hf_kind(module)
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return outer == inner or outer == "" or inner.startswith(outer + ".")
+
+
+def _lookalikes(model: nn.Module, recordable: list[str]) -> dict[str, str]:
+    """``{name: "ClassName: why"}`` of attention-looking modules that no recorded
+    module covers (neither the module itself, nor one inside it or around it)."""
+    found = {}
+    for name, module in model.named_modules():
+        why = _looks_like_attention(name, module)
+        if why and not any(_contains(name, r) or _contains(r, name) for r in recordable):
+            found[name] = f"{type(module).__name__}: {why}"
+    return found
+
+
+def attention_lookalikes(model: nn.Module) -> list[str]:
+    """Modules of ``model`` that look like attention — a class or attribute name with
+    'attn'/'attention' and q/k/v (``q``/``query``/``q_proj``/...) or fused ``qkv``
+    projections, or a ``forward`` whose code calls ``scaled_dot_product_attention`` —
+    but that no adapter of :class:`AttentionRecorder` records (neither the module, nor
+    a recordable module inside or around it). Each as
+    ``"name (ClassName: projections q, k, v)"`` or ``"name (ClassName: calls
+    scaled_dot_product_attention)"`` (``<model>`` for the model itself); empty when
+    everything attention-like is recordable. ``AttentionRecorder(model)`` raises on
+    entry when this is not empty."""
+    recordable = [n for n, m in model.named_modules() if _kind(m) is not None]
+    return [f"{n or '<model>'} ({why})" for n, why in _lookalikes(model, recordable).items()]
+
+
+def recordable_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the modules of ``model`` that :class:`AttentionRecorder` records."""
+    return [n for n, m in model.named_modules() if _kind(m) is not None]
+
+
 def _select_targets(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
     """Recordable ``(name, module)`` pairs of ``model``, restricted to ``modules``."""
     recordable: list[tuple[str, nn.Module]] = []
@@ -224,16 +508,13 @@ def _select_targets(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
         if isinstance(m, torch.jit.ScriptModule):
             if getattr(m, "original_name", "") in _RECORDABLE_NAMES:
                 unrecordable[name] = "is a TorchScript module (scripted or traced); record the eager module instead"
-        elif isinstance(m, nn.MultiheadAttention):
-            if type(m).forward is not nn.MultiheadAttention.forward:
-                if any(isinstance(c, AttentionProbs) for c in m.modules()):
-                    continue                     # recorded through its own marker
-                unrecordable[name] = (f"is a {type(m).__name__}, a subclass of nn.MultiheadAttention "
-                                      "that overrides forward(); call AttentionProbs on its "
-                                      "probabilities instead")
-            else:
-                recordable.append((name, m))
-        elif isinstance(m, AttentionProbs):
+        elif isinstance(m, nn.MultiheadAttention) and _kind(m) is None:
+            if any(isinstance(c, AttentionProbs) for c in m.modules()):
+                continue                     # recorded through its own marker
+            unrecordable[name] = (f"is a {type(m).__name__}, a subclass of nn.MultiheadAttention "
+                                  "that overrides forward(); call AttentionProbs on its "
+                                  "probabilities instead")
+        elif _kind(m) is not None:
             recordable.append((name, m))
 
     listing = ", ".join(repr(n) for n, _ in recordable) or "none"
@@ -242,9 +523,17 @@ def _select_targets(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
             name, why = next(iter(unrecordable.items()))
             raise ValueError(f"attention module {name!r} {why} (recordable modules: {listing}; "
                              "pass modules=[...] to record only those)")
+        looks = _lookalikes(model, [n for n, _ in recordable])
+        if looks:
+            found = ", ".join(f"{n or '<model>'!r} ({why})" for n, why in looks.items())
+            raise ValueError(f"{type(model).__name__} has modules that look like attention but that no adapter "
+                             f"records: {found}; recordable modules: {listing}. AttentionRecorder records "
+                             "nn.MultiheadAttention, attnlab.AttentionProbs markers and Hugging Face "
+                             "BERT/RoBERTa/ViT-style and TimeSformer attention. "
+                             + _HOW_TO_RECORD.replace("record it", "record them"))
         if not recordable:
-            raise ValueError(f"{type(model).__name__} has no nn.MultiheadAttention or "
-                             "AttentionProbs module to record")
+            raise ValueError(f"{type(model).__name__} has no nn.MultiheadAttention, AttentionProbs or Hugging Face "
+                             "attention module (BERT/RoBERTa/ViT-style or TimeSformer) to record")
         return recordable
 
     wanted = [modules] if isinstance(modules, str) else list(modules)

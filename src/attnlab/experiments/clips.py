@@ -3,7 +3,8 @@
 ``frames``: ``[B, T, 1, H, W]`` clips whose class is decided by a few key frames
 (evidence per frame) -> per-frame CNN -> ``nn.TransformerEncoder`` -> mean pooling.
 ``video``: a digit moving across the canvas (evidence per frame and patch) -> a
-divided space-time transformer (TimeSformer-style); its explanations are read out
+divided space-time transformer (TimeSformer-style; `model.arch: hf_timesformer` trains Hugging
+Face's TimeSformer instead); its explanations are read out
 with :func:`~attnlab.explain.spacetime_rollout` over frames x patches.
 """
 from __future__ import annotations
@@ -93,10 +94,15 @@ class VideoExperiment(ClassifierExperiment):
                                        "frames": p.frames, "patches": grid * grid, "patch": p.patch,
                                        "size": p.size, "n_items": p.frames * grid * grid})
 
+    FACTORIES = {"divided": "attnlab.models.spacetime:DividedSpaceTimeTransformer",
+                 "hf_timesformer": "attnlab.models.hf_timesformer:HFTimesformerClassifier"}
+
     def model_spec(self, cfg: VideoParams, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        return "attnlab.models.spacetime:DividedSpaceTimeTransformer", {
+        """``model.arch``: the project's divided space-time transformer or Hugging Face's
+        TimeSformer, with the same sizes (both record time, then space attention)."""
+        return self.FACTORIES[cfg.model.arch], {
             "n_classes": len(meta["classes"]), "frames": meta["frames"], "size": meta["size"],
-            "patch": meta["patch"], **cfg.model.model_dump()}
+            "patch": meta["patch"], **cfg.model.model_dump(exclude={"arch"})}
 
     def items(self, cfg: VideoParams, meta: dict[str, Any]) -> Items:
         """raw: the last block's class-token space attention (its per-frame copies, / F);
@@ -104,10 +110,10 @@ class VideoExperiment(ClassifierExperiment):
         queries; rollout / grad_rollout: space-time rollouts of the class token."""
         from functools import partial
 
-        from attnlab.models.spacetime import split_attentions
+        from attnlab.explain import split_spacetime
 
         return SpaceTimeItems(meta["n_items"], patch=meta["patch"], split=partial(
-            split_attentions, blocks=cfg.model.num_layers, frames=meta["frames"], patches=meta["patches"]))
+            split_spacetime, blocks=cfg.model.num_layers, frames=meta["frames"], patches=meta["patches"]))
 
     def perturbation(self, cfg: VideoParams, model: nn.Module, data: dict[str, torch.Tensor],
                      meta: dict[str, Any], explained: Explained) -> Perturbation:

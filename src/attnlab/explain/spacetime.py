@@ -10,14 +10,16 @@ from torch import Tensor
 
 from .rollout import (
     HeadFusion,
+    check_flag,
     check_head_fusion,
+    check_values,
     compute_dtype,
     fused_layer,
     prepared_layer,
     renorm_rows_,
 )
 
-__all__ = ["spacetime_rollout"]
+__all__ = ["spacetime_rollout", "spacetime_grad_rollout", "split_spacetime"]
 
 
 def _check_blocks(
@@ -67,6 +69,10 @@ def _check_blocks(
                 f"time[{idx}] must be [B, P, H, F, F] (or fused [B, P, F, F]) with "
                 f"B={batch}, P={patches}, F={frames} as in space; got {shape}"
             )
+    for name, seq in (("space", space), ("time", time)):
+        for idx, t in enumerate(seq):
+            if not t.is_floating_point():
+                raise ValueError(f"{name}[{idx}] must be floating point; got dtype {t.dtype}")
     return space, time, batch, frames, patches
 
 
@@ -123,6 +129,9 @@ def spacetime_rollout(
     """
     space_l, time_l, batch, frames, patches = _check_blocks(space, time)
     check_head_fusion(head_fusion)
+    check_flag(residual, "residual")
+    check_values(space_l, "space")
+    check_values(time_l, "time")
     dtype = compute_dtype(space_l + time_l)
     device = space_l[0].device
     tiny = torch.finfo(dtype).tiny
@@ -181,6 +190,9 @@ def spacetime_grad_rollout(
             if a.ndim != 5 or a.shape != g.shape:
                 raise ValueError(f"{name}[{i}] {tuple(a.shape)} and {name}_grads[{i}] {tuple(g.shape)}: "
                                  "expected equal unfused shapes (with a heads dimension)")
+    for name, seq, probabilities in (("space", space_l, True), ("time", time_l, True),
+                                     ("space_grads", space_g, False), ("time_grads", time_g, False)):
+        check_values(seq, name, probabilities=probabilities)
     dtype = compute_dtype(space_l + time_l)
     weigh = lambda a, g: (a.to(dtype) * g.to(dtype)).clamp_min(0).mean(dim=-3)  # noqa: E731  mean over heads
     v_cls = torch.ones(batch, dtype=dtype, device=space_l[0].device)            # [B]
@@ -197,3 +209,86 @@ def spacetime_grad_rollout(
         moved = torch.matmul(new_patch.transpose(1, 2)[:, :, None, :], tau).squeeze(-2).transpose(1, 2)
         v_patch, v_cls = new_patch + moved, new_cls
     return v_patch.contiguous()
+
+
+def split_spacetime(
+    entries: Sequence[Tensor],
+    *,
+    frames: int,
+    patches: int,
+    blocks: int | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """A recorder's entries of one forward of a divided space-time model → the
+    ``(space, time)`` lists of :func:`spacetime_rollout` / :func:`spacetime_grad_rollout`.
+
+    Works on ``rec.attentions`` and, the same way, on ``rec.gradients``. Both divided
+    space-time models record time attention, then space attention, block after block,
+    batched the same way:
+
+    * the project's :class:`~attnlab.models.spacetime.DividedSpaceTimeTransformer`
+      (``blocks.{l}.attn_time.attn_probs``, ``blocks.{l}.attn_space.attn_probs``);
+    * Hugging Face ``TimesformerModel`` / ``TimesformerForVideoClassification`` with
+      ``attention_type="divided_space_time"`` (``….layer.{l}.temporal_attention.attention``,
+      ``….layer.{l}.attention.attention``; ``P = (image_size / patch_size)²``,
+      ``F = num_frames``). Its hidden states order the patches patch-major
+      (``1 + p·F + f``), but its attention calls are batched exactly as below; the class
+      token takes no part in time attention and, in space attention, each frame holds a
+      copy of it at index 0 whose outputs are averaged over frames — the layout
+      :func:`spacetime_rollout` defines. (Its ``output_attentions=True`` returns only the
+      space entries; the recorder gets both.)
+
+    Entries: ``time_l`` ``[B·P, H, F, F]`` (row ``b·P + p``: patch ``p`` of clip ``b``,
+    patches row-major over the grid) and ``space_l`` ``[B·F, H, 1+P, 1+P]`` (row
+    ``b·F + f``; index 0 is frame ``f``'s copy of the class token, ``1 + p`` patch ``p``).
+
+    Args:
+        entries: ``[time_0, space_0, time_1, space_1, ...]`` (one forward pass:
+            call ``rec.clear()`` between batches).
+        frames, patches: ``F`` and ``P`` the model was built for; every entry is checked.
+        blocks: when given, the number of blocks the entries must hold.
+        names: ``rec.names``, to name offending entries and to catch the entries of
+            more than one forward pass (a module recorded twice).
+
+    Returns:
+        ``space``: ``L`` tensors ``[B, F, H, 1+P, 1+P]``; ``time``: ``L`` tensors ``[B, P, H, F, F]``.
+    """
+    if isinstance(entries, Tensor) or not isinstance(entries, Sequence):
+        raise ValueError(f"entries must be a list of recorded tensors; got {type(entries).__name__}")
+    for key, value in (("frames", frames), ("patches", patches)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r}: expected a positive int")
+    if names is not None:
+        names = list(names)
+        if len(names) != len(entries):
+            raise ValueError(f"names has {len(names)} items for {len(entries)} entries; pass rec.names")
+        repeated = [n for i, n in enumerate(names) if n in names[:i]]
+        if repeated:
+            raise ValueError(f"module {repeated[0]!r} was recorded more than once: entries of more than one "
+                             "forward pass? call rec.clear() between batches")
+    if len(entries) == 0 or len(entries) % 2:
+        raise ValueError(f"entries: {len(entries)}, expected a non-zero even number (time then space "
+                         "attention of each block)")
+    if blocks is not None and len(entries) != 2 * blocks:
+        raise ValueError(f"entries: {len(entries)}, expected {2 * blocks} (time and space of each of "
+                         f"{blocks} blocks)")
+    label = (lambda i: f"entry {i} ({names[i]!r})") if names else (lambda i: f"entry {i}")
+    space, time = [], []
+    batch = heads = None
+    for layer in range(len(entries) // 2):
+        i = 2 * layer
+        t, s = entries[i], entries[i + 1]
+        for j, a, (rows, side, what) in ((i, t, (patches, frames, "[B·P, H, F, F] time")),
+                                         (i + 1, s, (frames, patches + 1, "[B·F, H, 1+P, 1+P] space"))):
+            if not isinstance(a, Tensor) or a.ndim != 4 or a.shape[-2:] != (side, side) or a.shape[0] % rows:
+                shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                raise ValueError(f"{label(j)} has shape {shape}; expected {what} attention with "
+                                 f"frames F={frames}, patches P={patches}")
+        b_t, b_s = t.shape[0] // patches, s.shape[0] // frames
+        if b_t != b_s or t.shape[1] != s.shape[1] or batch not in (None, b_t) or heads not in (None, t.shape[1]):
+            raise ValueError(f"{label(i)} {tuple(t.shape)} and {label(i + 1)} {tuple(s.shape)} do not describe "
+                             f"the same batch of clips and heads as the other blocks (F={frames}, P={patches})")
+        batch, heads = b_t, t.shape[1]
+        time.append(t.reshape(batch, patches, *t.shape[1:]))
+        space.append(s.reshape(batch, frames, *s.shape[1:]))
+    return space, time

@@ -164,34 +164,18 @@ class DividedSpaceTimeTransformer(nn.Module):
 def split_attentions(attentions: Sequence[torch.Tensor], *, blocks: int | None = None, frames: int | None = None,
                      patches: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Recorder entries of one forward of a :class:`DividedSpaceTimeTransformer` on ``B``
-    clips → ``(space, time)`` for ``spacetime_rollout``.
+    clips → ``(space, time)`` for ``spacetime_rollout``: :func:`attnlab.explain.split_spacetime`,
+    with ``frames`` and ``patches`` read from the first block's entries when not given.
 
     ``attentions`` is in call order: ``[time_0, space_0, time_1, space_1, ...]`` with
     ``time_l [B·P, H, F, F]`` (row ``b·P + p``) and ``space_l [B·F, H, 1+P, 1+P]`` (row
     ``b·F + f``). Returns ``space`` = list over layers of ``[B, F, H, 1+P, 1+P]`` (index 0
     = class-token copy, ``1 + p`` = patch ``p`` row-major) and ``time`` = list over
-    layers of ``[B, P, H, F, F]``. Works the same on the matching gradients. ``blocks``,
-    ``frames``, ``patches``: when given, the entries must describe that many.
+    layers of ``[B, P, H, F, F]``. Works the same on the matching gradients.
     """
-    if len(attentions) == 0 or len(attentions) % 2:
-        raise ValueError(f"attentions: {len(attentions)} entries, expected a non-zero even "
-                         "number (time then space attention of each block)")
-    space, time = [], []
-    for layer in range(len(attentions) // 2):
-        t, s = attentions[2 * layer], attentions[2 * layer + 1]
-        if t.dim() != 4 or s.dim() != 4 or t.shape[-1] != t.shape[-2] or s.shape[-1] != s.shape[-2]:
-            raise ValueError(f"layer {layer}: entries of shapes {tuple(t.shape)}, {tuple(s.shape)}; "
-                             "expected [B·P, H, F, F] then [B·F, H, 1+P, 1+P]")
-        f, p = t.shape[-1], s.shape[-1] - 1
-        if t.shape[0] % p or s.shape[0] % f or t.shape[0] // p != s.shape[0] // f:
-            raise ValueError(f"layer {layer}: time {tuple(t.shape)} and space {tuple(s.shape)} "
-                             f"do not describe the same batch of clips (F={f}, P={p})")
-        b = t.shape[0] // p
-        time.append(t.reshape(b, p, *t.shape[1:]))
-        space.append(s.reshape(b, f, *s.shape[1:]))
-    if blocks is not None and len(space) != blocks:
-        raise ValueError(f"attentions: {2 * len(space)} entries, expected {2 * blocks} (time and space of each block)")
-    f, p = time[0].shape[-1], space[0].shape[-1] - 1
-    if (frames is not None and f != frames) or (patches is not None and p != patches):
-        raise ValueError(f"attentions: frames={f}, patches={p}; expected frames={frames}, patches={patches}")
-    return space, time
+    from attnlab.explain.spacetime import split_spacetime
+
+    if len(attentions) >= 2:
+        frames = attentions[0].shape[-1] if frames is None else frames
+        patches = attentions[1].shape[-1] - 1 if patches is None else patches
+    return split_spacetime(attentions, frames=frames or 1, patches=patches or 1, blocks=blocks)

@@ -4,14 +4,16 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.data.tokens import (BOS, PAD, UNK, TokenData, Vocab, bach_sequences, file_sequences,
-                                 planted_sequences, pydoc_sequences, train_test_split)
+from attnlab.data.tokens import (BOS, MAX_LINE_CHARS, PAD, UNK, TokenData, Vocab, bach_sequences, file_sequences,
+                                 planted_sequences, pydoc_sequences, read_token_lines, train_test_split)
+from attnlab.io import DataError
 from attnlab.models.causal import CausalTransformerLM, lm_loss, lm_metrics
 
 
@@ -116,6 +118,89 @@ def test_file_sequences_empty_file_names_the_path(tmp_path):
     path.write_text("\n  \n")
     with pytest.raises(ValueError, match=re.escape(str(path))):
         file_sequences(path)
+
+
+# --------------------------------------------------------------------------- user token files: clear errors
+def test_read_token_lines_reads_utf8_lines(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes("\ufeffa  b\r\n\n\t\nçé ü\nx\n".encode())        # BOM, CRLF, blank lines, no final newline
+    assert read_token_lines(path) == [["a", "b"], ["çé", "ü"], ["x"]]
+    path.write_bytes(("𝄞" * 10 + "\r\n").encode() + b"a")                 # exactly max_chars 4-byte characters
+    assert read_token_lines(path, max_chars=10) == [["𝄞" * 10], ["a"]]
+    assert MAX_LINE_CHARS == 100_000
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a b\nc \xff d\n", "line 2: not UTF-8 (byte 0xff at byte 3 of the line); save the file as UTF-8 text"),
+    (b"a\n" + "é".encode("latin-1") + b"\n", "line 2: not UTF-8 (byte 0xe9 at byte 1 of the line); save the "
+                                                "file as UTF-8 text"),
+    (b"a\n\n" + "é".encode() * 11 + b"\n", "line 3: longer than 10 characters (one sequence per line, tokens "
+                                            "separated by whitespace); is this a token file?"),
+    (b"a\n" + b"x" * 5000, "line 2: longer than 10 characters (one sequence per line, tokens separated by "
+                           "whitespace); is this a token file?"),        # read no further than 42 bytes
+    (b"", ": no sequences (the file is empty or holds only blank lines); expected one sequence per line, "
+          "tokens separated by whitespace"),
+    (b"\n \t\n\r\n", ": no sequences (the file is empty or holds only blank lines); expected one sequence "
+                     "per line, tokens separated by whitespace"),
+], ids=["bad-byte", "latin-1", "long-line", "long-unterminated", "empty", "blank"])
+def test_read_token_lines_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "t.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        read_token_lines(path, what="--tokens", max_chars=10)
+    sep = "" if message.startswith(":") else ", "
+    assert str(err.value) == f"--tokens: {path}{sep}{message}"
+
+
+def test_read_token_lines_missing_or_not_a_file(tmp_path):
+    with pytest.raises(DataError) as err:
+        read_token_lines(tmp_path / "nope.txt")
+    assert str(err.value) == f"prepare.path: {tmp_path / 'nope.txt'}: no such file"
+    with pytest.raises(DataError) as err:
+        read_token_lines(tmp_path)
+    assert str(err.value) == f"prepare.path: {tmp_path}: is a directory, expected a text file (one sequence per line)"
+
+
+def test_file_with_only_unknown_tokens_is_refused(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("q r\ns\n")
+    with pytest.raises(DataError) as err:
+        file_sequences(path, vocab=[PAD, UNK, BOS, "a", "b"])
+    assert str(err.value) == (f"prepare.path: {path}: none of its 3 tokens is in the vocabulary (2 tokens, e.g. "
+                              "['a', 'b']): every one would be <unk>; is it the data the model was trained on?")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "no sequences (the file is empty or holds only blank lines); expected one sequence per line, tokens "
+          "separated by whitespace"),
+    (b"a b\n\nc \xfe\n", "line 3: not UTF-8 (byte 0xfe at byte 3 of the line); save the file as UTF-8 text"),
+    (b"a b\n" + b"c " * 50_001 + b"\n", "line 2: longer than 100,000 characters (one sequence per line, tokens "
+                                       "separated by whitespace); is this a token file?"),
+], ids=["missing", "empty", "non-utf8", "long-line"])
+def test_prepare_stage_on_a_bad_token_file_writes_nothing(tmp_path, monkeypatch, capsys, content, message):
+    """Through the stages' entry point in a project directory: exit status 2, one line on
+    stderr naming the params key, the file and the line, and no output (the stage's
+    temporary directory is removed; no MLflow store)."""
+    import yaml
+
+    from attnlab import pipeline
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["tokens"]["prepare"].update(source="file", path="tokens.txt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    if content is not None:
+        (tmp_path / "tokens.txt").write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.run("prepare", ["tokens"], progress=False)
+    assert exit_.value.code == 2
+    sep = ", " if message.startswith("line") else ": "
+    assert capsys.readouterr().err.splitlines() == [f"error: prepare.path: tokens.txt{sep}{message}"]
+    assert list((tmp_path / "data" / "tokens").iterdir()) == []               # no prepare/, no temporary dir
+    files = ["data", "params.yaml"] + (["tokens.txt"] if content is not None else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
 
 
 # --------------------------------------------------------------------------- pydoc

@@ -144,6 +144,21 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor or array, got {type(x).__name__}") from exc
 
 
+def _check_finite_pairs(attn: torch.Tensor, valid: torch.Tensor | None, causal: bool) -> None:
+    """NaN/Inf are allowed only on the pairs that are never read (a masked query or key,
+    or a key after the query when causal); raise ``ValueError`` counting the others."""
+    b, n = attn.shape[0], attn.shape[-1]
+    read = torch.ones(b, n, n, dtype=torch.bool) if valid is None else valid[:, :, None] & valid[:, None, :]
+    if causal:
+        read &= torch.ones(n, n, dtype=torch.bool).tril()
+    if attn.dim() == 4:
+        read = read[:, None]
+    bad = int((~torch.isfinite(attn) & read).sum())
+    if bad:
+        raise ValueError(f"attention: {bad} NaN or Inf value{'s' if bad > 1 else ''} on valid (query, key) pairs "
+                         f"(shape {list(attn.shape)}); expected finite weights there (masked pairs may hold anything)")
+
+
 class VocabAttention:
     """Token x token aggregation of attention, streamed batch by batch.
 
@@ -266,10 +281,11 @@ class VocabAttention:
 
         Raises:
             ValueError: shapes that do not fit together, token ids outside ``[0, V)``,
-                mask values other than 0/1, head count different from ``nhead``.
+                mask values other than 0/1, head count different from ``nhead``, NaN or
+                Inf attention on a valid pair.
             TypeError: non-integer tokens or non-float attention.
         """
-        tok_bn, attn, valid_bn = self._check(tokens, attention, mask)
+        tok_bn, attn, valid_bn = self._check(tokens, attention, mask, causal)
         b, n = tok_bn.shape
         if b == 0 or n == 0:
             self.n_sequences += b
@@ -308,7 +324,7 @@ class VocabAttention:
             square[:, -1, :] = 0
             square[:, :, -1] = 0
 
-    def _check(self, tokens: Any, attention: Any, mask: Any
+    def _check(self, tokens: Any, attention: Any, mask: Any, causal: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         tok = _as_tensor(tokens, "tokens")
         attn = _as_tensor(attention, "attention")
@@ -336,6 +352,8 @@ class VocabAttention:
                     raise ValueError(f"mask: expected bool or 0/1 (True/1 = valid token), found {bad[0].item()}")
                 m = m != 0
             valid = m
+        if attn.numel() and not bool(torch.isfinite(attn).all()):
+            _check_finite_pairs(attn, valid, causal)
         tok = tok.to(torch.int64)
         if tok.numel():
             checked = tok if valid is None else torch.where(valid, tok, 0)

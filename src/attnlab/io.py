@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -10,6 +11,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+
+class DataError(ValueError):
+    """A file the pipeline reads is missing, damaged or not what was expected (a
+    truncated checkpoint or attention store...); the message names the file. A stage
+    reports it as one line on stderr and exits with status 2, writing nothing."""
+
+
+def _remove_orphans(path: Path) -> None:
+    """Remove the temporary directories of ``path`` left by writers that were killed
+    (SIGKILL, power loss: no ``except`` ran). They are named ``.<name>.<pid>.<random>``;
+    one whose process is still running is another writer's and is kept."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.*"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or not tmp.is_dir() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:                     # e.g. EPERM: the process exists (another user's)
+            pass
 
 
 @contextlib.contextmanager
@@ -21,7 +44,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _remove_orphans(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)                    # mkdtemp makes it private (0700)

@@ -51,6 +51,13 @@ class Layout:
             return Path(self.writing[1])
         return self.root / stage
 
+    def resume(self, stage: str) -> Path:
+        """The checkpoint ``stage`` resumes from after a kill: beside the stage directories
+        (not a DVC output, so the next run finds it), removed when the stage succeeds."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.root / ".resume" / f"{stage}.pt"
+
     def vocab(self, view: str, *, kind: str = "matrices") -> Path:
         """The aggregate stage's files of one aggregation ``view`` (e.g. ``layer0``):
         ``matrices`` (head mean, ``.npz``), ``head_matrices``, ``pairs`` (long table),

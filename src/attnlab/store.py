@@ -13,6 +13,7 @@ Memory stays bounded by one batch whatever the dataset size.
 """
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from attnlab.capture import AttentionRecorder
+from attnlab.io import DataError
 
 
 def entry_key(call: int, name: str) -> str:
@@ -104,10 +106,19 @@ def extract_attention(model: nn.Module, batches: Iterable[Any], path: str | os.P
             f.attrs["num_samples"] = n_total
         os.replace(tmp, path)
         return n_total
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and _disk_full(err):
+            raise OSError(errno.ENOSPC, f"No space left on device while writing the attention file {path} "
+                          "(its temporary file was removed)", str(path)) from err
         raise
+
+
+def _disk_full(err: OSError) -> bool:
+    """A full disk: ``errno`` is ENOSPC, or HDF5's message says so (h5py's OSError
+    carries no errno; HDF5 reports ``errno = 28`` in the text)."""
+    return err.errno == errno.ENOSPC or "No space left on device" in str(err) or "errno = 28," in str(err)
 
 
 def _create_datasets(f: h5py.File, rec: AttentionRecorder, n: int) -> list[str]:
@@ -145,8 +156,9 @@ def _append(f: h5py.File, keys: list[str], rec: AttentionRecorder, n: int, start
 class _Entry:
     """Sliceable view of one stored entry: ``entry[i0:i1]`` -> float32 tensor."""
 
-    def __init__(self, ds: h5py.Dataset):
+    def __init__(self, ds: h5py.Dataset, path: Path):
         self._ds = ds
+        self._path = path
         self.shape = tuple(ds.shape)
         self.name = str(ds.attrs["module"])
 
@@ -154,7 +166,17 @@ class _Entry:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._ds[index], dtype=np.float32))
+        try:
+            values = self._ds[index]
+        except OSError as err:                 # a damaged chunk: HDF5 cannot read or decompress it
+            raise DataError(f"{self._path}: entry {self._ds.name.lstrip('/')!r}, samples {index}: cannot be read "
+                            f"(the attention file is damaged; re-run the extract stage): {_first_line(err)}") from None
+        return torch.from_numpy(np.asarray(values, dtype=np.float32))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class AttentionReader:
@@ -170,15 +192,29 @@ class AttentionReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = h5py.File(self.path, "r")
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such attention file (run the extract stage first)")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:                 # truncated, overwritten, or not HDF5 at all
+            raise DataError(f"{self.path}: not a readable attention file (truncated or damaged; re-run the "
+                            f"extract stage): {_first_line(err)}") from None
         try:
             self.names: list[str] = [str(n) for n in self._file.attrs["names"]]
             self.num_samples = int(self._file.attrs["num_samples"])
-        except KeyError as err:
+            self.keys: list[str] = sorted(self._file.keys(), key=lambda k: int(self._file[k].attrs["call"]))
+            shapes = {k: self._file[k].shape for k in self.keys}
+        except (KeyError, OSError) as err:
             self._file.close()
-            raise ValueError(f"{self.path} is not an attention file written by "
-                             f"extract_attention (missing attribute {err})") from None
-        self.keys: list[str] = sorted(self._file.keys(), key=lambda k: int(self._file[k].attrs["call"]))
+            raise DataError(f"{self.path} is not an attention file written by extract_attention "
+                            f"(missing or unreadable {err})") from None
+        short = {k: n for k, n in shapes.items() if n[0] != self.num_samples}
+        if short or len(self.names) != len(self.keys):
+            self._file.close()
+            what = (f"entry {next(iter(short))!r} holds {next(iter(short.values()))[0]} samples"
+                    if short else f"{len(self.keys)} entries for {len(self.names)} names")
+            raise DataError(f"{self.path}: {what}, the file says {self.num_samples} samples and "
+                            f"{len(self.names)} entries (an incomplete write; re-run the extract stage)")
 
     def __enter__(self) -> "AttentionReader":
         return self
@@ -196,7 +232,7 @@ class AttentionReader:
         key = self.keys[k] if isinstance(k, int) else k
         if key not in self.keys:
             raise KeyError(f"no entry {key!r}; entries: {self.keys}")
-        return _Entry(self._file[key])
+        return _Entry(self._file[key], self.path)
 
     def sample(self, i: int) -> list[torch.Tensor]:
         if not -self.num_samples <= i < self.num_samples:

@@ -1,7 +1,20 @@
-"""A small, seeded, deterministic training loop for classifiers."""
+"""A small, seeded, deterministic training loop for classifiers.
+
+Interrupted training resumes: inside :func:`resumable` the loops write a checkpoint of
+the model, optimizer, schedule, epoch, history and random-number states after every
+epoch (atomically: a temporary file renamed), and a later run inside ``resumable`` with
+the same key (a fingerprint of the params and data) continues after its last complete
+epoch and reaches the same weights, bit for bit, as an uninterrupted run (CPU).
+"""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -17,6 +30,68 @@ Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 def _plain(model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
     return model(xb)
+
+
+# --------------------------------------------------------------------------- resuming
+_RESUME: contextvars.ContextVar[tuple[Path, str] | None] = contextvars.ContextVar("attnlab_resume", default=None)
+
+
+@contextlib.contextmanager
+def resumable(path: str | Path, key: str) -> Iterator[None]:
+    """Inside the block, :func:`fit_classifier` and :func:`fit_lm` checkpoint every epoch
+    to ``path`` and resume from it when it was written with the same ``key``; a file with
+    another key (changed params or data) or an unreadable one is ignored and overwritten.
+    The file is removed when the block completes without error (with the temporary
+    files of writes a kill interrupted, and its directory once empty)."""
+    path = Path(path)
+    token = _RESUME.set((path, key))
+    try:
+        yield
+        path.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()                # only if empty
+    finally:
+        _RESUME.reset(token)
+
+
+class _Loop:
+    """The state one training loop checkpoints each epoch (when :func:`resumable` is active)."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator):
+        self.parts = {"model": model, "optimizer": opt, "scheduler": sched}
+        self.gen = gen
+        self.point = _RESUME.get()
+
+    def restore(self) -> tuple[int, list[dict[str, Any]]]:
+        """``(last complete epoch, history rows)``: ``(0, [])`` when there is nothing to resume."""
+        if self.point is None or not self.point[0].is_file():
+            return 0, []
+        path, key = self.point
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:                      # a damaged resume file is only a cache: start over
+            return 0, []
+        if not isinstance(ckpt, dict) or ckpt.get("key") != key:
+            return 0, []
+        for name, part in self.parts.items():
+            part.load_state_dict(ckpt[name])
+        self.gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        print(f"train: resuming after epoch {ckpt['epoch']} from {path}", file=sys.stderr)
+        return int(ckpt["epoch"]), list(ckpt["rows"])
+
+    def save(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        if self.point is None:
+            return
+        path, key = self.point
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"key": key, "epoch": epoch, "rows": rows, "generator": self.gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    **{name: part.state_dict() for name, part in self.parts.items()}}, tmp)
+        os.replace(tmp, path)                  # a kill mid-write leaves the previous epoch's file
 
 
 @torch.no_grad()
@@ -66,8 +141,9 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_train) // cfg.batch_size))
-    rows = []
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress):
+    loop = _Loop(model, opt, sched, gen)
+    done, rows = loop.restore()
+    for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not progress):
         model.train()
         losses, correct = [], 0
         for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
@@ -83,6 +159,7 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
         rows.append({"epoch": epoch, "train_loss": float(np.sum(losses) / len(x_train)),
                      "train_accuracy": correct / len(x_train),
                      **{f"test_{k}": v for k, v in test.items()}})
+        loop.save(epoch, rows)
     return pd.DataFrame(rows)
 
 
@@ -127,8 +204,9 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
     (x_tr, m_tr), (x_te, m_te) = train, test
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_tr) // cfg.batch_size))
-    rows = []
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress):
+    loop = _Loop(model, opt, sched, gen)
+    done, rows = loop.restore()
+    for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not progress):
         model.train()
         seen = {"loss": 0.0, "accuracy": 0.0, "n": 0}
         for idx in torch.randperm(len(x_tr), generator=gen).split(cfg.batch_size):
@@ -147,4 +225,5 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
         if test_target_mask is not None:
             row["test_target_accuracy"] = lm_evaluate(model, x_te, m_te, target_mask=test_target_mask)["accuracy"]
         rows.append(row)
+        loop.save(epoch, rows)
     return pd.DataFrame(rows)

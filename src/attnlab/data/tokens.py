@@ -19,6 +19,7 @@ random state: randomness comes from ``numpy.random.default_rng(seed)``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -31,14 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.io import DataError
+
 __all__ = ["PAD", "UNK", "BOS", "Vocab", "TokenData", "planted_sequences", "bach_sequences",
-           "pydoc_sequences", "file_sequences", "train_test_split"]
+           "pydoc_sequences", "file_sequences", "read_token_lines", "MAX_LINE_CHARS", "train_test_split"]
 
 PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
 SPECIALS = (PAD, UNK, BOS)
 REST = "rest"
 _VOICES = ("soprano", "alto", "tenor", "bass")
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+#: Longest line (in characters, newline excluded) :func:`read_token_lines` accepts: a
+#: sequence is one line, and a longer one is almost always not a token file (a binary
+#: file, a JSON dump, a text without line breaks).
+MAX_LINE_CHARS = 100_000
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -408,26 +415,91 @@ def pydoc_sequences(*, top_k: int = 500, max_len: int = 64, add_bos: bool = Fals
 
 
 # --------------------------------------------------------------------------- file
+def read_token_lines(path: str | os.PathLike, *, what: str = "prepare.path",
+                     max_chars: int = MAX_LINE_CHARS) -> list[list[str]]:
+    """The sequences of a user's token file: one per line, tokens separated by whitespace.
+
+    The file must be UTF-8 (a leading byte-order mark is dropped); blank lines are
+    skipped; a line may hold at most ``max_chars`` characters (newline excluded). Lines
+    are read one at a time, never more than ``4·max_chars`` bytes at once, so a huge file
+    without line breaks is refused without being loaded.
+
+    Args:
+        path: the text file.
+        what: how the caller names the file (a params key, a command-line option); it
+            starts every error message.
+        max_chars: the longest line accepted.
+
+    Returns:
+        One list of token strings per non-blank line, in file order.
+
+    Raises:
+        attnlab.io.DataError: (a ``ValueError``) one line naming ``what``, the file and,
+            where it applies, the line number: a missing, unreadable or empty file (or one
+            of blank lines only), bytes that are not UTF-8, a line over ``max_chars``.
+    """
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"max_chars={max_chars!r}: expected a positive int")
+    where = f"{what}: {os.fspath(path)}"
+    limit = 4 * max_chars + 2          # bytes: max_chars UTF-8 characters (at most 4 bytes each) + "\r\n"
+    too_long = (lambda number: DataError(f"{where}, line {number}: longer than {max_chars:,} characters (one "
+                                         "sequence per line, tokens separated by whitespace); is this a token file?"))
+    docs: list[list[str]] = []
+    try:
+        with open(path, "rb") as f:
+            for number in itertools.count(1):
+                raw = f.readline(limit)
+                if not raw:
+                    break
+                if len(raw) == limit and not raw.endswith(b"\n"):
+                    raise too_long(number)      # the line goes on: more than max_chars characters
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{where}, line {number}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte "
+                                    f"{err.start + 1} of the line); save the file as UTF-8 text") from None
+                if number == 1:
+                    text = text.removeprefix("\ufeff")
+                if len(text.rstrip("\r\n")) > max_chars:
+                    raise too_long(number)
+                tokens = text.split()
+                if tokens:
+                    docs.append(tokens)
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{where}: is a directory, expected a text file (one sequence per line)") from None
+    except OSError as err:
+        raise DataError(f"{where}: cannot read it ({err.strerror or err})") from None
+    if not docs:
+        raise DataError(f"{where}: no sequences (the file is empty or holds only blank lines); expected one "
+                        "sequence per line, tokens separated by whitespace")
+    return docs
+
+
 def file_sequences(path: str | os.PathLike, *, max_len: int = 64, vocab: Vocab | Sequence[str] | None = None,
-                   min_count: int = 1, top_k: int | None = None, add_bos: bool = False) -> TokenData:
+                   min_count: int = 1, top_k: int | None = None, add_bos: bool = False,
+                   what: str = "prepare.path") -> TokenData:
     """The user's sequences: one per line, tokens separated by whitespace.
 
-    Blank lines are skipped; a line longer than the row length is cut into chunks
-    (rows of the same ``group``). The vocabulary is built from the file (``min_count``,
-    ``top_k`` as in :meth:`Vocab.build`) unless ``vocab`` (a :class:`Vocab` or an
-    ``itos`` list such as a training set's ``TokenData.vocab``) is given; tokens outside
-    it map to ``<unk>``.
+    The file is read and checked by :func:`read_token_lines` (errors start with
+    ``what``). Blank lines are skipped; a line longer than the row length is cut into
+    chunks (rows of the same ``group``). The vocabulary is built from the file
+    (``min_count``, ``top_k`` as in :meth:`Vocab.build`) unless ``vocab`` (a
+    :class:`Vocab` or an ``itos`` list such as a training set's ``TokenData.vocab``) is
+    given; tokens outside it map to ``<unk>``.
     """
     _check_max_len(max_len, add_bos)
     if vocab is not None and (min_count != 1 or top_k is not None):
         raise ValueError("file_sequences: give either vocab or min_count/top_k, not both")
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        docs = [line.split() for line in f if line.strip()]
-    if not docs:
-        raise ValueError(f"file_sequences: {path} has no tokens (empty or only blank lines)")
+    docs = read_token_lines(path, what=what)
     if vocab is None:
         vocab = Vocab.build(docs, min_count=min_count, top_k=top_k)
-    elif not isinstance(vocab, Vocab):
-        vocab = Vocab(vocab)
+    else:
+        vocab = vocab if isinstance(vocab, Vocab) else Vocab(vocab)
+        if not any(tok in vocab.stoi for doc in docs for tok in doc):
+            raise DataError(f"{what}: {path}: none of its {sum(map(len, docs)):,} tokens is in the vocabulary "
+                            f"({len(vocab) - len(SPECIALS):,} tokens, e.g. {vocab.itos[len(SPECIALS):][:3]}): "
+                            "every one would be <unk>; is it the data the model was trained on?")
     return _pack(docs, vocab, max_len, add_bos, meta={"source": "file", "path": str(path)})

@@ -11,7 +11,8 @@ from scipy.sparse.csgraph import maximum_flow
 from torch import Tensor
 from tqdm import tqdm
 
-from .rollout import HeadFusion, check_head_fusion, check_layers, compute_dtype, prepared_layer
+from .rollout import (HeadFusion, check_flag, check_head_fusion, check_layers, check_values, compute_dtype,
+                      prepared_layer)
 
 __all__ = ["attention_flow", "FLOW_SCALE", "DEFAULT_MAX_PAIRS"]
 
@@ -82,6 +83,8 @@ def attention_flow(
     """
     layers, batch, n_tok = check_layers(attentions)
     check_head_fusion(head_fusion)
+    check_flag(residual, "residual")
+    check_values(layers)
     if max_pairs is not None and (
         isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0
     ):

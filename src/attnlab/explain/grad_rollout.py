@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .rollout import check_layers, compute_dtype
+from .rollout import check_layers, check_values, compute_dtype
 
 __all__ = ["grad_rollout"]
 
@@ -46,6 +46,8 @@ def grad_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> T
                 f"gradients[{idx}] has shape {tuple(grad.shape)} but attentions[{idx}] "
                 f"has {tuple(attn.shape)}: they must match"
             )
+    check_values(layers, "attentions")
+    check_values(grads, "gradients", probabilities=False)
     dtype = compute_dtype(layers + grads)
 
     relevance: Tensor | None = None

@@ -39,6 +39,12 @@ def readout(
     if not isinstance(joint, Tensor) or joint.ndim != 3 or joint.shape[1] != joint.shape[2]:
         shape = tuple(joint.shape) if isinstance(joint, Tensor) else type(joint).__name__
         raise ValueError(f"joint must be a tensor [B, N, N]; got {shape}")
+    if not joint.is_floating_point():
+        raise ValueError(f"joint must be floating point; got dtype {joint.dtype}")
+    if joint.numel() and not bool(torch.isfinite(joint).all()):
+        bad = int((~torch.isfinite(joint)).sum())
+        raise ValueError(f"joint holds {bad} NaN or Inf value{'s' if bad > 1 else ''} (shape {tuple(joint.shape)}); "
+                         "expected finite values")
     batch, n_tok, _ = joint.shape
     if (mask is not None or padding_mask is not None) and how != "mean":
         raise ValueError(f'mask / padding_mask are only used with how="mean"; got how={how!r}')

@@ -16,7 +16,7 @@ from torch import Tensor
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
-__all__ = ["rollout", "fuse_heads", "HeadFusion", "HEAD_FUSIONS"]
+__all__ = ["rollout", "fuse_heads", "check_values", "HeadFusion", "HEAD_FUSIONS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -75,7 +75,42 @@ def check_layers(attentions: object, name: str = "attentions") -> tuple[list[Ten
             )
     if n_tok == 0:
         raise ValueError(f"{name} have N=0 tokens")
+    for idx, attn in enumerate(layers):
+        if not attn.is_floating_point():
+            raise ValueError(f"{name}[{idx}] must be floating point; got dtype {attn.dtype}")
     return layers, batch, n_tok
+
+
+def check_flag(value: object, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is a bool (a string like ``"no"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+
+
+def check_values(layers: Sequence[Tensor], name: str = "attentions", *, probabilities: bool = True,
+                 real: Tensor | None = None) -> None:
+    """Raise ``ValueError`` naming the first tensor of ``layers`` that holds NaN or Inf
+    or, with ``probabilities``, a negative entry (attention weights are softmax outputs).
+
+    With ``real`` ``[B, N]`` (False = padded) only the entries between real tokens are
+    checked (the others are zeroed, never read): each tensor is ``[B, ..., N, N]``.
+    """
+    for idx, attn in enumerate(layers):
+        if attn.numel() == 0:
+            continue
+        if real is not None:
+            pair = real[:, :, None] & real[:, None, :]                     # [B, N, N]
+            attn = attn.masked_fill(~pair.view(pair.shape[0], *[1] * (attn.ndim - 3), *pair.shape[1:]), 0)
+        finite = torch.isfinite(attn)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(f"{name}[{idx}] holds {bad} NaN or Inf value{'s' if bad > 1 else ''} "
+                             f"(shape {tuple(attn.shape)}); expected finite values")
+        if probabilities:
+            low = float(attn.min())
+            if low < 0:
+                raise ValueError(f"{name}[{idx}] has negative entries (min {low:.4g}); expected "
+                                 "attention probabilities >= 0 (softmax outputs)")
 
 
 def real_tokens(mask: object, padding_mask: object, batch: int, n_tok: int) -> Tensor | None:
@@ -197,7 +232,7 @@ def unnormalised_layer(
     renormalised layer (the head *sum* stands for the mean, see :func:`_fuse_scaled`)."""
     a, unit = fused_layer(attn, head_fusion, dtype, fused_ndim)
     if real is not None:
-        a.mul_(real[:, :, None] & real[:, None, :])
+        a.masked_fill_(~(real[:, :, None] & real[:, None, :]), 0.0)   # NaN there too (never read)
     if discard_ratio > 0.0:
         discard_(a, discard_ratio, real)
     if residual:
@@ -276,9 +311,11 @@ def rollout(
         0.0 <= discard_ratio < 1.0
     ):
         raise ValueError(f"discard_ratio must be a number in [0, 1); got {discard_ratio!r}")
+    check_flag(residual, "residual")
     real = real_tokens(mask, padding_mask, batch, n_tok)
     if real is not None:
         real = real.to(layers[0].device)
+    check_values(layers, real=real)
     dtype = compute_dtype(layers)
 
     ratio = float(discard_ratio)

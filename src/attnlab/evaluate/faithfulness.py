@@ -10,7 +10,11 @@ Items are whatever an explanation scores: timesteps, frames, tokens, streams alo
 dim 1 of ``x [B, T, ...]``, or frames×patches of a video. The input is perturbed
 through a *masker* ``masker(x [B, ...], keep [B, n_items] bool) -> x'`` that replaces
 the items where ``keep`` is False by a baseline; :func:`sequence_masker` and
-:func:`patch_masker` build the two common ones.
+:func:`patch_masker` build the two common ones. A constant baseline makes inputs the
+model never saw, and part of the probability drop measures that; :func:`road_masker`
+(ROAD, Rong et al., 2022, "A consistent and efficient evaluation strategy for
+attribution methods") imputes removed items from their kept neighbours plus noise
+instead, and :func:`road_like` builds it for the items of a constant masker.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ def sequence_masker(baseline: float | torch.Tensor | str = 0.0, *,
         keep = keep_bn.view(*keep_bn.shape, *([1] * (x.dim() - 2)))
         return _where_keep(keep, x, fill)
 
+    masker.layout = ("sequence",)              # read by road_like
     return masker
 
 
@@ -95,6 +100,7 @@ def patch_masker(frames: int, patch: int, size: int,
                 .reshape(b, frames, 1, size, size))        # broadcast over channels
         return _where_keep(keep, x, fill)
 
+    masker.layout = ("patches", frames, patch, size)   # read by road_like
     return masker
 
 
@@ -118,6 +124,108 @@ def stream_masker(channels: Sequence[int], baseline: float | torch.Tensor = 0.0)
         return _where_keep(keep, x, baseline.detach() if isinstance(baseline, torch.Tensor) else baseline)
 
     return masker
+
+
+def _interpolate(x_mtd: torch.Tensor, keep_mt: torch.Tensor, fill: float) -> torch.Tensor:
+    """Removed items of ``x [M, T, D]`` (``keep [M, T]`` False) replaced by the linear
+    interpolation between the nearest kept items before and after along ``T``; the
+    nearest kept item where only one side has one; ``fill`` where none is kept."""
+    m, t_len, _ = x_mtd.shape
+    t = torch.arange(t_len, device=x_mtd.device).expand(m, t_len)
+    left = torch.where(keep_mt, t, -1).cummax(dim=1).values                           # last kept <= t
+    right = torch.where(keep_mt, t, t_len).flip(1).cummin(dim=1).values.flip(1)       # first kept >= t
+    has_l, has_r = left >= 0, right < t_len
+    l, r = left.clamp(0, t_len - 1), right.clamp(0, t_len - 1)
+    x_l = x_mtd.gather(1, l[..., None].expand_as(x_mtd))
+    x_r = x_mtd.gather(1, r[..., None].expand_as(x_mtd))
+    w = ((t - l).to(x_mtd.dtype) / (r - l).clamp_min(1).to(x_mtd.dtype))[..., None]   # in [0, 1]
+    both, only_l, only_r = (has_l & has_r)[..., None], has_l[..., None], has_r[..., None]
+    fill_t = torch.tensor(fill, dtype=x_mtd.dtype, device=x_mtd.device)
+    return torch.where(both, x_l + w * (x_r - x_l), torch.where(only_l, x_l, torch.where(only_r, x_r, fill_t)))
+
+
+def road_masker(noise: float = 0.1, seed: int = 0, *, patches: tuple[int, int, int] | None = None,
+                reference: torch.Tensor | None = None, fill: float = 0.0) -> Masker:
+    """ROAD masker (Rong et al., 2022): a removed item is imputed by linear interpolation
+    between the nearest kept items before and after it along the item axis, plus
+    Gaussian noise; kept items are unchanged.
+
+    Items are along dim 1 of a floating ``x [B, T, ...]`` (timesteps, frames, their
+    embeddings), or, with ``patches=(frames, patch, size)``, the patches of a video
+    ``x [B, F, C, S, S]`` in :func:`patch_masker`'s order. A video patch is interpolated
+    **along frames at its own grid position**: a fixed position is what changes
+    smoothly from frame to frame, whereas neighbours in the flattened patch order
+    jump from one row's end to the next row's start and from a frame's last patch to
+    the next frame's first, so interpolating along that order would mix unrelated
+    image regions. Removed items with kept neighbours on one side only copy that
+    neighbour; a sample with nothing kept gets ``fill`` (plus noise).
+
+    Args:
+        noise: standard deviation of the added noise: absolute, or, with ``reference``,
+            as a fraction of ``reference.std()`` (e.g. the test inputs), so one value
+            suits inputs of any scale.
+        seed: seeds the noise generator, created once per masker: the same sequence of
+            calls gives the same inputs.
+        fill: the value where a sample keeps no item at all.
+    """
+    if noise < 0:
+        raise ValueError(f"road_masker: noise={noise}; expected a standard deviation >= 0")
+    std = noise * float(reference.detach().double().std()) if reference is not None else float(noise)
+    gen = torch.Generator().manual_seed(seed)
+    if patches is not None:
+        frames, patch, size = patches
+        if patch <= 0 or size % patch:
+            raise ValueError(f"road_masker: size={size} is not a positive multiple of patch={patch}")
+        grid = size // patch
+
+    def masker(x: torch.Tensor, keep_bn: torch.Tensor) -> torch.Tensor:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"road_masker: x has dtype {x.dtype}; interpolation needs floating inputs "
+                            "(token ids cannot be interpolated: use sequence_masker)")
+        b = x.shape[0]
+        if patches is None:
+            if keep_bn.shape != x.shape[:2]:
+                raise ValueError(f"road_masker: keep has shape {tuple(keep_bn.shape)}, "
+                                 f"expected x.shape[:2] = {tuple(x.shape[:2])}")
+            out = _interpolate(x.reshape(b, x.shape[1], -1), keep_bn, fill).view_as(x)
+            removed = (~keep_bn).view(*keep_bn.shape, *([1] * (x.dim() - 2)))
+        else:
+            if x.dim() != 5 or x.shape[1] != frames or x.shape[-2:] != (size, size):
+                raise ValueError(f"road_masker: x has shape {tuple(x.shape)}, "
+                                 f"expected [B, {frames}, C, {size}, {size}]")
+            if keep_bn.shape != (b, frames * grid * grid):
+                raise ValueError(f"road_masker: keep has shape {tuple(keep_bn.shape)}, "
+                                 f"expected [{b}, {frames * grid * grid}]")
+            c = x.shape[2]
+            # [B, F, C, g, p, g, p] -> one sequence over frames per (sample, grid row, grid column)
+            seq = x.reshape(b, frames, c, grid, patch, grid, patch).permute(0, 3, 5, 1, 2, 4, 6)
+            keep_seq = keep_bn.view(b, frames, grid, grid).permute(0, 2, 3, 1).reshape(-1, frames)
+            imputed = _interpolate(seq.reshape(b * grid * grid, frames, -1), keep_seq, fill)
+            out = (imputed.view(b, grid, grid, frames, c, patch, patch).permute(0, 3, 4, 1, 5, 2, 6)
+                   .reshape(x.shape))
+            removed = ~(keep_bn.view(b, frames, grid, 1, grid, 1)
+                        .expand(b, frames, grid, patch, grid, patch).reshape(b, frames, 1, size, size))
+        if std > 0:
+            eps = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+            out = out + std * eps * removed
+        return torch.where(removed, out, x)
+
+    masker.layout = ("road",)
+    return masker
+
+
+def road_like(masker: Masker, *, noise: float = 0.1, seed: int = 0,
+              reference: torch.Tensor | None = None) -> Masker | None:
+    """The :func:`road_masker` over the same items as ``masker`` (one built by
+    :func:`sequence_masker` or :func:`patch_masker`), or None when its items have no
+    order to interpolate along (:func:`stream_masker`'s streams, a user's own masker).
+    Other arguments as in :func:`road_masker`."""
+    layout = getattr(masker, "layout", None)
+    if layout == ("sequence",):
+        return road_masker(noise, seed, reference=reference)
+    if layout is not None and layout[0] == "patches":
+        return road_masker(noise, seed, patches=tuple(layout[1:]), reference=reference)
+    return None
 
 
 @dataclass(frozen=True)

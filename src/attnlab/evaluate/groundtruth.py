@@ -71,6 +71,18 @@ def evidence_auroc(importance: torch.Tensor, evidence: torch.Tensor, *,
     return AurocResult(per_sample=auc, mean=mean)
 
 
+def pointing_hits(importance: torch.Tensor, evidence: torch.Tensor, *,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample hit of the top-scored item on the evidence, ``[B]`` float64: 1 or 0,
+    the share of evidence among tied top items, NaN for samples without (valid)
+    evidence. :func:`pointing_game` is its mean; args as in :func:`evidence_auroc`."""
+    score, pos, valid = _check(importance, evidence, valid, "pointing_game")
+    score = score.masked_fill(~valid, -math.inf)
+    top = (score == score.max(dim=1, keepdim=True).values) & valid   # [B, n]
+    hit = (top & pos).sum(dim=1).double() / top.sum(dim=1).clamp_min(1).double()
+    return torch.where(pos.any(dim=1), hit, torch.full_like(hit, math.nan))
+
+
 def pointing_game(importance: torch.Tensor, evidence: torch.Tensor, *,
                   valid: torch.Tensor | None = None) -> float:
     """Hit rate of the top-scored item on the evidence.
@@ -82,9 +94,6 @@ def pointing_game(importance: torch.Tensor, evidence: torch.Tensor, *,
 
     Args as in :func:`evidence_auroc`.
     """
-    score, pos, valid = _check(importance, evidence, valid, "pointing_game")
-    score = score.masked_fill(~valid, -math.inf)
-    top = (score == score.max(dim=1, keepdim=True).values) & valid   # [B, n]
-    hit = (top & pos).sum(dim=1).double() / top.sum(dim=1).clamp_min(1).double()
-    counted = pos.any(dim=1)
+    hit = pointing_hits(importance, evidence, valid=valid)
+    counted = ~torch.isnan(hit)
     return hit[counted].mean().item() if counted.any() else math.nan

@@ -80,23 +80,41 @@ def ablation_module(model: torch.nn.Module, name: str) -> str | None:
 
 def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Tensor], masker: Any, *,
                         target: torch.Tensor, steps: int | None, batch_size: int,
-                        forward_kwargs: dict[str, Any] | None = None,
-                        ) -> tuple[dict[str, dict[str, float]], dict[str, pd.DataFrame]]:
+                        forward_kwargs: dict[str, Any] | None = None, resamples: int | None = None,
+                        seed: int = 0, alpha: float = 0.05, modes: Sequence[str] = ("deletion", "insertion"),
+                        ) -> tuple[dict[str, dict[str, Any]], dict[str, pd.DataFrame]]:
     """Deletion and insertion curves of every method's importance:
     ``({"deletion_auc": {method: mean AUC}, "insertion_auc": {...}},
-    {"deletion": mean curve per method (a column each, beside "fraction"), "insertion": ...})``."""
-    from attnlab.evaluate import deletion_curve, insertion_curve
+    {"deletion": mean curve per method (a column each, beside "fraction"), "insertion": ...})``.
 
-    aucs: dict[str, dict[str, float]] = {"deletion_auc": {}, "insertion_auc": {}}
+    With ``resamples`` (and a ``"random"`` method among ``importance``), the first dict
+    also holds, for each mode, ``"<mode>_auc_ci"``: ``{method: {"lo", "hi"}}``, the 95%
+    bootstrap interval of the mean AUC over samples, and ``"<mode>_auc_vs_random"``:
+    ``{method: {"p", "better", "n"}}``, the one-sided paired Wilcoxon test that the
+    method beats random at level ``alpha`` (see :mod:`attnlab.evaluate.uncertainty`).
+    ``modes``: the curves to compute (a subset of deletion and insertion)."""
+    from attnlab.evaluate import deletion_curve, insertion_curve
+    from attnlab.evaluate.uncertainty import uncertainty
+
+    unknown = set(modes) - {"deletion", "insertion"}
+    if unknown or not modes:
+        raise ValueError(f"perturbation_curves: modes={list(modes)!r}; expected 'deletion' and/or 'insertion'")
+    aucs: dict[str, dict[str, Any]] = {f"{mode}_auc": {} for mode in modes}
     curves: dict[str, pd.DataFrame] = {}
     with torch.no_grad():
         for mode, curve_fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
-            columns = {}
+            if mode not in modes:
+                continue
+            columns, per_sample = {}, {}
             for method, imp in importance.items():
                 curve = curve_fn(fn, x, imp, masker, target=target, steps=steps, batch_size=batch_size,
                                  forward_kwargs=forward_kwargs)
                 aucs[f"{mode}_auc"][method] = float(curve.auc.mean())
+                per_sample[method] = curve.auc.cpu().numpy()
                 columns["fraction"] = curve.fractions.numpy()
                 columns[method] = curve.probs.mean(0).numpy()
             curves[mode] = pd.DataFrame(columns)
+            if resamples is not None:
+                aucs[f"{mode}_auc_ci"], aucs[f"{mode}_auc_vs_random"] = uncertainty(
+                    per_sample, higher_is_better=mode == "insertion", resamples=resamples, seed=seed, alpha=alpha)
     return aucs, curves

@@ -12,37 +12,11 @@ import torch
 
 from attnlab.cli import main
 from attnlab.store import AttentionReader
+from user_models import CLIP_MODEL
 
 BIN = Path(sys.executable).parent
 
-USER_MODEL = '''
-import torch
-from torch import nn
-
-
-class ClipClassifier(nn.Module):
-    """A CNN per frame, then nn.TransformerEncoder with batch_first=False, mean pooling."""
-
-    def __init__(self, n_classes=3, d=16):
-        super().__init__()
-        self.cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                                 nn.Flatten(), nn.Linear(16, d))
-        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, dropout=0.1)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-        self.head = nn.Linear(d, n_classes)
-
-    def embed(self, clips):                       # [B, T, 1, H, W] -> [B, T, d]
-        b, t = clips.shape[:2]
-        return self.cnn(clips.flatten(0, 1)).view(b, t, -1)
-
-    def forward(self, clips):
-        h = self.encoder(self.embed(clips).transpose(0, 1))     # [T, B, d]
-        return self.head(h.mean(0))
-
-
-def make_model():
-    return ClipClassifier()
-
+USER_MODEL = CLIP_MODEL + '''
 
 def not_a_model():
     return "a string"
@@ -159,7 +133,8 @@ def make_model():
 
 
 @pytest.mark.parametrize("case", ["no_file", "no_factory", "not_a_module", "mismatch", "no_attention",
-                                  "rejected", "labels"])
+                                  "rejected", "labels", "nan", "rank", "long_line", "not_utf8", "unknown_tokens",
+                                  "empty_tokens", "empty_array"])
 def test_each_error_names_the_problem_and_writes_nothing(user, tmp_path, capsys, case):
     d, _ = user
     out = tmp_path / "out"
@@ -167,6 +142,15 @@ def test_each_error_names_the_problem_and_writes_nothing(user, tmp_path, capsys,
     np.save(tmp_path / "seq.npy", np.zeros((4, 5, 2), dtype=np.float32))
     np.save(tmp_path / "three.npy", np.zeros(3, dtype=np.int64))
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    np.save(tmp_path / "nan.npy", np.full((4, 5, 2), np.nan, dtype=np.float32))
+    np.save(tmp_path / "flat.npy", np.zeros(4, dtype=np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5, 2), dtype=np.float32))
+    (tmp_path / "vocab.txt").write_text("<pad>\n<unk>\nthe\ncat\n")
+    (tmp_path / "long.txt").write_text("the cat\n" + "the " * 30_000 + "\n")
+    (tmp_path / "latin1.txt").write_bytes("the cat\nthe caf\xe9\n".encode("latin-1"))
+    (tmp_path / "unknown.txt").write_text("dog bird\nfish\n")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    tokens = lambda name: ["--model", model, "--tokens", str(tmp_path / name), "--vocab", str(tmp_path / "vocab.txt")]
     model, inputs = f"{d / 'my_model.py'}:make_model", ["--inputs", str(d / "clips.npy")]
     argv, expected = {
         "no_file": (["--model", f"{tmp_path / 'nowhere.py'}:make_model", *inputs],
@@ -178,12 +162,22 @@ def test_each_error_names_the_problem_and_writes_nothing(user, tmp_path, capsys,
         "mismatch": (["--model", model, "--weights", str(tmp_path / "other.pt"), *inputs],
                      "does not match the model: missing 'cnn.0.weight' (+"),
         "no_attention": (["--model", f"{tmp_path / 'fused.py'}:make_model", "--inputs", str(tmp_path / "seq.npy")],
-                         "Fused has no nn.MultiheadAttention or AttentionProbs module to record; modules that "
-                         "look like attention: attn (SelfAttention)"),
+                         "Fused has modules that look like attention but that no adapter records: "
+                         "'attn' (SelfAttention"),
         "rejected": (["--model", model, "--inputs", str(tmp_path / "seq.npy")],
                      "the model rejected inputs of shape [4, 5, 2] (the first two samples): "),
         "labels": (["--model", model, *inputs, "--labels", str(tmp_path / "three.npy")],
                    "3 labels for 10 inputs"),
+        "nan": (["--model", model, "--inputs", str(tmp_path / "nan.npy")], f"--inputs '{tmp_path / 'nan.npy'}': "
+                "holds NaN or Inf"),
+        "rank": (["--model", model, "--inputs", str(tmp_path / "flat.npy")],
+                 "shape [4]; expected [N, items, ...] (samples, then the items explained"),
+        "empty_array": (["--model", model, "--inputs", str(tmp_path / "empty.npy")], "empty array of shape (0, 5, 2)"),
+        "long_line": (tokens("long.txt"), f"--tokens: {tmp_path / 'long.txt'}, line 2: longer than 100,000 "
+                      "characters"),
+        "not_utf8": (tokens("latin1.txt"), f"--tokens: {tmp_path / 'latin1.txt'}, line 2: not UTF-8 (byte 0xe9"),
+        "unknown_tokens": (tokens("unknown.txt"), "none of its tokens is in the vocabulary (e.g. 'dog')"),
+        "empty_tokens": (tokens("blank.txt"), f"--tokens: {tmp_path / 'blank.txt'}: no sequences"),
     }[case]
     assert main(["explain", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from attnlab.config import ConfigError, flatten, load_params, parse_params
+from attnlab.config import EXPERIMENTS, ConfigError, flatten, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_project_params_are_valid():
     ({"experiments": ["motion", "walking"], "motion": {}},
      "experiments[1]: unknown experiment 'walking'; accepted: motion, tokens, frames, video"),
     ({"experiments": ["motion"], "motion": {"train": {"lrr": 0.1}}},
-     "motion.train: unknown key 'lrr'; accepted: epochs, batch_size, lr, weight_decay, schedule, warmup, seed"),
+     "motion.train: unknown key 'lrr' (did you mean 'lr'?); accepted: epochs, batch_size, lr, weight_decay, schedule, warmup, seed"),
     ({"experiments": ["motion"], "motion": {"train": {"epochs": "many"}}}, "motion.train.epochs:"),
     ({"experiments": ["motion"], "motion": {"train": {"lr": -1}}}, "motion.train.lr:"),
     ({"experiments": ["motion"], "motion": {"model": {"pooling": "max"}}}, "motion.model.pooling:"),
@@ -75,8 +75,8 @@ def test_stage_with_bad_params_fails_cleanly(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"error: {tmp_path / 'params.yaml'}: motion.prepare: unknown key 'normalise'; "
-                     "accepted: source, normalize"]
+    assert lines == [f"error: {tmp_path / 'params.yaml'}: motion.prepare: unknown key 'normalise' "
+                     "(did you mean 'normalize'?); accepted: source, normalize"]
     assert not (tmp_path / "data").exists()
 
 
@@ -132,7 +132,7 @@ def test_several_instances_of_one_kind_each_with_its_own_section():
 @pytest.mark.parametrize("data, message", [
     ({"experiments": ["a"], "a": {"kind": "motion", "train": {"lr": -1}}}, "params.yaml: a.train.lr: "),
     ({"experiments": ["a"], "a": {"kind": "moton"}},
-     "params.yaml: a.kind: unknown experiment kind 'moton'; accepted: motion, tokens, frames, video, fusion"),
+     "params.yaml: a.kind: unknown experiment kind 'moton' (did you mean 'motion'?); accepted: motion, tokens, frames, video, fusion"),
     ({"experiments": ["motion", "motion"], "motion": {}}, "experiments: listed twice: 'motion'"),
     ({"experiments": "motion", "motion": {}}, "experiments: expected a list of experiment names"),
     ({"experiments": ["a"], "b": {"kind": "motion"}}, "experiments[0]: unknown experiment 'a'; accepted: motion, "
@@ -142,3 +142,122 @@ def test_instance_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:
         parse_params(data)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- the bad-input matrix
+def _kinds():
+    from attnlab.config import EXPERIMENTS
+
+    return ", ".join(EXPERIMENTS)
+
+
+TRAIN_KEYS = "epochs, batch_size, lr, weight_decay, schedule, warmup, seed"
+BAD_PARAMS = [   # (a change to a valid file, the exact one-line message after "params.yaml: ")
+    ("misspelt key", ("motion", "train", "lrr", 0.1),
+     f"motion.train: unknown key 'lrr' (did you mean 'lr'?); accepted: {TRAIN_KEYS}"),
+    ("unknown key, nothing close", ("motion", "train", "zzz", 1), f"motion.train: unknown key 'zzz'; accepted: {TRAIN_KEYS}"),
+    ("misspelt section", ("motion", "trian", None, {}),
+     "motion: unknown key 'trian' (did you mean 'train'?); accepted: train, extract, aggregate, explain, evaluate, "
+     "report, prepare, model"),
+    ("wrong type", ("motion", "train", "epochs", "many"),
+     "motion.train.epochs: Input should be a valid integer, unable to parse string as an integer (got 'many')"),
+    ("fraction for an integer", ("motion", "train", "batch_size", 2.5),
+     "motion.train.batch_size: Input should be a valid integer, got a number with a fractional part (got 2.5)"),
+    ("boolean for a number", ("motion", "train", "lr", True), "motion.train.lr: expected a number, got the boolean True"),
+    ("infinite", ("motion", "train", "lr", float("inf")), "motion.train.lr: Input should be a finite number (got inf)"),
+    ("negative lr", ("motion", "train", "lr", -0.001), "motion.train.lr: Input should be greater than 0 (got -0.001)"),
+    ("nhead does not divide d_model (encoder)", ("motion", "model", "nhead", 5),
+     "motion.model: d_model=32 must be divisible by nhead=5"),
+    ("nhead does not divide d_model (causal)", ("tokens", "model", "nhead", 3),
+     "tokens.model: d_model=64 must be divisible by nhead=3"),
+    ("nhead does not divide d_model (space-time)", ("video", "model", "nhead", 5),
+     "video.model: d_model=48 must be divisible by nhead=5"),
+    ("nhead does not divide d_model (fusion)", ("fusion", "model", "nhead", 3),
+     "fusion.model: d_model=32 must be divisible by nhead=3"),
+    ("discard_ratio 1", ("motion", "explain", "discard_ratio", 1.0),
+     "motion.explain.discard_ratio: Input should be less than 1 (got 1.0)"),
+    ("discard_ratio < 0", ("motion", "explain", "discard_ratio", -0.1),
+     "motion.explain.discard_ratio: Input should be greater than or equal to 0 (got -0.1)"),
+    ("top_k 0", ("tokens", "aggregate", "top_k", 0), "tokens.aggregate.top_k: Input should be greater than 0 (got 0)"),
+    ("unknown method", ("motion", "explain", "methods", ["rolout"]),
+     "motion.explain.methods: unknown method 'rolout'; accepted for sequence items: raw, received, rollout, "
+     "grad_rollout, flow, input_x_gradient, integrated_gradients"),
+]
+
+
+def _project_params():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _edited(change):
+    params = _project_params()
+    section, stage, key, value = change
+    if key is None:
+        params[section][stage] = value
+    else:
+        params[section].setdefault(stage, {})[key] = value
+    return params
+
+
+@pytest.mark.parametrize("case, change, message", BAD_PARAMS, ids=[c[0] for c in BAD_PARAMS])
+def test_bad_params_matrix(case, change, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params(_edited(change))
+    assert str(err.value) == f"params.yaml: {message}"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"experiments": ["motion", "moton"], "motion": {}},
+     "params.yaml: experiments[1]: unknown experiment 'moton' (did you mean 'motion'?); accepted: {trained}"),
+    ({"experiments": ["motion", "walking"], "motion": {}},
+     "params.yaml: experiments[1]: unknown experiment 'walking'; accepted: {trained}"),
+    ({"experiments": ["motion"], "motion": {}, "motoin": {}},
+     "params.yaml: unknown key 'motoin' (did you mean 'motion'?); accepted: experiments, externals, {kinds}, "
+     "or a section with 'kind: <one of those>'"),
+    ({"experiments": ["a"], "a": {"kind": "tokns"}},
+     "params.yaml: a.kind: unknown experiment kind 'tokns' (did you mean 'tokens'?); accepted: {kinds}"),
+])
+def test_unknown_experiment_suggests_the_closest(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    trained = ", ".join(k for k in EXPERIMENTS if k != "external")    # external ones are listed in externals
+    assert str(err.value) == message.format(kinds=_kinds(), trained=trained)
+
+
+def test_unknown_experiment_on_the_command_line_suggests_the_closest():
+    params = parse_params({"experiments": ["motion", "tokens"], "motion": {}, "tokens": {}})
+    with pytest.raises(ConfigError) as err:
+        params.experiment("tokns")
+    assert str(err.value) == ("experiment 'tokns' is not listed in params.yaml 'experiments' or 'externals' "
+                              "(did you mean 'tokens'?) (listed: motion, tokens)")
+
+
+def test_empty_section_means_its_defaults():
+    """``train:`` with every key commented out is YAML null: the section's defaults, not an error."""
+    params = parse_params(yaml.safe_load("experiments: [motion]\nmotion:\n  train:\n  model:\n"))
+    assert params.motion.train.epochs == 60 and params.motion.model.d_model == 32
+
+
+@pytest.mark.parametrize("stage", ["train", "track"])
+@pytest.mark.parametrize("case, change, message",
+                         [BAD_PARAMS[0], BAD_PARAMS[3], BAD_PARAMS[7], BAD_PARAMS[8],
+                          ("unknown experiment", None, "experiment 'moton' is not listed in params.yaml "
+                           "'experiments' or 'externals' (did you mean 'motion'?) (listed: {listed})")],
+                         ids=["misspelt", "type", "negative-lr", "nhead", "experiment"])
+def test_stage_entry_point_stops_before_writing(tmp_path, monkeypatch, capsys, stage, case, change, message):
+    """Through the stages' entry point, in a project directory: exit status 2, one line on
+    stderr, and nothing written (no data/ directory, no MLflow store or run)."""
+    from attnlab import pipeline
+
+    params = _project_params() if change is None else _edited(change)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ATTNLAB_ROOT", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.run(stage, ["moton" if change is None else "motion"], progress=False)
+    assert exit_.value.code == 2
+    expected = message.format(listed=", ".join(params["experiments"]))
+    prefix = "" if change is None else "params.yaml: "
+    assert capsys.readouterr().err.splitlines() == [f"error: {prefix}{expected}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]     # no data/, mlflow.db, mlartifacts/

@@ -11,12 +11,70 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from stagetrace.check import load_traces, tracer_env, uncovered
+from stagetrace.check import load_traces, missing_traces, tracer_env, uncovered
+from user_models import CLIP_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 # the fixture runs the whole tiny pipeline (under the stage tracer) before the first test
 pytestmark = pytest.mark.timeout(1800)
 BIN = Path(sys.executable).parent
+
+# Two models "trained elsewhere", written as a user would: CLIP_MODEL (a CNN per frame
+# then nn.TransformerEncoder, batch_first=False, no class token) on clips, and a token
+# classifier around a batch-first nn.MultiheadAttention; the weights are random.
+TOKEN_MODEL = """
+from torch import nn
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self, vocab_size, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        out, _ = self.attn(h, h, h, key_padding_mask=ids == 0)
+        return self.head(out.mean(1))
+"""
+
+
+def _write_external_models(repo: Path) -> dict:
+    """The user's files in clipnet/ and tokennet/ (committed, so queued experiments see them), and their params sections."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    (repo / "clipnet").mkdir()
+    (repo / "clipnet" / "my_model.py").write_text(CLIP_MODEL)
+    np.save(repo / "clipnet" / "clips.npy", rng.random((12, 5, 1, 8, 8), dtype=np.float32))
+    np.save(repo / "clipnet" / "labels.npy", rng.integers(0, 3, 12))
+    evidence = np.zeros((12, 5), bool)
+    evidence[:, 1] = True
+    np.save(repo / "clipnet" / "evidence.npy", evidence)
+    (repo / "tokennet").mkdir()
+    (repo / "tokennet" / "model.py").write_text(TOKEN_MODEL)
+    vocab = ["<pad>", "<unk>"] + [f"w{i}" for i in range(10)]
+    (repo / "tokennet" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    lines = [" ".join(f"w{j}" for j in rng.integers(0, 10, rng.integers(3, 9))) for _ in range(30)]
+    (repo / "tokennet" / "texts.txt").write_text("\n".join(lines) + "\n")
+    np.save(repo / "tokennet" / "labels.npy", rng.integers(0, 2, 30))
+    namespace: dict = {}
+    for directory, source, factory, kwargs in (("clipnet", CLIP_MODEL, "make_model", {}),
+                                                ("tokennet", TOKEN_MODEL, "TokenClassifier", {"vocab_size": 12})):
+        exec(compile(source, directory, "exec"), namespace)
+        torch.manual_seed(0)
+        torch.save(namespace[factory](**kwargs).state_dict(), repo / directory / "model.pt")
+    stages = {"extract": {}, "aggregate": {"min_count": 1}, "explain": {"ig_steps": 2, "examples": 1},
+              "evaluate": {"steps": 3}, "report": {"examples": 1}}
+    return {
+        "clipnet": {"kind": "external", "model": {"factory": "clipnet/my_model.py:make_model", "weights": "clipnet/model.pt"},
+                    "prepare": {"inputs": ["clipnet/clips.npy"], "labels": "clipnet/labels.npy",
+                                "evidence": "clipnet/evidence.npy"}, **copy.deepcopy(stages)},
+        "tokennet": {"kind": "external", "model": {"factory": "tokennet/model.py:TokenClassifier",
+                                                   "kwargs": {"vocab_size": 12}, "weights": "tokennet/model.pt"},
+                     "prepare": {"tokens": "tokennet/texts.txt", "vocab": "tokennet/vocab.txt",
+                                 "labels": "tokennet/labels.npy"}, **copy.deepcopy(stages)}}
 
 
 def _run(cmd, cwd, env, check=True):
@@ -59,12 +117,16 @@ def project(tmp_path_factory):
     params["motion_cls"]["explain"]["methods"] = ["raw", "rollout"]
     params["motion_cls"]["evaluate"]["ablation"] = False
     params["experiments"].append("motion_cls")
+    # two user models trained elsewhere (kind: external), each watched through its directory
+    params.update(_write_external_models(repo))
+    params["externals"] = {"clipnet": "clipnet", "tokennet": "tokennet"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("ATTNLAB_ROOT", None)
+    env["PYTHONPATH"] = str(repo / "src")     # the copy's code, not the editable install's
     _run(["git", "init", "-q", "-b", "main"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "tiny project"], repo, env)
@@ -120,10 +182,10 @@ def test_every_stage_declares_what_it_uses(project):
     in dvc.yaml, so `dvc repro` never skips a stale stage."""
     repo, _, traces = project
     found = load_traces(traces)
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    experiments = yaml.safe_load((repo / "params.yaml").read_text())["experiments"]
-    assert {(t["stage"], t["experiment"]) for t in found} == {(s, e) for s in stages for e in experiments}
-    assert uncovered(found, repo / "dvc.yaml") == []
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert missing_traces(found, repo / "dvc.yaml", params["experiments"], params["externals"]) == []
+    assert len(found) == 8 * len(params["experiments"]) + 7 * len(params["externals"])
+    assert uncovered(found, repo / "dvc.yaml", externals=params["externals"]) == []
 
 
 def test_editing_library_code_makes_its_stages_stale(project):
@@ -185,6 +247,91 @@ def test_tokens_vocab_attention_outputs(project):
         assert json.loads((repo / "data" / name / "aggregate" / "summary.json").read_text())["vocabulary"] is False
 
 
+def test_external_models_run_through_the_pipeline(project):
+    """Two user models (kind: external) through the real dvc.yaml: the recorded attention
+    of the clip model equals a recomputation from its weights, the evaluation holds every
+    method's faithfulness and evidence scores, the token model's attention is aggregated
+    over its vocabulary, and each is one MLflow run whose model is logged by reference."""
+    import hashlib
+
+    import h5py
+    import torch
+
+    repo, env, _ = project
+    data = repo / "data" / "clipnet"
+    namespace: dict = {}
+    exec(compile(CLIP_MODEL, "clipnet", "exec"), namespace)
+    model = namespace["make_model"]()
+    model.load_state_dict(torch.load(repo / "clipnet" / "model.pt", weights_only=True))
+    model.eval()
+    clips = torch.from_numpy(np.load(repo / "clipnet" / "clips.npy"))
+    with torch.no_grad():
+        x = model.cnn(clips.flatten(0, 1)).view(12, 5, -1).transpose(0, 1)        # [T, B, d]
+        expected = []
+        for layer in model.encoder.layers:                                         # post-norm layers
+            q, k, _ = torch.nn.functional.linear(x, layer.self_attn.in_proj_weight,
+                                                 layer.self_attn.in_proj_bias).chunk(3, -1)
+            q = q.view(5, 12, 2, 8).permute(1, 2, 0, 3)
+            k = k.view(5, 12, 2, 8).permute(1, 2, 0, 3)
+            expected.append((q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1))
+            x = layer(x)
+    with h5py.File(data / "extract" / "attention.h5") as f:
+        stored = [torch.from_numpy(f[k][:].astype(np.float32)) for k in sorted(f)]   # "00.name", "01.name"
+    assert len(stored) == 2
+    for got, want in zip(stored, expected):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
+    methods = {"raw", "received", "rollout", "grad_rollout", "flow", "input_x_gradient", "integrated_gradients"}
+    assert set(evaluated["faithfulness"]["deletion_auc"]) == methods | {"random"}
+    assert set(evaluated["evidence"]["auroc"]) == methods | {"random"}
+    assert {"strongest_sink", "most_important"} <= set(evaluated["heads"])
+    labels = np.load(repo / "clipnet" / "labels.npy")
+    predicted = model(clips).argmax(-1).numpy()
+    assert evaluated["accuracy"] == pytest.approx(float((predicted == labels).mean()))
+    html = (data / "report" / "report.html").read_text()
+    assert "clipnet/my_model.py:make_model" in html and "Is the explanation faithful?" in html
+
+    summary = json.loads((repo / "data" / "tokennet" / "aggregate" / "summary.json").read_text())
+    assert summary["vocabulary"] is True and summary["vocab_size"] == 12
+    from attnlab.aggregate import VocabAttention
+    agg = VocabAttention.load(repo / "data" / "tokennet" / "aggregate" / "vocab_layer0.npz")
+    assert agg.count[0].sum() == 0 and agg.count[:, 0].sum() == 0           # <pad> never counted
+    assert "Which token attends to which" in (repo / "data" / "tokennet" / "report" / "report.html").read_text()
+
+    client, runs = _runs(repo, "clipnet")
+    assert len(runs) == 1
+    run = runs[0]
+    digest = hashlib.sha256((repo / "clipnet" / "model.pt").read_bytes()).hexdigest()
+    assert run.data.params["model.factory"] == "clipnet/my_model.py:make_model"
+    assert run.data.params["model.weights_sha256"] == digest and run.data.params["kind"] == "external"
+    assert run.data.metrics["evaluate.faithfulness.deletion_auc.rollout"] == pytest.approx(
+        evaluated["faithfulness"]["deletion_auc"]["rollout"])
+    assert not any(k.startswith("final.") for k in run.data.metrics)         # nothing was trained here
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+    assert logged == ["model/model_reference.json"]                          # by reference, not pickled
+    assert len(_runs(repo, "tokennet")[1]) == 1
+
+
+def test_editing_a_users_file_makes_only_its_stages_stale(project):
+    """New weights in clipnet/ (the directory externals names for clipnet): every clipnet
+    stage that builds the model is stale, nothing else is; restoring them undoes it."""
+    repo, env, _ = project
+    path = repo / "clipnet" / "model.pt"
+    original = path.read_bytes()
+    import torch
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v + 0.01 for k, v in state.items()}, path)
+    try:
+        status = _run(["dvc", "status"], repo, env).stdout
+    finally:
+        path.write_bytes(original)
+    stale = {line.rstrip(":").strip() for line in status.splitlines() if line.rstrip().endswith(":")
+             and not line.startswith("\t")}
+    assert stale == {f"external-{s}@clipnet" for s in ("prepare", "extract", "explain", "evaluate", "report",
+                                                        "track")}, status
+    assert "up to date" in _run(["dvc", "status"], repo, env).stdout
+
+
 @pytest.mark.parametrize("name", ["frames", "video"])
 def test_planted_evidence_experiments(project, name):
     repo, env, _ = project
@@ -205,6 +352,26 @@ def test_second_repro_does_nothing(project):
     repo, env, _ = project
     out = _run(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in out
+
+
+def test_same_params_and_seed_give_identical_outputs(project):
+    """Every motion stage re-run from scratch (`dvc repro --force`) on the same machine
+    gives byte-identical outputs: the same `dvc.lock` hashes (track's run id aside, the
+    state it logs is the same run), hence the same metrics, attention and report."""
+    repo, env, _ = project
+
+    def outs():
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        return {(name, o["path"]): o["md5"] for name, stage in lock.items()
+                if name.endswith("@motion") and not name.startswith("track@") for o in stage.get("outs", [])}
+
+    before = outs()
+    assert len(before) >= 8
+    run = json.loads((repo / "data/motion/track/run.json").read_text())
+    out = _run(["dvc", "repro", "--force", "track@motion"], repo, env).stdout
+    assert "Running stage 'train@motion'" in out
+    assert outs() == before
+    assert json.loads((repo / "data/motion/track/run.json").read_text()) == run      # the same state: not logged again
 
 
 def test_mlflow_run_holds_params_metrics_model_attention(project):
@@ -279,3 +446,4 @@ def test_fusion_outputs_and_queued_sweep_over_modes(project):
     for mode, run in by_mode.items():
         assert "evaluate.weights.mean.appearance" in run.data.metrics, mode
     assert by_mode["sum"].data.metrics["evaluate.weights.mean.appearance"] == pytest.approx(0.5)
+

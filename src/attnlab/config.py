@@ -6,11 +6,13 @@ anything, with one line naming the key and what was expected.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from attnlab import methods as method_registry
 
@@ -19,19 +21,42 @@ class ConfigError(ValueError):
     """A malformed ``params.yaml``; the message is one line naming the key."""
 
 
-class Section(BaseModel):
-    """Base of every params section: unknown keys are errors listing the accepted ones."""
+def did_you_mean(word: Any, choices: Any) -> str:
+    """`` (did you mean 'lr'?)`` when one of ``choices`` is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors naming the closest accepted
+    key and listing them all; numbers must be finite and never booleans; an empty
+    sub-section (``train:`` with nothing under it) means its defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
+            unknown = sorted(set(data) - set(cls.model_fields), key=str)
             if unknown:
-                raise ValueError(f"unknown key {unknown[0]!r}; accepted: {', '.join(cls.model_fields)}")
+                raise ValueError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], cls.model_fields)}; "
+                                 f"accepted: {', '.join(cls.model_fields)}")
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``true`` as 1 for a number; YAML's ``yes``/``on`` are booleans too.
+        An empty sub-section (``None``) is its defaults."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if value is None and isinstance(annotation, type) and issubclass(annotation, Section):
+            return {}
+        if isinstance(value, bool):
+            kinds = set(get_args(annotation)) or {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got the boolean {value!r}")
+        return value
 
 
 # --------------------------------------------------------------------------- motion
@@ -40,7 +65,17 @@ class MotionPrepare(Section):
     normalize: bool = True
 
 
-class EncoderModel(Section):
+class HeadsDivideWidth(Section):
+    """A model section whose attention splits ``d_model`` over ``nhead`` heads."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "HeadsDivideWidth":
+        if self.d_model % self.nhead:
+            raise ValueError(f"d_model={self.d_model} must be divisible by nhead={self.nhead}")
+        return self
+
+
+class EncoderModel(HeadsDivideWidth):
     d_model: int = Field(32, gt=0)
     nhead: int = Field(4, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -49,12 +84,6 @@ class EncoderModel(Section):
     pooling: Literal["mean", "cls"] = "mean"
     positional: bool = False
     norm_first: bool = False
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> "EncoderModel":
-        if self.d_model % self.nhead:
-            raise ValueError(f"d_model={self.d_model} must be divisible by nhead={self.nhead}")
-        return self
 
 
 class Train(Section):
@@ -125,10 +154,14 @@ class Evaluate(Section):
     seed: int = 0                              # random-baseline importance
     sink_k: int | None = Field(None, gt=0)     # keys counted by the sink score (None: max(1, N/20))
     batch_size: int = Field(64, gt=0)
+    resamples: int = Field(1000, gt=0)         # bootstrap resamples of the 95% intervals over samples
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # level of the paired test behind "beats random"
 
 
 class ClassifierEvaluate(Evaluate):
     ablation: bool = True                      # head importance by zeroing each head
+    debiased: bool = True                      # also ROAD deletion (interpolated + noise)
+    road_noise: float = Field(0.1, ge=0.0)     # ROAD noise std, as a fraction of the inputs' std
 
 
 class Report(Section):
@@ -178,7 +211,7 @@ class TokensPrepare(Section):
         return self
 
 
-class CausalModel(Section):
+class CausalModel(HeadsDivideWidth):
     d_model: int = Field(64, gt=0)
     nhead: int = Field(4, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -254,12 +287,24 @@ class VideoPrepare(Section):
     seed: int = 0
 
 
-class SpaceTimeModel(Section):
+class SpaceTimeModel(HeadsDivideWidth):
+    # divided: the project's DividedSpaceTimeTransformer; hf_timesformer: Hugging Face's
+    # TimesformerForVideoClassification (divided space-time) of the same sizes, from scratch
+    arch: Literal["divided", "hf_timesformer"] = "divided"
     d_model: int = Field(48, gt=0)
     nhead: int = Field(4, gt=0)
     num_layers: int = Field(2, gt=0)
     mlp_ratio: float = Field(2.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _transformers_installed(self) -> "SpaceTimeModel":
+        import importlib.util
+
+        if self.arch == "hf_timesformer" and importlib.util.find_spec("transformers") is None:
+            raise ValueError("arch 'hf_timesformer' needs the transformers package, which is not installed "
+                             "(pip install -r requirements-test.txt); or use arch 'divided'")
+        return self
 
 
 class FramesParams(ClassifierParams):
@@ -286,7 +331,7 @@ class FusionPrepare(Section):
     seed: int = 0
 
 
-class FusionModel(Section):
+class FusionModel(HeadsDivideWidth):
     fusion: Literal["sum", "scalar", "convex", "channel", "attention"] = "attention"
     d_model: int = Field(32, gt=0)             # common token size of the two streams
     nhead: int = Field(1, gt=0)                # attention fusion heads
@@ -318,22 +363,99 @@ class FusionParams(Section):
     report: NoSection = NoSection()            # the report shows every test sample's weights: no knobs
 
 
+# --------------------------------------------------------------------------- external
+class ExternalPrepare(Section):
+    """The user's data files (paths relative to the project root, inside the instance's
+    directory of ``externals``). The inputs are test data only: nothing is trained."""
+
+    inputs: list[str] = []                     # .npy, one per model argument, batch first; items along
+                                               # dim 1 of the first ([N, T, C], [N, T, C, H, W], ...)
+    tokens: str | None = None                  # or: token sequences, one per line (with vocab)
+    vocab: str | None = None                   # one token per line, line i = id i; needs <pad>, <unk>
+    labels: str                                # .npy of integer class ids [N]
+    evidence: str | None = None                # .npy bool [N, items]: the items carrying the evidence
+
+    @model_validator(mode="after")
+    def _one_kind_of_input(self) -> "ExternalPrepare":
+        if bool(self.inputs) == bool(self.tokens):
+            raise ValueError("give the inputs as 'inputs' (.npy files) or as 'tokens' (a text file with "
+                             "'vocab'), not both and not neither")
+        if self.tokens and not self.vocab:
+            raise ValueError("'tokens' needs 'vocab' (a text file, one token per line)")
+        return self
+
+    def files(self) -> list[str]:
+        return [*self.inputs, *(f for f in (self.tokens, self.vocab, self.labels, self.evidence) if f)]
+
+
+class ExternalModel(Section):
+    factory: str                               # FILE.py:FACTORY or package.module:FACTORY -> the nn.Module
+    kwargs: dict[str, Any] = {}                # passed to the factory
+    weights: str | None = None                 # its state dict: torch.save (loaded weights_only) or .safetensors
+    readout: Literal["mean", "cls"] | int = "mean"   # which attention rows explain the prediction
+    causal: bool = False                       # queries see only earlier positions (head diagnostics, aggregation)
+
+    def files(self) -> list[str]:
+        where = self.factory.rpartition(":")[0]
+        code = [where] if where.endswith(".py") or "/" in where else []
+        return code + ([self.weights] if self.weights else [])
+
+
+class ExternalExplain(Explain):
+    batch_size: int = Field(32, gt=0)
+
+
+class ExternalParams(Section):
+    """A model trained elsewhere (``kind: external``): no prepare of data nor training of
+    its own; its files are watched through the directory ``externals`` names for it."""
+
+    prepare: ExternalPrepare
+    model: ExternalModel
+    extract: Extract = Extract()
+    aggregate: Aggregate = Aggregate()         # token inputs with a vocabulary only
+    explain: ExternalExplain = ExternalExplain()
+    evaluate: ClassifierEvaluate = ClassifierEvaluate()
+    report: Report = Report()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_methods(cls, data: Any) -> Any:
+        """Token ids have no input gradients: their default methods are the token kind's."""
+        if isinstance(data, dict) and isinstance(data.get("prepare"), dict) and data["prepare"].get("tokens"):
+            explain = data.get("explain") or {}
+            if isinstance(explain, dict) and "methods" not in explain:
+                data = {**data, "explain": {**explain, "methods": method_registry.names("tokens", default_only=True)}}
+        return data
+
+    @model_validator(mode="after")
+    def _methods_for_tokens(self) -> "ExternalParams":
+        if self.prepare.tokens:
+            try:
+                method_registry.check(self.explain.methods, "tokens")
+            except ValueError as err:
+                raise ValueError(f"explain.methods: {err} (the inputs are token ids)") from None
+        return self
+
+
 # --------------------------------------------------------------------------- top level
 EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams,
                                           "frames": FramesParams, "video": VideoParams,
-                                          "fusion": FusionParams}
+                                          "fusion": FusionParams, "external": ExternalParams}
 
 
 class Params:
-    """A validated params file: the ``experiments`` to run and a section per instance.
+    """A validated params file: the ``experiments`` to run, the ``externals`` (models
+    trained elsewhere: name -> the directory holding their files) and a section per instance.
 
     An instance is a top-level section named like a kind (``motion:``), or any name with
     ``kind: <kind>`` inside (``motion_cls: {kind: motion, model: {pooling: cls}}``), so
     several instances of one kind run side by side, each with its own outputs and MLflow
     experiment. ``params.motion`` is the section of instance ``motion``."""
 
-    def __init__(self, experiments: list[str], sections: dict[str, tuple[str, Section]]):
+    def __init__(self, experiments: list[str], sections: dict[str, tuple[str, Section]],
+                 externals: dict[str, str] | None = None):
         self.experiments = experiments
+        self.externals = externals or {}       # instance of kind external -> the directory of its files
         self._sections = sections
 
     def kind(self, name: str) -> str:
@@ -341,10 +463,11 @@ class Params:
         return self._section(name)[0]
 
     def experiment(self, name: str) -> Section:
-        """The section of experiment ``name``; it must be listed in ``experiments``."""
-        if name not in self.experiments:
-            raise ConfigError(f"experiment {name!r} is not listed in params.yaml 'experiments' "
-                              f"(listed: {', '.join(self.experiments) or 'none'})")
+        """The section of experiment ``name``; it must be listed in ``experiments`` or ``externals``."""
+        if name not in self.experiments and name not in self.externals:
+            listed = [*self.experiments, *self.externals]
+            raise ConfigError(f"experiment {name!r} is not listed in params.yaml 'experiments' or 'externals'"
+                              f"{did_you_mean(name, listed)} (listed: {', '.join(listed) or 'none'})")
         return self._section(name)[1]
 
     def _section(self, name: str) -> tuple[str, Section]:
@@ -367,18 +490,20 @@ def _instance(name: str, data: Any) -> tuple[str, Section]:
     kind = data.get("kind", name)
     if kind not in EXPERIMENTS:
         if "kind" in data:
-            raise ValueError(f"{name}.kind: unknown experiment kind {kind!r}; accepted: {', '.join(EXPERIMENTS)}")
-        raise ValueError(f"unknown key {name!r}; accepted: experiments, {', '.join(EXPERIMENTS)}, "
+            raise ValueError(f"{name}.kind: unknown experiment kind {kind!r}{did_you_mean(kind, EXPERIMENTS)}; "
+                             f"accepted: {', '.join(EXPERIMENTS)}")
+        suggestion = did_you_mean(name, ["experiments", "externals", *EXPERIMENTS])
+        raise ValueError(f"unknown key {name!r}{suggestion}; accepted: experiments, externals, {', '.join(EXPERIMENTS)}, "
                          "or a section with 'kind: <one of those>'")
     try:
         return kind, EXPERIMENTS[kind].model_validate({k: v for k, v in data.items() if k != "kind"})
     except ValidationError as err:
-        raise ValueError(f"{name}.{_one_line(err)}") from None
+        raise ValueError(_one_line(err, prefix=name)) from None
 
 
-def _one_line(err: ValidationError) -> str:
+def _one_line(err: ValidationError, prefix: str = "") -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(str(p) for p in ([prefix] if prefix else []) + list(first["loc"]))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] not in ("value_error", "missing") and "input" in first:
         msg += f" (got {first['input']!r})"
@@ -392,20 +517,56 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
     experiments = data.get("experiments")
     if not isinstance(experiments, list) or not all(isinstance(e, str) for e in experiments):
         raise ConfigError(f"{source}: experiments: expected a list of experiment names, got {experiments!r}")
+    externals = data.get("externals") or {}
+    if not isinstance(externals, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                  for k, v in externals.items()):
+        raise ConfigError(f"{source}: externals: expected a mapping of instance name -> the directory holding "
+                          f"its files, got {externals!r}")
     try:
-        sections = {name: _instance(name, value) for name, value in data.items() if name != "experiments"}
+        sections = {name: _instance(name, value) for name, value in data.items()
+                    if name not in ("experiments", "externals")}
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
+    _check_externals(experiments, externals, sections, data, source)
     for i, name in enumerate(experiments):
         if name not in sections:
             if name in EXPERIMENTS:
                 raise ConfigError(f"{source}: experiments[{i}]: {name!r} is listed but has no '{name}:' section")
-            raise ConfigError(f"{source}: experiments[{i}]: unknown experiment {name!r}; accepted: "
-                              f"{', '.join(dict.fromkeys([*EXPERIMENTS, *sections]))}")
+            accepted = [k for k in dict.fromkeys([*EXPERIMENTS, *sections])    # external ones go in externals
+                        if (sections[k][0] if k in sections else k) != "external"]
+            raise ConfigError(f"{source}: experiments[{i}]: unknown experiment {name!r}"
+                              f"{did_you_mean(name, accepted)}; accepted: {', '.join(accepted)}")
     if len(set(experiments)) != len(experiments):
         raise ConfigError(f"{source}: experiments: listed twice: "
                           f"{sorted(e for e in set(experiments) if experiments.count(e) > 1)[0]!r}")
-    return Params(experiments, sections)
+    return Params(experiments, sections, externals)
+
+
+def _check_externals(experiments: list[str], externals: dict[str, str],
+                     sections: dict[str, tuple[str, Section]], data: dict[str, Any], source: str) -> None:
+    """External instances are listed under ``externals`` only (they are not trained),
+    write out every stage section (``dvc.yaml`` tracks each; ``{}`` takes the defaults)
+    and name files inside their directory, the one ``dvc.yaml`` watches for them."""
+    for i, name in enumerate(experiments):
+        if name in sections and sections[name][0] == "external":
+            raise ConfigError(f"{source}: experiments[{i}]: {name!r} is of kind external (a model trained "
+                              f"elsewhere): list it under 'externals: {{{name}: DIR}}' instead")
+    for name, directory in externals.items():
+        if name in experiments:
+            raise ConfigError(f"{source}: externals: {name!r} is also listed in experiments")
+        if name not in sections or sections[name][0] != "external":
+            raise ConfigError(f"{source}: externals: {name!r} needs a '{name}:' section with 'kind: external'")
+        missing = [k for k in ExternalParams.model_fields if k not in data[name]]
+        if missing:
+            raise ConfigError(f"{source}: {name}: missing section {missing[0]!r} (write '{missing[0]}: {{}}' for "
+                              "the defaults: dvc.yaml tracks every stage's section)")
+        cfg = sections[name][1]
+        root = Path(directory).resolve()
+        for key, files in (("model", cfg.model.files()), ("prepare", cfg.prepare.files())):
+            for f in files:
+                if not Path(f).resolve().is_relative_to(root):
+                    raise ConfigError(f"{source}: {name}.{key}: {f!r} is outside {directory!r}, the directory "
+                                      f"'externals' names for {name!r} (dvc.yaml watches only that directory)")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -18,24 +18,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnlab.io import DataError
 
-class ExternalError(ValueError):
-    """A user's model, weights or data cannot be used; the message says why."""
+
+class ExternalError(DataError):
+    """A user's model, weights or data cannot be used; the message says why (a pipeline
+    stage prints it as one line and exits with status 2, writing nothing)."""
 
 
 # --------------------------------------------------------------------------- the model
-def resolve_factory(spec: str) -> Callable[..., Any]:
+def resolve_factory(spec: str, flag: str = "--model") -> Callable[..., Any]:
     """``"path/to/file.py:make_model"`` or ``"package.module:make_model"`` -> the callable.
 
     The factory is the user's own declaration (a command-line argument or a params
     value): code is never resolved from a data file such as a checkpoint."""
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr.isidentifier():
-        raise ExternalError(f"--model {spec!r}: expected FILE.py:FACTORY or package.module:FACTORY")
+        raise ExternalError(f"{flag} {spec!r}: expected FILE.py:FACTORY or package.module:FACTORY")
     if where.endswith(".py") or "/" in where or "\\" in where:
         path = Path(where).expanduser().resolve()
         if not path.is_file():
-            raise ExternalError(f"--model {spec!r}: no such file {str(path)!r}")
+            raise ExternalError(f"{flag} {spec!r}: no such file {str(path)!r}")
         name = f"attnlab_user_model_{abs(hash(str(path)))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
@@ -44,36 +47,56 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
             module_spec.loader.exec_module(module)
         except Exception as err:
             del sys.modules[name]
-            raise ExternalError(f"--model {spec!r}: importing {str(path)!r} failed: "
+            raise ExternalError(f"{flag} {spec!r}: importing {str(path)!r} failed: "
                                 f"{type(err).__name__}: {err}") from err
         tried = str(path)
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as err:
-            raise ExternalError(f"--model {spec!r}: cannot import module {where!r}: {err}") from err
+            raise ExternalError(f"{flag} {spec!r}: cannot import module {where!r}: {err}") from err
         tried = f"module {where!r}"
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ExternalError(f"--model {spec!r}: {tried} has no callable {attr!r}")
+        raise ExternalError(f"{flag} {spec!r}: {tried} has no callable {attr!r}")
     return factory
 
 
-def build(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    model = resolve_factory(spec)(**(kwargs or {}))
+def build(spec: str, kwargs: dict[str, Any] | None = None, flag: str = "--model") -> nn.Module:
+    """``factory(**kwargs)``, checked to be an ``nn.Module``; its output is read as logits
+    (a Hugging Face ``ModelOutput``'s ``.logits``, a tuple's first element)."""
+    factory = resolve_factory(spec, flag)
+    try:
+        model = factory(**(kwargs or {}))
+    except Exception as err:
+        raise ExternalError(f"{flag} {spec!r}: calling it with {kwargs or {}} failed: "
+                            f"{type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
-        raise ExternalError(f"--model {spec!r}: the factory returned a {type(model).__name__}, "
+        raise ExternalError(f"{flag} {spec!r}: the factory returned a {type(model).__name__}, "
                             "expected a torch.nn.Module")
+    model.register_forward_hook(_logits_only)
     return model
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def _logits_only(module: nn.Module, args: Any, output: Any) -> Any:
+    """Read a model's output as its logits: a Hugging Face ``ModelOutput`` (or anything
+    with ``.logits``) gives ``.logits``, a tuple or list its first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output
+
+
+def load_weights(model: nn.Module, path: str | Path, flag: str = "--weights") -> nn.Module:
     """Load a state dict (``torch.save`` with ``weights_only`` loading, or safetensors)
     into ``model``. A pipeline checkpoint's ``state_dict`` is used; any factory named
     inside a file is ignored."""
     path = Path(path)
     if not path.is_file():
-        raise ExternalError(f"--weights {str(path)!r}: no such file")
+        raise ExternalError(f"{flag} {str(path)!r}: no such file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -82,12 +105,19 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ExternalError(f"--weights {str(path)!r}: not a readable state dict ({type(err).__name__}: "
+        raise ExternalError(f"{flag} {str(path)!r}: not a readable state dict ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ExternalError(f"--weights {str(path)!r}: holds a {type(state).__name__}, expected a state dict")
+        raise ExternalError(f"{flag} {str(path)!r}: holds a {type(state).__name__}, expected a state dict")
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ExternalError(f"{flag} {str(path)!r} does not match the model: {k!r} has shape "
+                            f"{list(getattr(state[k], 'shape', []))}, the model's {list(own[k].shape)} "
+                            f"(+{len(wrong) - 1} more)")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -95,22 +125,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             parts.append(f"missing {result.missing_keys[0]!r} (+{len(result.missing_keys) - 1} more)")
         if result.unexpected_keys:
             parts.append(f"unexpected {result.unexpected_keys[0]!r} (+{len(result.unexpected_keys) - 1} more)")
-        raise ExternalError(f"--weights {str(path)!r} does not match the model: {'; '.join(parts)}")
+        raise ExternalError(f"{flag} {str(path)!r} does not match the model: {'; '.join(parts)}")
     return model
-
-
-def attention_lookalikes(model: nn.Module) -> list[str]:
-    """Modules that look like attention (a name with 'attn'/'attention', or q/k/v or qkv
-    projections) although the recorder cannot see them."""
-    found = []
-    for name, module in model.named_modules():
-        named = any(w in type(module).__name__.lower() or w in name.lower().rsplit(".", 1)[-1]
-                    for w in ("attn", "attention"))
-        projections = all(hasattr(module, p) for p in ("q", "k", "v")) or hasattr(module, "qkv") or all(
-            hasattr(module, p) for p in ("query", "key", "value"))
-        if name and (named or projections):
-            found.append(f"{name} ({type(module).__name__})")
-    return found
 
 
 # --------------------------------------------------------------------------- the data
@@ -150,30 +166,37 @@ def _load_array(path: str | Path, flag: str) -> np.ndarray:
     return array
 
 
-def load_vocab(path: str | Path) -> list[str]:
+def load_vocab(path: str | Path, flag: str = "--vocab") -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise ExternalError(f"--vocab {str(path)!r}: no such file")
-    vocab = path.read_text(encoding="utf-8").split("\n")
+        raise ExternalError(f"{flag} {str(path)!r}: no such file")
+    try:
+        vocab = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ExternalError(f"{flag} {str(path)!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     vocab = vocab[:-1] if vocab and vocab[-1] == "" else vocab
     if not vocab or len(set(vocab)) != len(vocab):
-        raise ExternalError(f"--vocab {str(path)!r}: expected one distinct token per line (line i = token id i)")
+        raise ExternalError(f"{flag} {str(path)!r}: expected one distinct token per line (line i = token id i)")
     return vocab
 
 
-def encode_tokens(path: str | Path, vocab: list[str]) -> torch.Tensor:
+def encode_tokens(path: str | Path, vocab: list[str], flag: str = "--tokens") -> torch.Tensor:
     """A text file, one sequence per line of whitespace-separated tokens -> ids ``[N, L]``
-    padded with ``<pad>`` (unknown tokens become ``<unk>``; both must be in the vocabulary)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExternalError(f"--tokens {str(path)!r}: no such file")
+    padded with ``<pad>`` (unknown tokens become ``<unk>``; both must be in the vocabulary).
+    The file is read by :func:`attnlab.data.tokens.read_token_lines` (UTF-8, bounded lines)."""
+    from attnlab.data.tokens import read_token_lines
+
     index = {t: i for i, t in enumerate(vocab)}
     for special in ("<pad>", "<unk>"):
         if special not in index:
-            raise ExternalError(f"--tokens needs {special!r} in the vocabulary ({path})")
-    lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ExternalError(f"--tokens {str(path)!r}: no sequence")
+            raise ExternalError(f"{flag} needs {special!r} in the vocabulary ({path})")
+    try:
+        lines = read_token_lines(path, what=flag)
+    except DataError as err:
+        raise ExternalError(str(err)) from None
+    if not any(t in index for line in lines for t in line):
+        raise ExternalError(f"{flag} {str(path)!r}: none of its tokens is in the vocabulary "
+                            f"(e.g. {lines[0][0]!r}); is it the vocabulary the model was trained with?")
     width = max(map(len, lines))
     ids = torch.full((len(lines), width), index["<pad>"], dtype=torch.long)
     for i, line in enumerate(lines):
@@ -181,33 +204,53 @@ def encode_tokens(path: str | Path, vocab: list[str]) -> torch.Tensor:
     return ids
 
 
+CLI_FLAGS = {"inputs": "--inputs", "labels": "--labels", "tokens": "--tokens", "vocab": "--vocab"}
+
+
 def load_inputs(inputs: Sequence[str], labels: str | None = None, tokens: str | None = None,
-                vocab: str | None = None) -> Inputs:
+                vocab: str | None = None, *, flags: dict[str, str] = CLI_FLAGS) -> Inputs:
+    """The inputs (``.npy`` arrays, or token sequences with a vocabulary) and labels,
+    checked; ``flags`` are the names the messages give them (command-line flags, or
+    params keys)."""
     if bool(inputs) == bool(tokens):
-        raise ExternalError("give the inputs as --inputs X.npy (one or more) or as --tokens T.txt with --vocab, "
-                            "not both and not neither")
-    itos = load_vocab(vocab) if vocab else None
+        raise ExternalError(f"give the inputs as {flags['inputs']} X.npy (one or more) or as {flags['tokens']} "
+                            "T.txt with a vocabulary, not both and not neither")
+    itos = load_vocab(vocab, flags["vocab"]) if vocab else None
     if tokens:
         if itos is None:
-            raise ExternalError("--tokens needs --vocab V.txt (one token per line)")
-        arrays = [encode_tokens(tokens, itos)]
+            raise ExternalError(f"{flags['tokens']} needs {flags['vocab']} V.txt (one token per line)")
+        arrays = [encode_tokens(tokens, itos, flags["tokens"])]
     else:
-        arrays = [torch.from_numpy(_load_array(p, "--inputs")) for p in inputs]
+        arrays = [torch.from_numpy(_load_array(p, flags["inputs"])) for p in inputs]
+        if arrays[0].ndim < 2:
+            raise ExternalError(f"{flags['inputs']} {inputs[0]!r}: shape {list(arrays[0].shape)}; expected "
+                                "[N, items, ...] (samples, then the items explained: timesteps, frames, tokens)")
         lengths = {len(a) for a in arrays}
         if len(lengths) != 1:
-            raise ExternalError(f"--inputs: the arrays hold {sorted(lengths)} samples; expected the same number")
+            raise ExternalError(f"{flags['inputs']}: the arrays hold {sorted(lengths)} samples; expected the same number")
         arrays = [a.float() if a.dtype in (torch.float16, torch.float64) else a for a in arrays]
     if itos is not None and not torch.is_floating_point(arrays[0]) and int(arrays[0].max()) >= len(itos):
-        raise ExternalError(f"--vocab has {len(itos)} tokens but the inputs hold id {int(arrays[0].max())}")
+        raise ExternalError(f"{flags['vocab']} has {len(itos)} tokens but the inputs hold id {int(arrays[0].max())}")
     y = None
     if labels:
-        y = torch.from_numpy(_load_array(labels, "--labels"))
+        y = torch.from_numpy(_load_array(labels, flags["labels"]))
         if y.ndim != 1 or y.dtype.is_floating_point:
-            raise ExternalError(f"--labels {labels!r}: expected integer class ids [N], got {y.dtype} {tuple(y.shape)}")
+            raise ExternalError(f"{flags['labels']} {labels!r}: expected integer class ids [N], "
+                                f"got {y.dtype} {tuple(y.shape)}")
         if len(y) != len(arrays[0]):
-            raise ExternalError(f"--labels {labels!r}: {len(y)} labels for {len(arrays[0])} inputs")
+            raise ExternalError(f"{flags['labels']} {labels!r}: {len(y)} labels for {len(arrays[0])} inputs")
         y = y.long()
     return Inputs(arrays, y, itos)
+
+
+def load_evidence(path: str | Path, data: Inputs, flag: str = "--evidence") -> torch.Tensor:
+    """A boolean ``[N, items]`` array marking the items that carry the evidence."""
+    evidence = _load_array(path, flag)
+    n, n_items = len(data), data.arrays[0].shape[1]
+    if evidence.dtype != np.bool_ or evidence.shape != (n, n_items):
+        raise ExternalError(f"{flag} {str(path)!r}: expected a bool array [{n}, {n_items}] (samples x items), "
+                            f"got {evidence.dtype} {evidence.shape}")
+    return torch.from_numpy(evidence)
 
 
 # --------------------------------------------------------------------------- explaining it
@@ -239,7 +282,7 @@ def explain_model(model: nn.Module, data: Inputs, out: str | Path, *, methods: S
     single = len(data.arrays) == 1
     kind = "sequence" if single and not data.token_ids else "tokens"
     options = _options(methods, kind)
-    _check_accepts(model, data)
+    check_model(model, data)
     with io.atomic_dir(out) as tmp:
         _record(model, data, tmp / "attention.h5", batch_size, progress)
         importance, target = _explain(model, data, options, readout, batch_size, kind, progress)
@@ -261,30 +304,40 @@ def explain_model(model: nn.Module, data: Inputs, out: str | Path, *, methods: S
     return Path(out)
 
 
-def _check_accepts(model: nn.Module, data: Inputs) -> None:
+def check_model(model: nn.Module, data: Inputs) -> int:
+    """The model takes the inputs (the first two samples) and returns logits ``[B, C]``,
+    and the recorder sees its attention; returns ``C``."""
+    from attnlab.capture import AttentionRecorder
+
+    rows = data.rows(slice(0, 2))
+    try:                                       # nothing it can record, or attention it cannot
+        rec = AttentionRecorder(model).__enter__()
+    except ValueError as err:
+        raise ExternalError(str(err)) from None
     try:
         with torch.no_grad():
-            logits = model(*data.rows(slice(0, 2)))
+            logits = model(*rows)
     except Exception as err:
+        rec.__exit__(type(err), err, err.__traceback__)
         shapes = ", ".join(str(list(a.shape)) for a in data.arrays)
         raise ExternalError(f"the model rejected inputs of shape {shapes} "
                             f"(the first two samples): {type(err).__name__}: {err}") from None
+    try:
+        rec.__exit__(None, None, None)
+    except ValueError as err:                  # its attention modules never ran
+        raise ExternalError(str(err)) from None
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        raise ExternalError(f"the model returned {getattr(logits, 'shape', type(logits).__name__)}; "
-                            "expected logits [B, classes]")
+        raise ExternalError(f"the model returned {getattr(logits, 'shape', type(logits).__name__)}; expected "
+                            "logits [B, classes] (a tensor, a tuple starting with one, or an output with .logits, "
+                            "e.g. a Hugging Face ...ForSequenceClassification model)")
+    return logits.shape[1]
 
 
 def _record(model: nn.Module, data: Inputs, path: Path, batch_size: int, progress: bool) -> None:
     from attnlab.store import extract_attention
 
     batches = (data.rows(slice(i, i + batch_size)) for i in range(0, len(data), batch_size))
-    try:
-        extract_attention(model, batches, path, forward=lambda m, b: m(*b), progress=progress)
-    except ValueError as err:
-        looks = attention_lookalikes(model)
-        hint = (f"; modules that look like attention: {', '.join(looks)} — call attnlab.AttentionProbs on their "
-                "softmax probabilities to record them" if looks else "")
-        raise ExternalError(f"{err}{hint}") from None
+    extract_attention(model, batches, path, forward=lambda m, b: m(*b), progress=progress)
 
 
 def _explain(model: nn.Module, data: Inputs, options: Any, readout: str | int, batch_size: int, kind: str,
@@ -308,9 +361,10 @@ def _explain(model: nn.Module, data: Inputs, options: Any, readout: str | int, b
 
 
 def _faithfulness(model: nn.Module, data: Inputs, importance: dict[str, torch.Tensor], target: torch.Tensor,
-                  batch_size: int, out: Path) -> dict[str, dict[str, float]]:
-    """Deletion/insertion over the items (dim 1 of the first input) beside a random baseline;
-    a removed item becomes 0 (or ``<unk>`` for token ids with a vocabulary)."""
+                  batch_size: int, out: Path) -> dict[str, dict[str, Any]]:
+    """Deletion/insertion over the items (dim 1 of the first input) beside a random baseline,
+    with 95% bootstrap intervals and the paired test against random at 0.05 (the library
+    defaults); a removed item becomes 0 (or ``<unk>`` for token ids with a vocabulary)."""
     from attnlab.evaluate import random_importance, sequence_masker
     from attnlab.evaluate.summaries import perturbation_curves
     from attnlab.workflow import write_curves
@@ -322,7 +376,7 @@ def _faithfulness(model: nn.Module, data: Inputs, importance: dict[str, torch.Te
     aucs, curves = perturbation_curves(lambda x, **kw: model(x, *kw.values()), data.arrays[0], scored,
                                        sequence_masker(fill), target=target,
                                        steps=None if n_items <= 20 else 20, batch_size=4 * batch_size,
-                                       forward_kwargs=rest or None)
+                                       forward_kwargs=rest or None, resamples=1000, seed=0, alpha=0.05)
     write_curves(curves, out)
     return aucs
 

@@ -7,12 +7,15 @@ several stages run at once, e.g. ``dvc queue start -j 2``), and runs the stage's
 function of :mod:`attnlab.workflow` with a :class:`~attnlab.layout.Layout` whose
 stage directory is a temporary one, renamed to ``data/<experiment>/<stage>/`` only if
 the stage succeeds. A bad params file or experiment name ends the process with one
-line on stderr and exit status 2, before anything is written.
+line on stderr and exit status 2, before anything is written; so does a damaged input
+file (:class:`~attnlab.io.DataError`: a truncated checkpoint or attention store) or a
+full disk, and the stage's temporary directory is removed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from attnlab.config import ConfigError, load_params
-from attnlab.io import atomic_dir
+from attnlab.io import DataError, atomic_dir
 from attnlab.layout import STAGES, Layout
 
 
@@ -65,4 +68,16 @@ def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> N
     from attnlab.workflow import STAGE_FUNCTIONS
 
     with stage(name, argv) as s:
-        STAGE_FUNCTIONS[name](s.experiment, s.cfg, s.layout, progress=progress)
+        try:
+            STAGE_FUNCTIONS[name](s.experiment, s.cfg, s.layout, progress=progress)
+        except DataError as err:               # a damaged input file: one line, nothing written
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            what = Path(err.filename).name if err.filename else "its outputs"
+            print(f"error: no space left on device: the {name!r} stage of {s.layout.root} stopped while writing "
+                  f"{what} and wrote nothing (its temporary directory was removed); free some space and re-run",
+                  file=sys.stderr)
+            raise SystemExit(2) from None

@@ -17,7 +17,7 @@ import torch
 from attnlab import io
 from attnlab.experiments.base import Experiment
 from attnlab.layout import Layout
-from attnlab.models import build_model, load_checkpoint, save_checkpoint
+from attnlab.models import build_model, save_checkpoint
 
 
 def load_dataset(lay: Layout) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -40,14 +40,32 @@ def prepare(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
 
 def train(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    from attnlab.training import resumable
+
     data, meta = load_dataset(lay)
     factory, kwargs = exp.model_spec(cfg, meta)
     torch.manual_seed(cfg.train.seed)
     model = build_model(factory, kwargs)
-    history, metrics = exp.fit(cfg, model, data, progress=progress)
-    save_checkpoint(lay.model, model, factory, kwargs)
-    history.to_csv(lay.history, index=False)
-    io.write_json(lay.train_metrics, metrics)
+    # a killed run resumes after its last complete epoch if the params and data are the same
+    with resumable(lay.resume("train"), _fingerprint(cfg, factory, kwargs, lay.dataset)):
+        history, metrics = exp.fit(cfg, model, data, progress=progress)
+        save_checkpoint(lay.model, model, factory, kwargs)
+        history.to_csv(lay.history, index=False)
+        io.write_json(lay.train_metrics, metrics)
+
+
+def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path) -> str:
+    """SHA-256 of the params, the model spec and the content of ``files``."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), factory, kwargs], sort_keys=True,
+                                  default=str).encode())
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
@@ -56,7 +74,7 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
     from attnlab.store import extract_attention
 
     data, _ = load_dataset(lay)
-    model = load_checkpoint(lay.model)
+    model = exp.load_model(cfg, lay)
     if _has_attention(model):                  # e.g. a fusion by weights has none
         x, bs = exp.test_inputs(data), cfg.extract.batch_size
         n = len(x[0] if isinstance(x, tuple) else x)
@@ -67,9 +85,11 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
 
 def _has_attention(model: torch.nn.Module) -> bool:
-    from attnlab.capture import AttentionProbs
+    """A recordable attention module (any adapter), or one that only looks like attention
+    (then the recorder raises, naming it, instead of the stage skipping it)."""
+    from attnlab.capture import attention_lookalikes, recordable_modules
 
-    return any(isinstance(m, (torch.nn.MultiheadAttention, AttentionProbs)) for m in model.modules())
+    return bool(recordable_modules(model) or attention_lookalikes(model))
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -79,16 +99,17 @@ def aggregate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False)
     a vocabulary write only ``summary.json`` saying so."""
     from attnlab.aggregate_views import aggregate_views
 
-    if not exp.vocabulary:
+    data, meta = load_dataset(lay)
+    if "vocab" not in meta:
         io.write_json(lay.aggregate_summary, {"vocabulary": False,
-                                              "reason": f"the {exp.name} kind has no token vocabulary"})
+                                              "reason": f"{lay.root.name}'s inputs have no token vocabulary"})
         return
     a = cfg.aggregate
-    data, meta = load_dataset(lay)
     itos = meta["vocab"]
-    views = aggregate_views(lay.attention, data["tokens_test"], data["mask_test"], len(itos),
+    causal, real = exp.head_masks(cfg, data)
+    views = aggregate_views(lay.attention, data["tokens_test"], real, len(itos),
                             attention=a.attention, layers=a.layers, heads=a.heads, batch_size=a.batch_size,
-                            causal=True, progress=progress)
+                            causal=causal, progress=progress)
     for view, (agg, per_head) in views.items():
         agg.save(lay.vocab(view))
         agg.to_frame(itos).to_csv(lay.vocab(view, kind="pairs"), index=False, float_format="%.6g",
@@ -116,7 +137,7 @@ def explain(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
     e = cfg.explain
     data, meta = load_dataset(lay)
-    model = load_checkpoint(lay.model)
+    model = exp.load_model(cfg, lay)
     ex = exp.explained(cfg, data, meta)
     baseline = exp.baseline(cfg, data)
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
@@ -154,9 +175,11 @@ def _example_figures(exp: Experiment, cfg: Any, lay: Layout, data: dict[str, tor
 # --------------------------------------------------------------------------- evaluate
 def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
     """Deletion/insertion of every method beside a seeded random baseline, evidence AUROC
-    and pointing game where the data have planted evidence, the kind's ground truth, and
-    per-head diagnostics (entropy, sink score, locality, ablation) of the stored attention."""
-    from attnlab.evaluate import evidence_auroc, pointing_game, random_importance
+    and pointing game where the data have planted evidence (each with bootstrap intervals
+    over samples and a paired test against random), deletion again with the
+    ROAD masker where ``evaluate.debiased``, the kind's ground truth, and per-head
+    diagnostics (entropy, sink score, locality, ablation) of the stored attention."""
+    from attnlab.evaluate import random_importance
     from attnlab.evaluate.summaries import perturbation_curves
     from attnlab.report import figures
     from attnlab.report.html import save_figure
@@ -165,7 +188,7 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     res = lay.results
     (res / "figures").mkdir(parents=True)
     data, meta = load_dataset(lay)
-    model = load_checkpoint(lay.model)
+    model = exp.load_model(cfg, lay)
     ex = exp.explained(cfg, data, meta)
     stored = io.load_arrays(lay.importance)
     importance = {m: torch.from_numpy(stored[m]) for m in cfg.explain.methods}
@@ -175,21 +198,76 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     target = torch.from_numpy(stored["target"])
 
     pert = exp.perturbation(cfg, model, data, meta, ex)
+    stats = dict(resamples=ev.resamples, seed=ev.seed, alpha=ev.alpha)
     aucs, curves = perturbation_curves(pert.fn, pert.x, importance, pert.masker, target=target, steps=ev.steps,
-                                       batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs)
+                                       batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs, **stats)
     write_curves(curves, lay.dir("evaluate"))
     save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
-    metrics: dict[str, Any] = {"n_samples": len(ex), "faithfulness": aucs}
+    metrics: dict[str, Any] = {"n_samples": len(ex), "faithfulness": aucs,
+                               "significance": {"alpha": ev.alpha, "resamples": ev.resamples}}
     if ex.y is not None:
         metrics["accuracy"] = float((target == ex.y).float().mean())
     if ex.evidence is not None:
-        metrics["evidence"] = {
-            "auroc": {m: float(evidence_auroc(v, ex.evidence, valid=ex.valid).mean) for m, v in importance.items()},
-            "pointing_game": {m: float(pointing_game(v, ex.evidence, valid=ex.valid)) for m, v in importance.items()}}
+        metrics["evidence"], metrics["evidence_ci"], metrics["evidence_vs_random"] = _evidence_scores(
+            importance, ex.evidence, ex.valid, **stats)
+    if getattr(ev, "debiased", False):
+        road = _road(pert, importance, aucs, target, ev)
+        if road is not None:
+            metrics["road"] = road
     _merge(metrics, exp.ground_truth(cfg, lay, model, data, meta, ex))
     if lay.attention.exists() and self_attention_only(lay.attention):
         metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, progress=progress)
     io.write_json(lay.metrics, metrics)
+
+
+def _evidence_scores(importance: dict[str, torch.Tensor], evidence: torch.Tensor, valid: torch.Tensor | None, *,
+                     resamples: int, seed: int, alpha: float) -> tuple[dict[str, Any], ...]:
+    """Evidence AUROC and pointing game of every method (means over samples), their 95%
+    bootstrap intervals and the paired test against random, as three dicts keyed by score
+    (``evidence`` keeps only the means, as before; ``evidence_ci``, ``evidence_vs_random``)."""
+    from attnlab.evaluate import evidence_auroc, pointing_hits
+    from attnlab.evaluate.uncertainty import uncertainty
+
+    means: dict[str, Any] = {}
+    ci: dict[str, Any] = {}
+    tests: dict[str, Any] = {}
+    per_sample = {"auroc": {m: evidence_auroc(v, evidence, valid=valid).per_sample.numpy()
+                            for m, v in importance.items()},
+                  "pointing_game": {m: pointing_hits(v, evidence, valid=valid).numpy() for m, v in importance.items()}}
+    for score, values in per_sample.items():
+        means[score] = {m: float(np.nanmean(v)) if (~np.isnan(v)).any() else float("nan") for m, v in values.items()}
+        ci[score], tests[score] = uncertainty(values, higher_is_better=True, resamples=resamples, seed=seed,
+                                              alpha=alpha)
+    return means, ci, tests
+
+
+def _road(pert: Any, importance: dict[str, torch.Tensor], constant: dict[str, Any], target: torch.Tensor,
+          ev: Any) -> dict[str, Any] | None:
+    """Deletion with the ROAD masker over the same items as the kind's constant masker
+    (noise ``ev.road_noise`` × the std of the perturbed inputs), its intervals and tests,
+    and whether the ranking by deletion AUC is the same as with the constant baseline
+    (``same_ranking``; ``rank_correlation``: Kendall's tau between the two). Deletion
+    only: the ranking and "beats random" are read from it, and insertion would double
+    the cost. None where the items cannot be interpolated (token ids, fusion streams)."""
+    from scipy.stats import kendalltau
+
+    from attnlab.evaluate import road_like
+    from attnlab.evaluate.summaries import perturbation_curves
+
+    if not torch.is_floating_point(pert.x):
+        return None
+    masker = road_like(pert.masker, noise=ev.road_noise, seed=ev.seed, reference=pert.x)
+    if masker is None:
+        return None
+    aucs, _ = perturbation_curves(pert.fn, pert.x, importance, masker, target=target, steps=ev.steps,
+                                  batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs,
+                                  resamples=ev.resamples, seed=ev.seed, alpha=ev.alpha, modes=("deletion",))
+    methods = list(constant["deletion_auc"])
+    before = sorted(methods, key=lambda m: constant["deletion_auc"][m])
+    after = sorted(methods, key=lambda m: aucs["deletion_auc"][m])
+    tau = kendalltau([constant["deletion_auc"][m] for m in methods], [aucs["deletion_auc"][m] for m in methods])
+    return {**aucs, "same_ranking": before == after,
+            "rank_correlation": float(tau.statistic) if len(methods) > 1 else 1.0}
 
 
 def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
@@ -227,7 +305,7 @@ def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data:
     from attnlab.store import AttentionReader
 
     ev = cfg.evaluate
-    causal, real = exp.head_masks(data)
+    causal, real = exp.head_masks(cfg, data)
     with AttentionReader(lay.attention) as reader:
         names = list(reader.names)
         heads = head_table(reader, k=ev.sink_k, batch_size=ev.batch_size, causal=causal, mask=real)
@@ -235,10 +313,11 @@ def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data:
     # nn.MultiheadAttention) or the attention module holding a recorded AttentionProbs
     ablatable = {n: a for n in dict.fromkeys(names) if (a := ablation_module(model, n)) is not None}
     if getattr(ev, "ablation", False) and ablatable:
-        y = data["y_test"]
-        batches = [(pert.x[i:i + ev.batch_size], y[i:i + ev.batch_size]) for i in range(0, len(y), ev.batch_size)]
+        y, more = data["y_test"], pert.forward_kwargs or {}
+        batches = [((pert.x[i:i + ev.batch_size], {k: v[i:i + ev.batch_size] for k, v in more.items()}),
+                    y[i:i + ev.batch_size]) for i in range(0, len(y), ev.batch_size)]
         ablated = head_importance(model, batches, list(ablatable.values()),
-                                  forward=lambda _, inputs: pert.fn(inputs), progress=progress)
+                                  forward=lambda _, inputs: pert.fn(inputs[0], **inputs[1]), progress=progress)
         recorded = {a: n for n, a in ablatable.items()}
         drops = pd.DataFrame([{"module": recorded[name], "head": h, "accuracy_drop": float(ablated.accuracy_drop[l, h]),
                                "prob_drop": float(ablated.prob_drop[l, h])}
@@ -261,20 +340,31 @@ def report(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) ->
 
 def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
     """Log this pipeline state (params, metrics, model, attention, aggregation,
-    explanations, report) to MLflow as one run."""
+    explanations, report) to MLflow as one run. A model trained elsewhere is logged by
+    reference: its factory, arguments, weights file and the weights' SHA-256 (params
+    ``model.*`` and the artifact ``model/model_reference.json``), never copied or pickled."""
     from attnlab import tracking
     from attnlab.config import flatten
 
     stage_dirs = {name: lay.dir(name) for name in ("train", "extract", "aggregate", "explain", "evaluate", "report")}
     recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
-    metrics = {f"final.{k}": v for k, v in io.read_json(lay.train_metrics).items()}
+    reference = exp.model_reference(cfg)
+    metrics = {} if reference else {f"final.{k}": v for k, v in io.read_json(lay.train_metrics).items()}
     metrics.update(tracking.flat_metrics(io.read_json(lay.metrics), "evaluate"))
     instance = lay.root.name                   # the MLflow experiment: one per instance
     params = flatten(cfg) | ({"kind": exp.name} if exp.name != instance else {})
+    artifacts = {("attention" if k == "extract" else k): d for k, d in stage_dirs.items() if k != "train"}
+    if reference:
+        params["model.weights_sha256"] = reference["weights_sha256"]
+        artifacts["model"] = lay.dir("track") / "model_reference.json"
+        io.write_json(artifacts["model"], reference)
+        recorded.append(artifacts["model"])
+    else:
+        artifacts["checkpoint"] = lay.model    # the weights, loadable without unpickling code
     run_id, created = tracking.log_pipeline_run(
-        instance, params=params, metrics=metrics, files=recorded, history=pd.read_csv(lay.history),
-        model=load_checkpoint(lay.model),
-        artifacts={("attention" if k == "extract" else k): d for k, d in stage_dirs.items() if k != "train"})
+        instance, params=params, metrics=metrics, files=recorded,
+        history=None if reference else pd.read_csv(lay.history),
+        model=None if reference else exp.load_model(cfg, lay), artifacts=artifacts)
     io.write_json(lay.run, {"experiment": instance, "run_id": run_id})
     print(f"{instance}: MLflow run {run_id} ({'logged' if created else 'already logged'})")
 

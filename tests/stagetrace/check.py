@@ -121,19 +121,27 @@ def declared_params_files(dvc_yaml_path: str | os.PathLike) -> dict[str, list[st
 
 
 def missing_traces(traces: Iterable[Mapping[str, Any]], dvc_yaml_path: str | os.PathLike,
-                   experiments: Iterable[str]) -> list[str]:
+                   experiments: Iterable[str], externals: Mapping[str, str] | None = None) -> list[str]:
     """``stage@experiment`` of every foreach stage x experiment without a trace (a stage
-    that did not run, or ran without the tracer), plus plain stages without one."""
+    that did not run, or ran without the tracer), plus plain stages without one.
+    ``externals`` (params.yaml's, name -> directory) are the items of the
+    ``foreach: ${externals}`` stages; the others iterate over ``experiments``."""
     doc = yaml.safe_load(Path(dvc_yaml_path).read_text()) or {}
-    have = {(t["stage"], t["experiment"]) for t in traces}
+    have = {(_dvc_stage(t, externals), t["experiment"]) for t in traces}
     have_stage = {t["stage"] for t in traces}
     out = []
     for name, stage in (doc.get("stages") or {}).items():
         if "foreach" in stage:
-            out += [f"{name}@{e}" for e in experiments if (name, e) not in have]
+            items = (externals or {}) if stage["foreach"] == "${externals}" else experiments
+            out += [f"{name}@{e}" for e in items if (name, e) not in have]
         elif name not in have_stage:
             out.append(name)
     return out
+
+
+def _dvc_stage(trace: Mapping[str, Any], externals: Mapping[str, str] | None) -> str:
+    """The dvc.yaml stage of a trace: ``external-<script>`` for an external instance."""
+    return f"external-{trace['stage']}" if trace["experiment"] in (externals or {}) else trace["stage"]
 
 
 # ---------------------------------------------------------------------------- checking
@@ -158,11 +166,13 @@ def _exempt(path: str, patterns: Iterable[str]) -> bool:
 
 
 def uncovered(traces: Iterable[Mapping[str, Any]], dvc_yaml_path: str | os.PathLike,
-              exempt: Iterable[str] = DEFAULT_EXEMPT) -> list[str]:
+              exempt: Iterable[str] = DEFAULT_EXEMPT, externals: Mapping[str, str] | None = None) -> list[str]:
     """One message per (stage@experiment, path) read or ran but not declared.
 
     A path is covered by a dep equal to it or by a directory dep containing it, after
-    ``${item}`` is replaced by the trace's experiment; a parameter file (``params.yaml``)
+    ``${item}`` is replaced by the trace's experiment (for an instance of ``externals``,
+    the stage is ``external-<script>``, ``${key}`` its name and ``${item}`` its
+    directory); a parameter file (``params.yaml``)
     by the stage's ``params`` section; ``exempt`` patterns (see :data:`DEFAULT_EXEMPT`)
     are never reported. Messages are ordered as the stages in dvc.yaml, then by
     experiment, then ``read`` before ``ran``, then path.
@@ -173,13 +183,17 @@ def uncovered(traces: Iterable[Mapping[str, Any]], dvc_yaml_path: str | os.PathL
     exempt = tuple(exempt)
     found: set[tuple] = set()
     for trace in traces:
-        stage, experiment = trace["stage"], trace["experiment"]
+        stage, experiment = _dvc_stage(trace, externals), trace["experiment"]
         where = f"{stage}@{experiment}"
         if stage not in deps:
             found.add((len(order), stage, experiment, "", "",
-                       f"{where} ran stages/{stage}.py, but dvc.yaml has no stage {stage!r}"))
+                       f"{where} ran stages/{trace['stage']}.py, but dvc.yaml has no stage {stage!r}"))
             continue
-        covering = [_norm(d.replace("${item}", experiment)) for d in deps[stage]]
+        if experiment in (externals or {}):
+            covering = [_norm(d.replace("${key}", experiment).replace("${item}", externals[experiment]))
+                        for d in deps[stage]]
+        else:
+            covering = [_norm(d.replace("${item}", experiment)) for d in deps[stage]]
         param_files = {_norm(p) for p in params[stage]}
         for verb in ("read", "ran"):
             for path in trace.get(verb, []):
@@ -202,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if not traces:
         print(f"no traces in {args[0]}", file=sys.stderr)
         return 2
-    messages = uncovered(traces, args[1] if len(args) > 1 else "dvc.yaml")
+    dvc_yaml = Path(args[1] if len(args) > 1 else "dvc.yaml")
+    params = yaml.safe_load((dvc_yaml.parent / "params.yaml").read_text()) or {}
+    messages = uncovered(traces, dvc_yaml, externals=params.get("externals"))
     for message in messages:
         print(message)
     stages = sorted({f"{t['stage']}@{t['experiment']}" for t in traces})

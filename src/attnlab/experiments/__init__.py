@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from attnlab.experiments.base import ClassifierExperiment, Experiment, Explained, Perturbation, Prepared
 from attnlab.experiments.clips import FramesExperiment, VideoExperiment
+from attnlab.experiments.external import ExternalExperiment
 from attnlab.experiments.fusion import FusionExperiment
 from attnlab.experiments.motion import MotionExperiment
 from attnlab.experiments.tokens import TokensExperiment
 
 KINDS: dict[str, type[Experiment]] = {kind.name: kind for kind in (
-    MotionExperiment, TokensExperiment, FramesExperiment, VideoExperiment, FusionExperiment)}
+    MotionExperiment, TokensExperiment, FramesExperiment, VideoExperiment, FusionExperiment, ExternalExperiment)}
 
 
 def get_experiment(name: str) -> Experiment:

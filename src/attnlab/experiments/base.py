@@ -73,7 +73,6 @@ class Experiment:
 
     name: ClassVar[str] = ""
     item_name: ClassVar[str] = "item"     # what the items are: timestep, frame, patch, stream, token
-    vocabulary: ClassVar[bool] = False    # token ids with a vocabulary: the aggregate stage runs
     report_kind: ClassVar[str] = "classifier"
 
     def prepare(self, cfg: Any) -> Prepared:
@@ -82,6 +81,16 @@ class Experiment:
     def model_spec(self, cfg: Any, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """``(factory, kwargs)`` of the model, a factory the project ships."""
         raise NotImplementedError
+
+    def load_model(self, cfg: Any, lay: Any) -> nn.Module:
+        """The model the later stages explain: the train stage's checkpoint, in eval mode."""
+        from attnlab.models import load_checkpoint
+
+        return load_checkpoint(lay.model)
+
+    def model_reference(self, cfg: Any) -> dict[str, Any] | None:
+        """For a model not trained here: what identifies it (MLflow logs this, not the model)."""
+        return None
 
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return model(batch)
@@ -110,7 +119,7 @@ class Experiment:
                      explained: Explained) -> Perturbation:
         raise NotImplementedError
 
-    def head_masks(self, data: dict[str, torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
+    def head_masks(self, cfg: Any, data: dict[str, torch.Tensor]) -> tuple[bool, torch.Tensor | None]:
         """``(causal, mask [N, L] of real tokens or None)`` for the head diagnostics."""
         return False, None
 

@@ -97,7 +97,6 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: to
 class TokensExperiment(Experiment):
     name = "tokens"
     item_name = "token"
-    vocabulary = True
     report_kind = "tokens"
 
     def prepare(self, cfg: TokensParams) -> Prepared:
@@ -153,7 +152,7 @@ class TokensExperiment(Experiment):
                             sequence_masker(meta["vocab"].index(UNK)),
                             forward_kwargs={"position": explained.items.how, "mask": data["mask_test"][rows]})
 
-    def head_masks(self, data):
+    def head_masks(self, cfg, data):
         return True, data["mask_test"]
 
     def ground_truth(self, cfg, lay, model, data, meta, explained):

@@ -24,17 +24,24 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     from attnlab.store import AttentionReader
 
     meta = io.read_json(lay.meta)
-    history = pd.read_csv(lay.history)
-    metrics = io.read_json(lay.train_metrics)
     preds = io.load_arrays(lay.predictions)
     classes, item, n_items = meta["classes"], experiment.item_name, meta["n_items"]
+    reference = experiment.model_reference(cfg)
 
     rep = HtmlReport(f"attnlab — {lay.root.name}" + (f" ({experiment.name})" if experiment.name != lay.root.name else ""))
-    rep.paragraph(f"Data: {meta['source']} ({meta['n_train']} training, {meta['n_test']} test sequences, "
+    split = f"{meta['n_train']} training, " if "n_train" in meta else ""
+    rep.paragraph(f"Data: {meta['source']} ({split}{meta['n_test']} test sequences, "
                   f"{n_items} {item}s each, classes: {', '.join(classes)}).")
-    rep.heading("Training")
-    rep.table(pd.DataFrame([{"metric": k, "value": v} for k, v in metrics.items()]))
-    rep.figure(figures.training_curves(history), "training_curves", "Loss and accuracy per epoch.")
+    if reference:                              # a model trained elsewhere
+        rep.heading("Model")
+        rep.paragraph(f"Built by {reference['factory']} with {reference['kwargs'] or 'no arguments'}; weights: "
+                      f"{reference['weights'] or 'as built'}" +
+                      (f" (SHA-256 {reference['weights_sha256']})" if reference["weights"] else "") +
+                      f". Accuracy on these inputs: {float((preds['pred'] == preds['y']).mean()):.3f}.")
+    else:
+        rep.heading("Training")
+        rep.table(pd.DataFrame([{"metric": k, "value": v} for k, v in io.read_json(lay.train_metrics).items()]))
+        rep.figure(figures.training_curves(pd.read_csv(lay.history)), "training_curves", "Loss and accuracy per epoch.")
 
     examples = figures.pick_examples(preds["y"], cfg.report.examples)
     with AttentionReader(lay.attention) as reader:
@@ -65,22 +72,99 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     for png in sorted(lay.explain_figures.glob("*.png"), key=lambda p: int(p.stem[6:])):
         rep.image(png.read_bytes(), f"explain_{png.stem}", f"{png.stem}: every method's importance "
                   f"(each band scaled to its maximum).")
+    aggregated = io.read_json(lay.aggregate_summary)
+    if aggregated["vocabulary"]:
+        view = aggregated["headline"]
+        rep.heading(f"Which token attends to which ({view})")
+        rep.paragraph("Token pairs (query token, key token) ranked by lift: the attention between them over all "
+                      "test sequences divided by what their frequencies alone would give.")
+        rep.table(pd.read_csv(lay.vocab(view, kind="top_pairs")))
     add_evaluation(rep, lay, item)
     return rep.write(lay.dir("report"))
 
 
+def _interval(ci: dict[str, Any] | None, method: str) -> str:
+    c = (ci or {}).get(method)
+    return f"[{c['lo']:.3f}, {c['hi']:.3f}]" if c and c["lo"] == c["lo"] else "–"
+
+
+def _p_value(tests: dict[str, Any] | None, method: str) -> str:
+    t = (tests or {}).get(method)
+    return f"{t['p']:.2g}" if t and t["p"] == t["p"] else "–"
+
+
 def method_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Methods ranked by deletion AUC (lower = more faithful), with every other score."""
+    """Methods ranked by deletion AUC (lower = more faithful), with every other score and,
+    where evaluate computed them, each score's 95% bootstrap interval over samples and the
+    p-value of the one-sided paired test against random."""
     faith = metrics["faithfulness"]
+    evidence = metrics.get("evidence", {})
     rows = []
     for method, deletion in faith["deletion_auc"].items():
-        row = {"method": method, "deletion AUC (lower better)": deletion,
-               "insertion AUC (higher better)": faith["insertion_auc"][method]}
-        if "evidence" in metrics:
-            row["evidence AUROC"] = metrics["evidence"]["auroc"][method]
-            row["pointing game"] = metrics["evidence"]["pointing_game"][method]
+        row = {"method": method, "deletion AUC (lower better)": deletion}
+        if "deletion_auc_ci" in faith:
+            row["deletion 95% CI"] = _interval(faith["deletion_auc_ci"], method)
+            row["deletion p vs random"] = _p_value(faith.get("deletion_auc_vs_random"), method)
+        row["insertion AUC (higher better)"] = faith["insertion_auc"][method]
+        if "insertion_auc_ci" in faith:
+            row["insertion 95% CI"] = _interval(faith["insertion_auc_ci"], method)
+            row["insertion p vs random"] = _p_value(faith.get("insertion_auc_vs_random"), method)
+        for score, title in (("auroc", "evidence AUROC"), ("pointing_game", "pointing game")):
+            if score in evidence:
+                row[title] = evidence[score][method]
+                if score in metrics.get("evidence_ci", {}):
+                    row[f"{title} 95% CI"] = _interval(metrics["evidence_ci"][score], method)
+                    row[f"{title} p vs random"] = _p_value(metrics.get("evidence_vs_random", {}).get(score), method)
         rows.append(row)
     return pd.DataFrame(rows).sort_values("deletion AUC (lower better)", kind="stable").reset_index(drop=True)
+
+
+def random_sentence(scores: dict[str, Any], alpha: float, what: str = "deletion") -> tuple[str, bool]:
+    """Which methods beat random on ``what`` (``scores``: a faithfulness dict), claiming only
+    what the paired test supports at ``alpha``; and whether every method did. Without
+    tests (older metrics) it compares the means and says so."""
+    aucs, tests = scores[f"{what}_auc"], scores.get(f"{what}_auc_vs_random")
+    lower = what == "deletion"
+    methods = [m for m in aucs if m != "random"]
+    ahead = [m for m in methods if (aucs[m] < aucs["random"] if lower else aucs[m] > aucs["random"])]
+    if tests is None:
+        beaten = ahead
+        text = f"Beat the random baseline on {what} (mean AUC, no test): {', '.join(beaten) or 'none'}. "
+    else:
+        beaten = [m for m in methods if tests[m]["better"]]
+        n = max((t["n"] for t in tests.values()), default=0)
+        text = (f"Beat the random baseline on {what} (one-sided paired Wilcoxon signed-rank test over {n} samples, "
+                f"p < {alpha:g}): " + (", ".join(f"{m} (p = {tests[m]['p']:.2g})" for m in beaten) or "none") + ". ")
+        unsupported = [m for m in ahead if m not in beaten]
+        if unsupported:
+            text += (f"{'Lower' if lower else 'Higher'} mean AUC than random but not significant at {alpha:g}: "
+                     + ", ".join(f"{m} (p = {tests[m]['p']:.2g})" for m in unsupported) + ". ")
+    failed = [m for m in methods if m not in ahead]
+    text += f"No better than random: {', '.join(failed) or 'none'}."
+    return text, len(beaten) == len(methods)
+
+
+def road_paragraph(constant: dict[str, Any], road: dict[str, Any]) -> str:
+    """One sentence: the ranking by deletion AUC with the constant baseline and with ROAD."""
+    def order(aucs: dict[str, float]) -> str:
+        return " < ".join(sorted(aucs, key=aucs.get))
+
+    verdict = "is the same" if road["same_ranking"] else "CHANGES"
+    return (f"Ranking by deletion AUC with the constant baseline: {order(constant['deletion_auc'])}; with ROAD: "
+            f"{order(road['deletion_auc'])} — the ranking {verdict} (Kendall's τ between the two = "
+            f"{road['rank_correlation']:.2f}).")
+
+
+def road_table(constant: dict[str, Any], road: dict[str, Any]) -> pd.DataFrame:
+    """Per method: deletion AUC and rank with the constant baseline and with ROAD, and
+    ROAD's interval and test against random."""
+    rank_c = {m: i + 1 for i, m in enumerate(sorted(constant["deletion_auc"], key=constant["deletion_auc"].get))}
+    rank_r = {m: i + 1 for i, m in enumerate(sorted(road["deletion_auc"], key=road["deletion_auc"].get))}
+    return pd.DataFrame([{"method": m, "deletion AUC (constant)": constant["deletion_auc"][m], "rank (constant)": rank_c[m],
+                          "deletion AUC (ROAD)": road["deletion_auc"][m], "rank (ROAD)": rank_r[m],
+                          "ROAD deletion 95% CI": _interval(road.get("deletion_auc_ci"), m),
+                          "ROAD deletion p vs random": _p_value(road.get("deletion_auc_vs_random"), m)}
+                         for m in sorted(rank_r, key=rank_r.get)])
 
 
 def heads_paragraph(heads: dict[str, Any]) -> str:
@@ -118,11 +202,21 @@ def add_faithfulness(rep: HtmlReport, lay: Layout, metrics: dict[str, Any], item
                   f"nothing and add {item}s most important first (large area is better). 'random' ranks "
                   "items at random: a method that does not beat it explains nothing.")
     rep.table(table)
-    random = table.set_index("method").loc["random", "deletion AUC (lower better)"]
-    beaten = [m for m, v in zip(table["method"], table["deletion AUC (lower better)"]) if m != "random" and v < random]
-    failed = [m for m in table["method"] if m != "random" and m not in beaten]
-    rep.paragraph(f"Beat the random baseline on deletion: {', '.join(beaten) or 'none'}. "
-                  f"Did not: {', '.join(failed) or 'none'}.", css="warn" if failed else "ok")
+    alpha = metrics.get("significance", {}).get("alpha", 0.05)
+    text, all_beat = random_sentence(metrics["faithfulness"], alpha)
+    rep.paragraph(text, css="ok" if all_beat else "warn")
+    if "deletion_auc_ci" in metrics["faithfulness"]:
+        rep.paragraph(f"Intervals: 95% percentile bootstrap over the samples "
+                      f"({metrics.get('significance', {}).get('resamples', '?')} resamples); p: one-sided paired "
+                      "Wilcoxon signed-rank test of the per-sample score against random's on the same samples.")
+    if "road" in metrics:
+        rep.paragraph(f"Debiased deletion (ROAD, Rong et al., 2022): a removed {item} is imputed by linear "
+                      f"interpolation between the nearest kept {item}s plus Gaussian noise, instead of the constant "
+                      "baseline, so the model does not see inputs unlike any it was trained on. "
+                      + road_paragraph(metrics["faithfulness"], metrics["road"]),
+                      css="ok" if metrics["road"]["same_ranking"] else "warn")
+        rep.table(road_table(metrics["faithfulness"], metrics["road"]))
+        rep.paragraph(random_sentence(metrics["road"], alpha)[0].replace("random baseline", "random baseline under ROAD"))
     if "evidence" in metrics:
         rep.paragraph("Evidence AUROC: how well each method's importance separates the items that carry the "
                       "planted evidence from the others (0.5 = chance); pointing game: how often the top item "

@@ -9,7 +9,7 @@ import pandas as pd
 
 from attnlab import io
 from attnlab.report import figures
-from attnlab.report.classifier import heads_paragraph, method_table, methods_paragraph
+from attnlab.report.classifier import heads_paragraph, method_table, methods_paragraph, random_sentence
 from attnlab.report.html import HtmlReport
 
 
@@ -51,6 +51,8 @@ def write_external_report(out: str | Path) -> Path:
                   "fall (lower area = more faithful); insertion: add them most important first (higher is better). "
                   "'random' ranks items at random.")
     rep.table(method_table({"faithfulness": metrics["faithfulness"]}))
+    text, all_beat = random_sentence(metrics["faithfulness"], 0.05)     # the level attnlab explain tests at
+    rep.paragraph(text, css="ok" if all_beat else "warn")
     curves = {mode: pd.read_csv(out / f"{mode}.csv").pivot(index="fraction", columns="method",
                                                            values="probability").reset_index()
               for mode in ("deletion", "insertion")}

@@ -1,0 +1,148 @@
+"""``external``: a classifier trained elsewhere, explained by the pipeline.
+
+Its params section names a factory, the weights and the data files (all inside the
+directory ``externals`` gives the instance, which ``dvc.yaml`` watches). There is no
+training: ``prepare`` checks the files, the model and that the recorder sees its
+attention, and stores the inputs as the pipeline's test set; every later stage builds
+the model from the declared factory and weights (never from a checkpoint), so the
+rest of the pipeline — extract, aggregate (token inputs with a vocabulary), explain,
+evaluate, report, track — is the one every experiment runs.
+
+Items are along dim 1 of the first input (``[N, T, C]``, ``[N, T, C, H, W]``, token ids
+``[N, L]``); further inputs are passed along unchanged (``model(x, x1, ...)``).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attnlab.attribution import SequenceItems
+from attnlab.config import ExternalParams
+from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
+
+
+#: The names the messages about the data files give them: their params keys.
+FLAGS = {key: f"prepare.{key}" for key in ("inputs", "labels", "tokens", "vocab")}
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ExternalExperiment(ClassifierExperiment):
+    name = "external"
+    item_name = "item"
+
+    # ------------------------------------------------------------------ the model
+    def load_model(self, cfg: ExternalParams, lay: Any) -> nn.Module:
+        """The user's factory (declared in params) with the user's weights, in eval mode."""
+        from attnlab.external import build, load_weights
+
+        m = cfg.model
+        model = build(m.factory, m.kwargs, flag="model.factory")
+        if m.weights:
+            load_weights(model, m.weights, flag="model.weights")
+        return model.eval()
+
+    def model_reference(self, cfg: ExternalParams) -> dict[str, Any]:
+        """What identifies the model: the factory, its arguments, the weights file and its digest."""
+        m = cfg.model
+        return {"factory": m.factory, "kwargs": m.kwargs, "weights": m.weights,
+                "weights_sha256": _sha256(m.weights) if m.weights else None}
+
+    # ------------------------------------------------------------------ the data
+    def prepare(self, cfg: ExternalParams) -> Prepared:
+        from attnlab.external import check_model, load_evidence, load_inputs
+
+        p = cfg.prepare
+        data = load_inputs(p.inputs, labels=p.labels, tokens=p.tokens, vocab=p.vocab, flags=FLAGS)
+        n_classes = check_model(self.load_model(cfg, None), data)
+        if int(data.labels.max()) >= n_classes or int(data.labels.min()) < 0:
+            from attnlab.external import ExternalError
+
+            raise ExternalError(f"prepare.labels {p.labels!r}: class ids {int(data.labels.min())}.."
+                                f"{int(data.labels.max())}, but the model gives {n_classes} logits")
+        first, rest = data.arrays[0], data.arrays[1:]
+        arrays: dict[str, np.ndarray] = {"y_test": data.labels.numpy()}
+        if data.vocab is not None:
+            arrays["tokens_test"] = first.numpy()
+            arrays["mask_test"] = (first != data.vocab.index("<pad>")).numpy()
+        else:
+            arrays["x_test"] = first.numpy()
+        arrays.update({f"x_test_{i}": a.numpy() for i, a in enumerate(rest, start=1)})
+        if p.evidence:
+            arrays["evidence_test"] = load_evidence(p.evidence, data, "prepare.evidence").numpy()
+        meta = {"source": f"your files ({', '.join(p.files())})", "classes": [str(c) for c in range(n_classes)],
+                "n_test": len(data), "n_items": int(first.shape[1]),
+                "inputs": [list(a.shape) for a in data.arrays], "model": self.model_reference(cfg)}
+        if data.vocab is not None:
+            meta["vocab"] = data.vocab
+        return Prepared(arrays, meta)
+
+    def _rest(self, data: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [data[k] for k in sorted((k for k in data if k.startswith("x_test_")), key=lambda k: int(k[7:]))]
+
+    def _first(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        return data["tokens_test"] if "tokens_test" in data else data["x_test"]
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(*batch) if isinstance(batch, tuple) else model(batch)
+
+    def test_inputs(self, data):
+        rest = self._rest(data)
+        return (self._first(data), *rest) if rest else self._first(data)
+
+    def extract_outputs(self, cfg, model, data):
+        from attnlab.training import predict
+
+        x, rest = self._first(data), self._rest(data)     # predict batches the row indices
+        prob = predict(model, torch.arange(len(x)),
+                       forward=lambda m, rows: m(x[rows], *(r[rows] for r in rest))).softmax(-1)
+        return {"predictions": {"y": data["y_test"].numpy(), "pred": prob.argmax(-1).numpy(),
+                                "prob": prob.numpy().astype(np.float32)}}
+
+    # ------------------------------------------------------------------ explaining it
+    def explained(self, cfg, data, meta):
+        tokens = "tokens_test" in data
+        x, rest = self._first(data), self._rest(data)
+        return Explained(x=x, items=SequenceItems(meta["n_items"], how=cfg.model.readout, token_ids=tokens),
+                         forward=lambda model, xb, rows: model(xb, *(r[rows] for r in rest)),
+                         y=data["y_test"], evidence=data.get("evidence_test"),
+                         valid=data["mask_test"] if tokens else None, saved={"y": data["y_test"].numpy()})
+
+    def baseline(self, cfg, data):
+        if "tokens_test" in data:
+            return float(cfg.explain.baseline)
+        if cfg.explain.baseline == "mean":     # nothing is trained here: the mean of the given inputs
+            return data["x_test"].float().mean(dim=(0, 1))
+        return float(cfg.explain.baseline)
+
+    def perturbation(self, cfg, model, data, meta, explained):
+        """Items along dim 1 of the first input are replaced whole by the baseline
+        (token ids by ``<unk>``); further inputs stay as they are."""
+        from attnlab.evaluate import sequence_masker
+
+        fill = meta["vocab"].index("<unk>") if "vocab" in meta else self.baseline(cfg, data)
+        rest = {f"input{i}": r for i, r in enumerate(self._rest(data), start=1)}
+        return Perturbation(lambda x, **kw: model(x, *kw.values()), explained.x, sequence_masker(fill),
+                            forward_kwargs=rest or None)
+
+    def head_masks(self, cfg, data):
+        return cfg.model.causal, data.get("mask_test")
+
+    def example_figure(self, data, meta, i, importance, title):
+        from attnlab.report import figures
+
+        x = data["x_test"][i].numpy() if "x_test" in data else None
+        evidence = data["evidence_test"][i].numpy() if "evidence_test" in data else None
+        return figures.importance_bands(importance, title, self.item_name,
+                                        x_tf=x if x is not None and x.ndim == 2 else None, evidence=evidence)

@@ -145,6 +145,13 @@ def _runs(repo, experiment="motion"):
     return client, client.search_runs([exp.experiment_id])
 
 
+def _stale(repo, env):
+    """The stages `dvc status` lists as changed."""
+    status = _run(["dvc", "status"], repo, env).stdout
+    return {line.rstrip(":").strip() for line in status.splitlines() if line.rstrip().endswith(":")
+            and not line.startswith("\t")}, status
+
+
 def test_repro_produces_every_output(project):
     repo, env, _ = project
     data = repo / "data" / "motion"
@@ -197,11 +204,9 @@ def test_editing_library_code_makes_its_stages_stale(project):
     original = path.read_text()
     path.write_text(original + "\n# edited\n")
     try:
-        status = _run(["dvc", "status"], repo, env).stdout
+        stale, status = _stale(repo, env)
     finally:
         path.write_text(original)
-    stale = {line.rstrip(":").strip() for line in status.splitlines() if line.rstrip().endswith(":")
-             and not line.startswith("\t")}
     assert "aggregate@tokens" in stale, status
     assert not any(s.startswith(("train@", "prepare@", "explain@")) for s in stale), status
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout
@@ -322,11 +327,9 @@ def test_editing_a_users_file_makes_only_its_stages_stale(project):
     state = torch.load(path, weights_only=True)
     torch.save({k: v + 0.01 for k, v in state.items()}, path)
     try:
-        status = _run(["dvc", "status"], repo, env).stdout
+        stale, status = _stale(repo, env)
     finally:
         path.write_bytes(original)
-    stale = {line.rstrip(":").strip() for line in status.splitlines() if line.rstrip().endswith(":")
-             and not line.startswith("\t")}
     assert stale == {f"external-{s}@clipnet" for s in ("prepare", "extract", "explain", "evaluate", "report",
                                                         "track")}, status
     assert "up to date" in _run(["dvc", "status"], repo, env).stdout

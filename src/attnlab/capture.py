@@ -364,14 +364,10 @@ def _sdpa_probs(query, key, attn_mask, is_causal: bool, scale: float | None) -> 
             raise RuntimeError("scaled_dot_product_attention: an explicit attn_mask should not be set "
                                "when is_causal=True")
         attn_mask = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if attn_mask is not None:
-        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
-    probs = torch.softmax(scores, dim=-1)
-    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    return probs.masked_fill(dead, 0.0) if bool(dead.any()) else probs
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attn_mask, float("-inf"))
+    return _attention_probs(query, key, attn_mask, need_weights=False, scale=scale)
 
 
 class _Intercept(TorchFunctionMode):
@@ -666,9 +662,11 @@ def _merged_mask(attn_mask, key_padding_mask, dtype: torch.dtype, size_bhls: tup
     return mask
 
 
-def _attention_probs(q_bhld, k_bhsd, mask, need_weights: bool) -> torch.Tensor:
-    """``softmax(q kᵀ / √d + mask)``: ``[B, H, L, S']`` probabilities, before dropout."""
-    scores = torch.matmul(q_bhld, k_bhsd.transpose(-2, -1)).mul_(1.0 / math.sqrt(q_bhld.shape[-1]))
+def _attention_probs(q_bhld, k_bhsd, mask, need_weights: bool, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask)`` (``scale`` default ``1/√d``; ``mask`` additive):
+    ``[B, H, L, S']`` probabilities, before dropout."""
+    scale = 1.0 / math.sqrt(q_bhld.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q_bhld, k_bhsd.transpose(-2, -1)).mul_(scale)
     if mask is not None:
         scores = scores.add_(mask)
     probs = torch.softmax(scores, dim=-1)

@@ -59,6 +59,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.rename(path)
 
 
+def hash_file(digest: Any, path: str | Path) -> Any:
+    """Feed the bytes of ``path`` to a ``hashlib`` object in 1 MiB blocks (files of any
+    size, never loaded whole); returns ``digest``."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def write_json(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

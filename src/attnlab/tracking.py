@@ -32,6 +32,8 @@ import yaml  # noqa: E402
 from mlflow.entities import Metric, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from attnlab.io import hash_file  # noqa: E402
+
 STATE_TAG = "attnlab.state_key"
 
 
@@ -72,9 +74,7 @@ def state_key(params: Mapping[str, Any], files: Iterable[str | Path]) -> str:
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
     for path in sorted(Path(p) for p in files):
         h.update(str(path).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        hash_file(h, path)
     return h.hexdigest()
 
 

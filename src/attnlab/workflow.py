@@ -62,9 +62,7 @@ def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path) -
     h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), factory, kwargs], sort_keys=True,
                                   default=str).encode())
     for path in files:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        io.hash_file(h, path)
     return h.hexdigest()
 
 
@@ -348,7 +346,7 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
 
     stage_dirs = {name: lay.dir(name) for name in ("train", "extract", "aggregate", "explain", "evaluate", "report")}
     recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
-    reference = exp.model_reference(cfg)
+    reference = exp.model_reference(cfg, lay)
     metrics = {} if reference else {f"final.{k}": v for k, v in io.read_json(lay.train_metrics).items()}
     metrics.update(tracking.flat_metrics(io.read_json(lay.metrics), "evaluate"))
     instance = lay.root.name                   # the MLflow experiment: one per instance

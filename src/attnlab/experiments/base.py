@@ -88,7 +88,7 @@ class Experiment:
 
         return load_checkpoint(lay.model)
 
-    def model_reference(self, cfg: Any) -> dict[str, Any] | None:
+    def model_reference(self, cfg: Any, lay: Any) -> dict[str, Any] | None:
         """For a model not trained here: what identifies it (MLflow logs this, not the model)."""
         return None
 

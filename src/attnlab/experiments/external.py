@@ -14,7 +14,6 @@ Items are along dim 1 of the first input (``[N, T, C]``, ``[N, T, C, H, W]``, to
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,12 +29,13 @@ from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbati
 FLAGS = {key: f"prepare.{key}" for key in ("inputs", "labels", "tokens", "vocab")}
 
 
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _reference(cfg: ExternalParams) -> dict[str, Any]:
+    """What identifies the model: the factory, its arguments, the weights file and its digest."""
+    from attnlab.io import hash_file
+
+    m = cfg.model
+    return {"factory": m.factory, "kwargs": m.kwargs, "weights": m.weights,
+            "weights_sha256": hash_file(hashlib.sha256(), m.weights).hexdigest() if m.weights else None}
 
 
 class ExternalExperiment(ClassifierExperiment):
@@ -53,11 +53,11 @@ class ExternalExperiment(ClassifierExperiment):
             load_weights(model, m.weights, flag="model.weights")
         return model.eval()
 
-    def model_reference(self, cfg: ExternalParams) -> dict[str, Any]:
-        """What identifies the model: the factory, its arguments, the weights file and its digest."""
-        m = cfg.model
-        return {"factory": m.factory, "kwargs": m.kwargs, "weights": m.weights,
-                "weights_sha256": _sha256(m.weights) if m.weights else None}
+    def model_reference(self, cfg: ExternalParams, lay: Any) -> dict[str, Any]:
+        """The reference ``prepare`` stored in ``meta.json`` (the weights are hashed once)."""
+        from attnlab.io import read_json
+
+        return read_json(lay.meta)["model"]
 
     # ------------------------------------------------------------------ the data
     def prepare(self, cfg: ExternalParams) -> Prepared:
@@ -83,7 +83,7 @@ class ExternalExperiment(ClassifierExperiment):
             arrays["evidence_test"] = load_evidence(p.evidence, data, "prepare.evidence").numpy()
         meta = {"source": f"your files ({', '.join(p.files())})", "classes": [str(c) for c in range(n_classes)],
                 "n_test": len(data), "n_items": int(first.shape[1]),
-                "inputs": [list(a.shape) for a in data.arrays], "model": self.model_reference(cfg)}
+                "inputs": [list(a.shape) for a in data.arrays], "model": _reference(cfg)}
         if data.vocab is not None:
             meta["vocab"] = data.vocab
         return Prepared(arrays, meta)

@@ -26,7 +26,7 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     meta = io.read_json(lay.meta)
     preds = io.load_arrays(lay.predictions)
     classes, item, n_items = meta["classes"], experiment.item_name, meta["n_items"]
-    reference = experiment.model_reference(cfg)
+    reference = experiment.model_reference(cfg, lay)
 
     rep = HtmlReport(f"attnlab — {lay.root.name}" + (f" ({experiment.name})" if experiment.name != lay.root.name else ""))
     split = f"{meta['n_train']} training, " if "n_train" in meta else ""

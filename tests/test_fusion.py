@@ -354,3 +354,27 @@ def test_fusion_experiment_forward_and_importance_use_the_two_streams():
     groups = exp.param_groups(FusionParams(), model)
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.fusion.parameters()}
+
+
+def test_weights_by_corruption_figure_is_reproducible_and_leaves_numpy_alone():
+    """seaborn's strip-plot jitter draws from numpy's global generator: the figure must be
+    the same bytes whatever that generator's state (so the report's DVC hash is stable),
+    and the caller's state must be left as it was."""
+    import io
+
+    from attnlab.report.figures import stream_weights_by_corruption
+
+    rng = np.random.default_rng(1)
+    weights = rng.dirichlet([1.0, 1.0], size=30)
+    corrupted = np.zeros((30, 2), bool)
+    corrupted[:10, 0] = True
+    pngs = []
+    for state in (0, 12345):
+        np.random.seed(state)
+        before = np.random.get_state()[1].copy()
+        fig = stream_weights_by_corruption(weights, corrupted, ["appearance", "structure"])
+        np.testing.assert_array_equal(np.random.get_state()[1], before)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        pngs.append(buf.getvalue())
+    assert pngs[0] == pngs[1]

@@ -5,14 +5,17 @@ Public API (stable names; see DESIGN.md):
 ``grad_rollout``, ``attention_flow``, ``spacetime_rollout`` and ``readout`` turn the
 recorded maps into explanations (``split_spacetime`` turns a divided space-time
 model's entries into what ``spacetime_rollout`` takes); ``VocabAttention`` aggregates token x token attention.
+``AttentionProbs`` is the marker a model's own attention modules call on their
+probabilities (``head_outputs`` gives the per-head values it takes for
+``AttentionRecorder(..., keep_norms=True)``).
 
 Masks: ``mask`` is always a ``[B, N]`` bool that is True at real tokens (torch's
 ``padding_mask``, True at padding, is accepted by ``rollout`` and ``readout`` as well).
 """
 from attnlab.aggregate import VocabAttention
-from attnlab.capture import AttentionProbs, AttentionRecorder
+from attnlab.capture import AttentionProbs, AttentionRecorder, head_outputs
 from attnlab.explain import (attention_flow, grad_rollout, readout, rollout, spacetime_rollout,
                              split_spacetime)
 
 __all__ = ["AttentionProbs", "AttentionRecorder", "VocabAttention", "attention_flow", "grad_rollout",
-           "readout", "rollout", "spacetime_rollout", "split_spacetime"]
+           "head_outputs", "readout", "rollout", "spacetime_rollout", "split_spacetime"]

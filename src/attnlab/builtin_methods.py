@@ -70,7 +70,7 @@ def _grad_rollout(batch: Batch) -> Tensor:
     # own share and says nothing about the others, so it is removed before the readout
     # (with a class token, Chefer et al. read R[0, 1:], which excludes it the same way).
     joint = grad_rollout(batch.attentions, batch.gradients)
-    return readout(joint - torch.eye(joint.shape[-1], dtype=joint.dtype), batch.items.how)
+    return readout(joint - torch.eye(joint.shape[-1], dtype=joint.dtype, device=joint.device), batch.items.how)
 
 
 @register("grad_rollout", items=("spacetime",))
@@ -84,6 +84,40 @@ def _flow(batch: Batch) -> Tensor:
     o = batch.options
     return readout(attention_flow(batch.attentions, head_fusion=o.head_fusion, residual=o.residual,
                                   max_pairs=o.flow_max_pairs, progress=False), batch.items.how)
+
+
+def _norm_maps(batch: Batch) -> list[Tensor]:
+    """The recorded norm maps ``[B, Lq, Lk]`` as 1-head attention ``[B, 1, Lq, Lk]``,
+    rows normalised to sum 1 (a stochastic matrix, like attention)."""
+    return [(n / n.sum(-1, keepdim=True).clamp_min(1e-12)).float().unsqueeze(1) for n in batch.norms]
+
+
+@register("norm", items=("sequence", "tokens"), needs=("norms",), default=False,
+          summary="Kobayashi et al. (2020): ‖Σ_h α f(x)‖, last layer, read out at the explained row")
+def _norm(batch: Batch) -> Tensor:
+    return readout(_fuse(batch, _norm_maps(batch)[-1]), batch.items.how)
+
+
+@register("norm", items=("spacetime",))
+def _norm_spacetime(batch: Batch) -> Tensor:
+    # as raw: the last block's class-token space row, its per-frame copies each / F
+    space, _ = batch.items.split(_norm_maps(batch))
+    return fuse_heads(space[-1], batch.options.head_fusion, dim=2)[:, :, 0, 1:] / space[-1].shape[1]
+
+
+@register("norm_rollout", items=("sequence", "tokens"), needs=("norms",), default=False,
+          summary="rollout of the norm-aware maps ‖Σ_h α f(x)‖ (Kobayashi et al., 2020), rows normalised")
+def _norm_rollout(batch: Batch) -> Tensor:
+    o = batch.options
+    return readout(rollout(_norm_maps(batch), head_fusion=o.head_fusion, residual=o.residual,
+                           discard_ratio=o.discard_ratio), batch.items.how)
+
+
+@register("norm_rollout", items=("spacetime",))
+def _norm_rollout_spacetime(batch: Batch) -> Tensor:
+    o = batch.options
+    return spacetime_rollout(*batch.items.split(_norm_maps(batch)), head_fusion=o.head_fusion,
+                             residual=o.residual)
 
 
 @register("input_x_gradient", items=("sequence", "spacetime", "streams"), needs=("reruns",),

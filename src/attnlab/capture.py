@@ -47,14 +47,52 @@ class AttentionProbs(nn.Module):
     user's) are recorded by :class:`AttentionRecorder`. The input must be laid out
     ``[B, H, Lq, Lk]`` (for factorised attention, ``B`` is whatever the module batches
     over, e.g. ``batch·frames``). Outside a recorder it returns its input unchanged.
+
+    ``values`` (optional; needed by ``AttentionRecorder(..., keep_norms=True)``): each
+    head's output-space vector of each key, ``f^h(x_j) = W_O^h v^h_j`` as
+    ``[B, H, Lk, E]`` (see :func:`head_outputs`), or a zero-argument callable returning
+    it, which is called only when norms are recorded (so the model pays nothing
+    otherwise): ``self.attn_probs(probs, values=lambda: head_outputs(v, self.proj.weight))``.
     """
 
-    def forward(self, probs_bhqk: torch.Tensor) -> torch.Tensor:
+    def forward(self, probs_bhqk: torch.Tensor, values=None) -> torch.Tensor:
         return probs_bhqk
 
 
+def head_outputs(v_bhkd: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """Each head's values mapped through its block of the output projection:
+    ``f^h(x_j) = W_O^h v^h_j`` ``[B, H, Lk, E]``, from per-head values ``v_bhkd
+    [B, H, Lk, d]`` (value bias included) and the out-projection weight ``[E, H·d]``
+    (``W_O^h = out_weight[:, h·d:(h+1)·d]``; the output bias is not part of it).
+    Summed over heads with the attention weights, these give the module's output
+    before the output bias (Kobayashi et al. 2020, "Attention is not only a weight")."""
+    if v_bhkd.dim() != 4 or out_weight.dim() != 2:
+        raise ValueError(f"head_outputs: expected v_bhkd [B, H, Lk, d] and out_weight [E, H*d]; got "
+                         f"{tuple(v_bhkd.shape)} and {tuple(out_weight.shape)}")
+    heads, head_dim = v_bhkd.shape[1], v_bhkd.shape[3]
+    if out_weight.shape[1] != heads * head_dim:
+        raise ValueError(f"head_outputs: out_weight {tuple(out_weight.shape)} does not match {heads} heads "
+                         f"of size {head_dim}: expected [E, {heads * head_dim}]")
+    w_ehd = out_weight.reshape(out_weight.shape[0], heads, head_dim)
+    return torch.einsum("bhkd,ehd->bhke", v_bhkd, w_ehd.to(v_bhkd.dtype))
+
+
+def _norms(probs_bhqk: torch.Tensor, f_bhke: torch.Tensor) -> torch.Tensor:
+    """``N[b, i, j] = ‖Σ_h α^h_ij f^h(x_j)‖`` ``[B, Lq, Lk]`` (detached), through the
+    per-key head Gram ``G[b, j, h, g] = <f^h(x_j), f^g(x_j)>``:
+    ``N² = Σ_{h,g} α^h α^g G``, never building a ``[B, Lq, Lk, E]`` tensor. NaN
+    probability rows give NaN rows."""
+    with torch.no_grad():
+        a = probs_bhqk.detach()
+        a = a if a.dtype in (torch.float32, torch.float64) else a.float()
+        f = f_bhke.detach().to(a.dtype)
+        gram_bkhg = torch.einsum("bhke,bgke->bkhg", f, f)
+        tmp_bgqk = torch.einsum("bhqk,bkhg->bgqk", a, gram_bkhg)
+        return (tmp_bgqk * a).sum(1).clamp_min(0).sqrt()
+
+
 _RECORDABLE_NAMES = ("MultiheadAttention", "AttentionProbs")
-_Record = Callable[[torch.Tensor], torch.Tensor]
+_Record = Callable[..., torch.Tensor]     # record(probs, values=None) -> probs to continue with
 
 
 class AttentionRecorder:
@@ -73,6 +111,15 @@ class AttentionRecorder:
       ``d loss / d rec.attentions[i]``, taken on the very tensor the module's output
       was computed from. It works on frozen models too: the probabilities are made to
       require grad when nothing upstream does.
+    * ``rec.norms[i]`` (``keep_norms=True``): ``[B, Lq, Lk]`` float, the norm-aware
+      attention of Kobayashi et al. (2020, "Attention is not only a weight"):
+      ``N_ij = ‖Σ_h α^h_ij f^h(x_j)‖`` with ``f^h(x_j) = W_O^h (W_V^h x_j + b_V^h)``
+      (value projection and the h-th column block of the output projection, without
+      the output bias) and ``α`` the recorded probabilities; detached, same layout and
+      entry order as ``rec.attentions`` (masked keys give 0, NaN rows stay NaN).
+      Recorded for ``nn.MultiheadAttention`` and for :class:`AttentionProbs` markers
+      that pass ``values`` (see :func:`head_outputs`); nothing is computed without
+      ``keep_norms``.
 
     Recorded modules (adapters chosen by type, no flag): ``nn.MultiheadAttention``,
     :class:`AttentionProbs` markers, and Hugging Face attention modules — those that
@@ -88,6 +135,7 @@ class AttentionRecorder:
         modules: qualified names (as in ``model.named_modules()``) of the modules to
             record; default all of them.
         keep_grad: also capture the gradient of the loss with respect to each entry.
+        keep_norms: also record the norm-aware attention ``rec.norms``.
 
     Raises:
         ValueError: on entry: ``model`` has no recordable module; a name in ``modules``
@@ -95,8 +143,10 @@ class AttentionRecorder:
             (TorchScript, ``torch.compile``, a subclass of ``nn.MultiheadAttention``
             that overrides ``forward``, or a module whose ``forward`` is already
             patched); with ``modules=None``, the model has modules that look like
-            attention that no adapter records (:func:`attention_lookalikes`).
-            Inside the block: a module of the model calls
+            attention that no adapter records (:func:`attention_lookalikes`);
+            ``keep_norms=True`` with a Hugging Face module among the recorded ones.
+            Inside the block: with ``keep_norms=True``, an :class:`AttentionProbs`
+            marker called without ``values``; a module of the model calls
             ``scaled_dot_product_attention`` outside a recorded module (with
             ``modules=None``); a Hugging Face module computes its attention without a
             softmax or SDPA call the recorder sees (e.g. ``flex_attention``), or more
@@ -111,11 +161,13 @@ class AttentionRecorder:
     """
 
     def __init__(self, model: nn.Module, *, modules: Iterable[str] | str | None = None,
-                 keep_grad: bool = False):
+                 keep_grad: bool = False, keep_norms: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(keep_grad, bool):
             raise TypeError(f"keep_grad must be True or False, got {keep_grad!r}")
+        if not isinstance(keep_norms, bool):
+            raise TypeError(f"keep_norms must be True or False, got {keep_norms!r}")
         if modules is not None and not isinstance(modules, str):
             if isinstance(modules, Iterable):
                 modules = tuple(modules)
@@ -124,11 +176,20 @@ class AttentionRecorder:
                                 f"model.named_modules()), got {modules!r}")
         self.model = model
         self.keep_grad = keep_grad
+        self.keep_norms = keep_norms
         self._targets = _select_targets(model, modules)
+        if keep_norms:
+            for name, module in self._targets:
+                if _hf_kind(module) is not None:
+                    raise ValueError(f"keep_norms=True: module {name!r} ({type(module).__name__}) is a Hugging Face "
+                                     "attention module, whose norms cannot be recorded; norms are recorded for "
+                                     "nn.MultiheadAttention and AttentionProbs markers that pass values "
+                                     "(pass modules=[...] to record only those)")
         # every module of the model, to name the caller of an unrecorded SDPA call
         self._watch = ({id(m): (n, m) for n, m in model.named_modules()} if modules is None else None)
         self.attentions: list[torch.Tensor] = []
         self.names: list[str] = []
+        self.norms: list[torch.Tensor] = []    # keep_norms: [B, Lq, Lk] per entry
         self._grad_slots: list[list] = []      # one [grad or None, needs_grad] per entry
         self._restore: list[Callable[[], None]] = []
         self._recorded = 0                     # calls recorded since __enter__ (clear() keeps it)
@@ -148,7 +209,7 @@ class AttentionRecorder:
                 if isinstance(module, nn.MultiheadAttention):
                     self._patch_mha(name, module)
                 elif isinstance(module, AttentionProbs):
-                    handle = module.register_forward_hook(self._probs_hook(name))
+                    handle = module.register_forward_hook(self._probs_hook(name), with_kwargs=True)
                     self._restore.append(handle.remove)
                 else:
                     self._patch_traced(name, module, mode)
@@ -217,13 +278,29 @@ class AttentionRecorder:
     def _probs_hook(self, name: str):
         record = self._recorder_for(name)
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if not isinstance(output, torch.Tensor) or output.dim() != 4 or not output.is_floating_point():
                 raise ValueError(f"AttentionProbs module {name!r} got "
                                  f"{getattr(output, 'shape', type(output).__name__)} "
                                  f"{getattr(output, 'dtype', '')}; expected a floating-point [B, H, Lq, Lk] "
                                  "tensor of softmax probabilities")
-            return record(output)
+            if not self.keep_norms:
+                return record(output)
+            values = kwargs.get("values", args[1] if len(args) > 1 else None)
+            if values is None:
+                raise ValueError(f"AttentionProbs module {name!r} was called without values, so "
+                                 "keep_norms=True cannot compute its norms; pass each head's output-space "
+                                 "values [B, H, Lk, E]: `self.attn_probs(probs, values=head_outputs(v_bhkd, "
+                                 "out_proj.weight))` (attnlab.head_outputs)")
+            if callable(values):
+                with torch.no_grad():
+                    values = values()
+            b, h, _, lk = output.shape
+            if not isinstance(values, torch.Tensor) or values.dim() != 4 or tuple(values.shape[:3]) != (b, h, lk):
+                raise ValueError(f"AttentionProbs module {name!r} got values of shape "
+                                 f"{tuple(getattr(values, 'shape', ())) or type(values).__name__}; expected "
+                                 f"[B, H, Lk, E] = [{b}, {h}, {lk}, E] for probabilities {tuple(output.shape)}")
+            return record(output, values)
 
         return hook
 
@@ -232,7 +309,14 @@ class AttentionRecorder:
         """A function that stores ``probs`` under ``name`` and returns the tensor the
         module must continue with (``probs`` itself, or a grad-requiring leaf)."""
 
-        def record(probs: torch.Tensor) -> torch.Tensor:
+        def record(probs: torch.Tensor, values=None) -> torch.Tensor:
+            # values: [B, H, Lk, E] head outputs f^h(x_j), or a callable giving them
+            # (computed only here, with keep_norms, so recording without it costs nothing)
+            if self.keep_norms:
+                if callable(values):
+                    with torch.no_grad():
+                        values = values()
+                self.norms.append(_norms(probs, values))
             self.attentions.append(probs.detach())
             self.names.append(name)
             self._recorded += 1
@@ -279,9 +363,10 @@ class AttentionRecorder:
         return out
 
     def clear(self) -> None:
-        """Forget all entries (and gradients), e.g. between batches."""
+        """Forget all entries (and gradients, norms), e.g. between batches."""
         self.attentions = []
         self.names = []
+        self.norms = []
         self._grad_slots = []
 
     def __len__(self) -> int:
@@ -581,7 +666,8 @@ def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
     q_bhld, k_bhsd, v_bhsd, extra = _split_heads(mha, *_in_projection(mha, query, key, value, self_attn))
     size_bhls = (bsz, mha.num_heads, tgt_len, k_bhsd.shape[2])
     mask = _merged_mask(attn_mask, key_padding_mask, query.dtype, size_bhls, extra)
-    probs_bhls = record(_attention_probs(q_bhld, k_bhsd, mask, need_weights))
+    probs_bhls = record(_attention_probs(q_bhld, k_bhsd, mask, need_weights),
+                        lambda: head_outputs(v_bhsd, mha.out_proj.weight))
     dropped_bhls = (F.dropout(probs_bhls, p=mha.dropout, training=mha.training) if mha.dropout > 0
                     else probs_bhls)
     out = _out_projection(mha, dropped_bhls, v_bhsd, batched)

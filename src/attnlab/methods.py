@@ -1,8 +1,10 @@
 """The registry of explanation methods: one entry per method, one verb per entry.
 
 An entry says what a method is called, what it needs (``attention``: the recorded
-maps; ``gradients``: their gradients; ``reruns``: more forward/backward passes of
-the model; ``module``: the model's own modules or weights), which item kinds it
+maps; ``gradients``: their gradients; ``norms``: the norm-aware maps
+``‖Σ_h α f(x)‖`` of ``AttentionRecorder(..., keep_norms=True)``, recorded in the same
+forward; ``reruns``: more forward/backward passes of the model; ``module``: the
+model's own modules or weights), which item kinds it
 supports, and how it turns one :class:`Batch` into importance ``[B, n_items]``
 (rows sum to 1). Params validation, the explain and evaluate stages, the report and
 the DVC plots take the method list from here, so a new method is one
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from attnlab.attribution import Batch
 
 ITEM_KINDS = ("sequence", "tokens", "spacetime", "streams")
-NEEDS = ("attention", "gradients", "reruns", "module")
+NEEDS = ("attention", "gradients", "reruns", "module", "norms")
 #: Names the explain and evaluate stages use for other arrays and the random baseline.
 RESERVED = ("random", "target", "y", "rows", "position")
 

@@ -22,12 +22,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from attnlab.capture import AttentionProbs
+from attnlab.capture import AttentionProbs, head_outputs
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention ``[B', L, D]`` → ``[B', L, D]``; probabilities
-    ``[B', H, L, L]`` pass through ``self.attn_probs`` before dropout."""
+    ``[B', H, L, L]`` pass through ``self.attn_probs`` before dropout, with each head's
+    values through its block of ``proj`` (computed only when a recorder asks for norms)."""
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
@@ -55,7 +56,7 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x_bld).reshape(b, l, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                  # each [B', H, L, Dh]
         scores = (q * self.scale) @ k.transpose(-2, -1)          # [B', H, L, L]
-        probs = self.attn_probs(scores.softmax(-1))
+        probs = self.attn_probs(scores.softmax(-1), values=lambda: head_outputs(v, self.proj.weight))
         out = self.attn_drop(probs) @ v                          # [B', H, L, Dh]
         out = out.transpose(1, 2).reshape(b, l, d)               # [B', L, D]
         return self.proj_drop(self.proj(out))

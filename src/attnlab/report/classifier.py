@@ -58,8 +58,12 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
         maps = [m[0] if m.ndim == 4 else m for m in samples[i]]
         for shape in dict.fromkeys(m.shape for m in maps):        # entries of one shape share a grid
             group = [k for k, m in enumerate(maps) if m.shape == shape]
-            rep.figure(figures.head_grid(np.stack([maps[k] for k in group]), [names[k] for k in group],
-                                         label, item), f"heads_sample{i}_{shape[-1]}", label)
+            pages = figures.head_grid_pages(np.stack([maps[k] for k in group]), [names[k] for k in group],
+                                            label, item)
+            for p, fig in enumerate(pages):
+                rep.figure(fig, f"heads_sample{i}_{shape[-1]}" + (f"_{p}" if p else ""),
+                           f"{label}: attention probabilities, query {item}s (rows) x key {item}s (columns)"
+                           + (f", page {p + 1} of {len(pages)}" if len(pages) > 1 else "") + ".")
 
     explained = io.load_arrays(lay.importance)
     methods = list(cfg.explain.methods)
@@ -145,14 +149,23 @@ def random_sentence(scores: dict[str, Any], alpha: float, what: str = "deletion"
 
 
 def road_paragraph(constant: dict[str, Any], road: dict[str, Any]) -> str:
-    """One sentence: the ranking by deletion AUC with the constant baseline and with ROAD."""
-    def order(aucs: dict[str, float]) -> str:
-        return " < ".join(sorted(aucs, key=aucs.get))
+    """One sentence per mode: the ranking by deletion (insertion) AUC with the constant
+    baseline and with ROAD."""
+    def order(aucs: dict[str, float], lower: bool) -> str:
+        return (" < " if lower else " > ").join(sorted(aucs, key=aucs.get, reverse=not lower))
 
-    verdict = "is the same" if road["same_ranking"] else "CHANGES"
-    return (f"Ranking by deletion AUC with the constant baseline: {order(constant['deletion_auc'])}; with ROAD: "
-            f"{order(road['deletion_auc'])} — the ranking {verdict} (Kendall's τ between the two = "
-            f"{road['rank_correlation']:.2f}).")
+    text = []
+    for mode in ("deletion", "insertion"):
+        if f"{mode}_auc" not in road:
+            continue
+        same, tau = road["same_ranking"], road["rank_correlation"]
+        if mode == "insertion":
+            same, tau = road["same_ranking_insertion"], road["rank_correlation_insertion"]
+        text.append(f"Ranking by {mode} AUC with the constant baseline: "
+                    f"{order(constant[f'{mode}_auc'], mode == 'deletion')}; with ROAD: "
+                    f"{order(road[f'{mode}_auc'], mode == 'deletion')} — the ranking "
+                    f"{'is the same' if same else 'CHANGES'} (Kendall's τ between the two = {tau:.2f}).")
+    return " ".join(text)
 
 
 def road_table(constant: dict[str, Any], road: dict[str, Any]) -> pd.DataFrame:
@@ -163,8 +176,49 @@ def road_table(constant: dict[str, Any], road: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([{"method": m, "deletion AUC (constant)": constant["deletion_auc"][m], "rank (constant)": rank_c[m],
                           "deletion AUC (ROAD)": road["deletion_auc"][m], "rank (ROAD)": rank_r[m],
                           "ROAD deletion 95% CI": _interval(road.get("deletion_auc_ci"), m),
-                          "ROAD deletion p vs random": _p_value(road.get("deletion_auc_vs_random"), m)}
+                          "ROAD deletion p vs random": _p_value(road.get("deletion_auc_vs_random"), m),
+                          **({"insertion AUC (constant)": constant["insertion_auc"][m],
+                              "insertion AUC (ROAD)": road["insertion_auc"][m],
+                              "ROAD insertion p vs random": _p_value(road.get("insertion_auc_vs_random"), m)}
+                             if "insertion_auc" in road else {})}
                          for m in sorted(rank_r, key=rank_r.get)])
+
+
+def sanity_sentences(sanity: dict[str, Any]) -> list[tuple[str, bool]]:
+    """One sentence per method on the randomisation test, and whether it passed."""
+    out = []
+    for m, final in sanity["final"].items():
+        curve = sanity["cascading"][m]
+        if final != final:
+            text = f"{m}: its trained importance is constant on every sample, so nothing can be compared; fails."
+        elif sanity["passed"][m]:
+            text = (f"{m}: passes — with every block re-initialised its ranking keeps mean |ρ| = {final:.2f} "
+                    f"(< {sanity['threshold']:g}) of the trained one: it depends on the weights.")
+        else:
+            text = (f"{m}: FAILS — with every block re-initialised its ranking still has mean |ρ| = {final:.2f} "
+                    f"(≥ {sanity['threshold']:g}) with the trained one: it shows the input (or the architecture) "
+                    "more than what the model learned.")
+        if len(curve) > 1:
+            text += f" After the last block alone: {curve['1']:.2f}."
+        out.append((text, bool(sanity["passed"][m])))
+    return out
+
+
+def add_sanity(rep: HtmlReport, lay: Layout, sanity: dict[str, Any], item: str) -> None:
+    rep.heading("Does the explanation depend on the model?")
+    measure = ("per sample, over its " + item + "s" if sanity["measure"] == "per sample" else
+               f"across samples, of the last {item}'s share (two {item}s: a per-sample rank correlation is ±1)")
+    rep.paragraph(f"Model-parameter randomisation test (Adebayo et al., 2018): the trained model's blocks "
+                  f"({', '.join(sanity['blocks'])}, input to output) are re-initialised from the output back "
+                  f"(cascading){' and one at a time (independent)' if sanity['independent'] else ''}, "
+                  f"{sanity['samples']} explained samples spread over the test set are explained again for the same class, and the "
+                  f"Spearman rank correlation ρ between trained and randomised importance is taken ({measure}). "
+                  f"A method passes when mean |ρ| with every block random is below {sanity['threshold']:g}.")
+    for text, ok in sanity_sentences(sanity):
+        rep.paragraph(text, css="ok" if ok else "warn")
+    rep.image((lay.results / "figures" / "sanity.png").read_bytes(), "sanity",
+              "Mean |Spearman ρ| between trained and randomised importance: cascading from the output (left), "
+              "one block at a time (right); dashed: the pass threshold.")
 
 
 def heads_paragraph(heads: dict[str, Any]) -> str:
@@ -210,13 +264,18 @@ def add_faithfulness(rep: HtmlReport, lay: Layout, metrics: dict[str, Any], item
                       f"({metrics.get('significance', {}).get('resamples', '?')} resamples); p: one-sided paired "
                       "Wilcoxon signed-rank test of the per-sample score against random's on the same samples.")
     if "road" in metrics:
-        rep.paragraph(f"Debiased deletion (ROAD, Rong et al., 2022): a removed {item} is imputed by linear "
+        rep.paragraph(f"Debiased deletion and insertion (ROAD, Rong et al., 2022): a removed {item} is imputed by linear "
                       f"interpolation between the nearest kept {item}s plus Gaussian noise, instead of the constant "
                       "baseline, so the model does not see inputs unlike any it was trained on. "
                       + road_paragraph(metrics["faithfulness"], metrics["road"]),
                       css="ok" if metrics["road"]["same_ranking"] else "warn")
         rep.table(road_table(metrics["faithfulness"], metrics["road"]))
-        rep.paragraph(random_sentence(metrics["road"], alpha)[0].replace("random baseline", "random baseline under ROAD"))
+        for mode in ("deletion", "insertion"):
+            if f"{mode}_auc" in metrics["road"]:
+                rep.paragraph(random_sentence(metrics["road"], alpha, mode)[0]
+                              .replace("random baseline", "random baseline under ROAD"))
+    if "sanity" in metrics:
+        add_sanity(rep, lay, metrics["sanity"], item)
     if "evidence" in metrics:
         rep.paragraph("Evidence AUROC: how well each method's importance separates the items that carry the "
                       "planted evidence from the others (0.5 = chance); pointing game: how often the top item "

@@ -4,11 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ROOT := $(abspath .)
 UI_PORT ?= 5000
+# `make server`: the team's MLflow server (README, "Team server"), with a store of its
+# own (not mlflow.db); MLFLOW_BACKEND_URI=postgresql://... for production.
+SERVER_PORT ?= 5001
+SERVER_WORKERS ?= 2
+SERVER_STORE ?= $(ROOT)/mlflow-server
+MLFLOW_BACKEND_URI ?= sqlite:///$(SERVER_STORE)/mlflow.db
+SERVER_ARTIFACTS ?= $(SERVER_STORE)/artifacts
 
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup store run test ui bench clean
+.PHONY: setup store run sweep test ui server postgresql chromium screenshots bench clean
 
 # The environment: pip only (torch==2.13.0 is a CPU build on local disk; uv or
 # poetry would download a CUDA build). Rebuilt when the requirements change.
@@ -29,19 +36,72 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-test.txt
 	touch $@
 
-# Create the MLflow store once, before anything uses it in parallel.
+# Create the MLflow store once, before anything uses it in parallel (with
+# MLFLOW_TRACKING_URI set: check that the server answers, in seconds).
 store: setup
-	$(PY) -c "from attnlab.tracking import init_store; init_store()"
+	$(PY) -m attnlab.tracking
 
 run: store
 	dvc repro
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed postgresql chromium
 	$(PY) -m pytest
+
+# tests/test_server.py runs an MLflow server on a real PostgreSQL: Debian's packages,
+# installed when missing (as root; otherwise that test is skipped and says why).
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing PostgreSQL (apt-get) for tests/test_server.py"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	    || echo "warning: PostgreSQL could not be installed; tests/test_server.py will skip its PostgreSQL test"; \
+	fi
+
+# tests/test_browser.py opens the report and the MLflow UI in a headless Chromium through
+# Selenium (requirements-test.txt) and Debian's chromedriver (no browser download at run
+# time): installed when missing, as root; otherwise those tests are skipped and say why.
+chromium:
+	@if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Chromium and chromedriver (apt-get) for tests/test_browser.py"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "warning: Chromium could not be installed; tests/test_browser.py will skip its browser tests"; \
+	fi
+
+# The README's pictures (docs/report.png, docs/mlflow_compare.png) taken in the same
+# headless Chromium: a tiny tokens report, and the compare view of two runs on a
+# throwaway MLflow server (REPORT=data/<exp>/report/report.html: that report instead).
+screenshots: $(VENV)/.test-installed chromium
+	$(PY) scripts/screenshots.py $(if $(REPORT),--report "$(REPORT)")
 
 ui: store
 	mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
 	  --backend-store-uri "sqlite:///$(ROOT)/mlflow.db"
+
+# The team's server: loopback only, its own store, artifacts uploaded to and served by
+# it (clients need no access to SERVER_ARTIFACTS). Log to it with
+# MLFLOW_TRACKING_URI=http://127.0.0.1:$(SERVER_PORT) make run
+server: setup
+	mkdir -p "$(SERVER_STORE)"
+	mlflow server --host 127.0.0.1 --port $(SERVER_PORT) --workers $(SERVER_WORKERS) \
+	  --backend-store-uri "$(MLFLOW_BACKEND_URI)" \
+	  --serve-artifacts --artifacts-destination "$(SERVER_ARTIFACTS)"
+
+# A sweep (README "Sweeps"): one queued DVC experiment per value of PARAM, run by JOBS
+# workers of `dvc queue start` that share the cores (ATTNLAB_NUM_THREADS each), after
+# the store exists; each is its own MLflow run. Waits until the queue is done and fails
+# if an experiment failed, e.g.
+#   make sweep PARAM=fusion.model.fusion VALUES="sum channel attention" EXPERIMENTS=fusion JOBS=2
+JOBS ?= 2
+CORES := $(shell nproc)
+sweep: store
+	@if [ -z "$(PARAM)" ] || [ -z "$(VALUES)" ]; then \
+	  echo "usage: make sweep PARAM=<params key> VALUES='<v1> <v2> ...' [EXPERIMENTS=<e1,e2>] [JOBS=2]" >&2; exit 2; fi
+	@set -e; failed=$$(dvc queue status | grep -c Failed || true); \
+	for v in $(VALUES); do \
+	  dvc exp run --queue -S "$(PARAM)=$$v" $(if $(EXPERIMENTS),-S 'experiments=[$(EXPERIMENTS)]'); done; \
+	ATTNLAB_NUM_THREADS=$$(( $(CORES) / $(JOBS) > 0 ? $(CORES) / $(JOBS) : 1 )) dvc queue start -j $(JOBS); \
+	while dvc queue status | grep -qE 'Queued|Running'; do sleep 5; done; dvc queue status; \
+	if [ "$$(dvc queue status | grep -c Failed || true)" -gt "$$failed" ]; then \
+	  echo "error: an experiment of the sweep failed: dvc queue logs <task> shows why" >&2; exit 1; fi
 
 bench: setup
 	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done

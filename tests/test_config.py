@@ -181,7 +181,12 @@ BAD_PARAMS = [   # (a change to a valid file, the exact one-line message after "
     ("top_k 0", ("tokens", "aggregate", "top_k", 0), "tokens.aggregate.top_k: Input should be greater than 0 (got 0)"),
     ("unknown method", ("motion", "explain", "methods", ["rolout"]),
      "motion.explain.methods: unknown method 'rolout'; accepted for sequence items: raw, received, rollout, "
-     "grad_rollout, flow, input_x_gradient, integrated_gradients"),
+     "grad_rollout, flow, norm, norm_rollout, input_x_gradient, integrated_gradients"),
+    ("sanity threshold 0", ("motion", "evaluate", "sanity", {"threshold": 0}),
+     "motion.evaluate.sanity.threshold: Input should be greater than 0 (got 0)"),
+    ("sanity key misspelt", ("motion", "evaluate", "sanity", {"sample": 4}),
+     "motion.evaluate.sanity: unknown key 'sample' (did you mean 'samples'?); accepted: samples, threshold, "
+     "independent"),
 ]
 
 
@@ -199,6 +204,18 @@ def _edited(change):
     return params
 
 
+def test_norm_methods_are_refused_for_hugging_face_timesformer():
+    pytest.importorskip("transformers", reason="arch hf_timesformer needs transformers (requirements-test.txt)")
+    params = _edited(("video", "model", "arch", "hf_timesformer"))
+    params["video"]["explain"]["methods"] = ["rollout", "norm_rollout"]
+    with pytest.raises(ConfigError) as err:
+        parse_params(params)
+    assert str(err.value) == ("params.yaml: video: explain.methods: 'norm_rollout' needs norm-aware attention, which "
+                              "the recorder does not take from Hugging Face's TimeSformer (only from "
+                              "nn.MultiheadAttention and AttentionProbs markers); remove it or use model.arch "
+                              "'divided'")
+
+
 @pytest.mark.parametrize("case, change, message", BAD_PARAMS, ids=[c[0] for c in BAD_PARAMS])
 def test_bad_params_matrix(case, change, message):
     with pytest.raises(ConfigError) as err:
@@ -212,7 +229,7 @@ def test_bad_params_matrix(case, change, message):
     ({"experiments": ["motion", "walking"], "motion": {}},
      "params.yaml: experiments[1]: unknown experiment 'walking'; accepted: {trained}"),
     ({"experiments": ["motion"], "motion": {}, "motoin": {}},
-     "params.yaml: unknown key 'motoin' (did you mean 'motion'?); accepted: experiments, externals, {kinds}, "
+     "params.yaml: unknown key 'motoin' (did you mean 'motion'?); accepted: experiments, externals, device, {kinds}, "
      "or a section with 'kind: <one of those>'"),
     ({"experiments": ["a"], "a": {"kind": "tokns"}},
      "params.yaml: a.kind: unknown experiment kind 'tokns' (did you mean 'tokens'?); accepted: {kinds}"),

@@ -87,7 +87,7 @@ def _run(cmd, cwd, env, check=True):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     repo = tmp_path_factory.mktemp("proj")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "Makefile"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("stages", "src", ".dvc"):   # .dvc: config (analytics off) and the plot template
         shutil.copytree(ROOT / name, repo / name,
@@ -417,10 +417,8 @@ def test_exp_run_with_changed_param_makes_second_run(project):
 
 
 def test_fusion_outputs_and_queued_sweep_over_modes(project):
-    """The fusion experiment's weights and report; then the README's sweep: one queued
-    `dvc exp run` per fusion mode and `dvc queue start`, each mode its own MLflow run."""
-    import time
-
+    """The fusion experiment's weights and report; then the README's `make sweep`: one
+    queued `dvc exp run` per fusion mode, `dvc queue start -j 2`, each its own MLflow run."""
     repo, env, _ = project
     data = repo / "data" / "fusion"
     evaluated = json.loads((data / "evaluate" / "metrics.json").read_text())
@@ -431,22 +429,21 @@ def test_fusion_outputs_and_queued_sweep_over_modes(project):
     np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-5)
     assert "Which stream does the fusion weigh?" in (data / "report" / "report.html").read_text()
 
-    for mode in ("sum", "channel"):
-        _run(["dvc", "exp", "run", "--queue", "-S", f"fusion.model.fusion={mode}", "-S", "experiments=[fusion]"],
-             repo, env)
-    _run(["dvc", "queue", "start"], repo, env)
-    deadline = time.monotonic() + 600
-    while True:
-        status = _run(["dvc", "queue", "status"], repo, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
-    assert "Failed" not in status, status
-    _, runs = _runs(repo, "fusion")
+    # the README's `make sweep`: 3 param sets queued, run by 2 workers sharing the cores
+    # (-o: the environment is the test's own venv; it is not rebuilt in the copy)
+    venv = BIN.parent
+    _run(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "sweep", "PARAM=fusion.model.fusion",
+          "VALUES=sum channel scalar", "EXPERIMENTS=fusion", "JOBS=2"], repo, env)
+    status = _run(["dvc", "queue", "status"], repo, env).stdout
+    assert status.count("Success") == 3 and "Failed" not in status, status
+    client, runs = _runs(repo, "fusion")
     by_mode = {r.data.params["model.fusion"]: r for r in runs}
-    assert set(by_mode) == {"attention", "sum", "channel"} and len(runs) == 3
+    assert set(by_mode) == {"attention", "sum", "channel", "scalar"} and len(runs) == 4
     for mode, run in by_mode.items():
         assert "evaluate.weights.mean.appearance" in run.data.metrics, mode
+        assert run.data.tags.get("dvc.exp_name") or mode == "attention", mode
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"report", "evaluate", "checkpoint"} <= artifacts, (mode, artifacts)
+    assert len({r.data.tags.get("dvc.exp_name") for r in runs}) == 4
     assert by_mode["sum"].data.metrics["evaluate.weights.mean.appearance"] == pytest.approx(0.5)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.capture import AttentionRecorder
+from attnlab.devices import model_device, to_device
 from attnlab.evaluate.baselines import attributions_to_items
 
 
@@ -37,27 +38,33 @@ def to_items(relevance: torch.Tensor, n_items: int) -> torch.Tensor:
 
 def record_target(model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | None = None,
                   forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-                  keep_grad: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+                  keep_grad: bool = True, keep_norms: bool = False) -> tuple:
     """One recorded forward in eval mode (and, with ``keep_grad``, the backward of the
-    ``target`` logit, default the prediction): ``(attentions, gradients, target)``.
+    ``target`` logit, default the prediction): ``(attentions, gradients, target)``,
+    and with ``keep_norms`` ``(attentions, gradients, target, norms)`` (the recorder's
+    ``rec.norms``, norm-aware attention ``[B, Lq, Lk]`` per entry).
 
     The model's parameters are frozen meanwhile, so gradients reach the attention
-    only and the model's ``.grad`` fields and mode are left as they were.
+    only and the model's ``.grad`` fields and mode are left as they were. ``x`` and
+    ``target`` are moved to the model's device; what is returned is on it.
     """
     forward = forward or (lambda m, xb: m(xb))
+    device = model_device(model)
+    x, target = to_device(x, device), to_device(target, device)
     was_training = model.training
     frozen = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), AttentionRecorder(model, keep_grad=keep_grad) as rec:
+        with torch.enable_grad(), AttentionRecorder(model, keep_grad=keep_grad, keep_norms=keep_norms) as rec:
             logits = forward(model, x)
             if target is None:
                 target = logits.argmax(-1)
             if keep_grad:
                 logits.gather(1, target[:, None]).sum().backward()
-        return rec.attentions, (rec.gradients if keep_grad else None), target.detach()
+        recorded = rec.attentions, (rec.gradients if keep_grad else None), target.detach()
+        return (*recorded, rec.norms) if keep_norms else recorded
     finally:
         model.train(was_training)
         for p in frozen:
@@ -149,7 +156,9 @@ class Batch:
 
     ``logits(inputs) -> [B, C]`` re-runs the model on (perturbed) inputs; ``options``
     is the experiment's explain params section (``head_fusion``, ``residual``, ...);
-    ``baseline`` is what a removed input value becomes (integrated gradients)."""
+    ``baseline`` is what a removed input value becomes (integrated gradients);
+    ``norms`` are the recorder's norm-aware maps ``[B, Lq, Lk]`` per entry (when a
+    method needs ``"norms"``)."""
 
     x: Any
     target: Tensor
@@ -160,6 +169,7 @@ class Batch:
     attentions: list[Tensor] | None = None
     gradients: list[Tensor] | None = None
     baseline: float | Tensor = 0.0
+    norms: list[Tensor] | None = None
 
 
 def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items, options: Any, *,
@@ -169,18 +179,24 @@ def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items
     """Every method's importance ``{name: [B, n_items]}`` for the ``target`` logit
     (default: the model's prediction), and the :class:`Batch` they were computed from.
 
-    The model runs once (recorded, with one backward when a method needs gradients);
+    The model runs once (recorded, with one backward when a method needs gradients, and
+    norm-aware maps ``batch.norms`` when one needs norms);
     re-runs happen only inside methods that need them. Parameters are frozen and the
-    mode restored meanwhile (see :func:`~attnlab.attribution.record_target`)."""
+    mode restored meanwhile (see :func:`~attnlab.attribution.record_target`).
+    ``x``, ``target`` and a tensor ``baseline`` are moved to the model's device, where
+    the methods run and the importance is returned."""
     from attnlab.methods import check, get
 
+    device = model_device(model)
+    x, target, baseline = (to_device(t, device) for t in (x, target, baseline))
     entries = [get(m) for m in check(methods, items.kind)]
     needs = frozenset().union(*(m.needs for m in entries))
     forward = forward or (lambda m, xb: m(xb))
-    atts = grads = None
-    if needs & {"attention", "gradients"}:
-        atts, grads, target = record_target(model, x, target=target, forward=forward,
-                                            keep_grad="gradients" in needs)
+    atts = grads = norms = None
+    if needs & {"attention", "gradients", "norms"}:
+        atts, grads, target, *rest = record_target(model, x, target=target, forward=forward,
+                                                   keep_grad="gradients" in needs, keep_norms="norms" in needs)
+        norms = rest[0] if rest else None
     elif target is None:
         was_training = model.training
         model.eval()
@@ -190,7 +206,8 @@ def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items
         finally:
             model.train(was_training)
     batch = Batch(x=x, target=target, items=items, logits=lambda inputs: forward(model, inputs),
-                  options=options, model=model, attentions=atts, gradients=grads, baseline=baseline)
+                  options=options, model=model, attentions=atts, gradients=grads, baseline=baseline,
+                  norms=norms)
     return {m.name: m(batch) for m in entries}, batch
 
 

@@ -7,14 +7,18 @@ anything, with one line naming the key and what was expected.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from attnlab import methods as method_registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -33,6 +37,9 @@ class Section(BaseModel):
     sub-section (``train:`` with nothing under it) means its defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # the params file's top-level ``device`` (set on each instance section by parse_params;
+    # not a field: it is not a knob of the experiment, nor logged or fingerprinted with it)
+    _device: str = PrivateAttr("auto")
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +156,15 @@ class SpaceTimeExplain(MethodsSection, HeadOptions, InputOptions):
     examples: int = Field(4, gt=0)
 
 
+class Sanity(Section):
+    """The model-parameter randomisation test (:mod:`attnlab.evaluate.sanity`)."""
+
+    samples: int = Field(16, ge=0)             # explained samples explained again per randomisation (0: off)
+    threshold: float = Field(0.5, gt=0.0, le=1.0)  # a method passes when mean |Spearman rho| at full
+                                               # randomisation is below this
+    independent: bool = True                   # also randomise each block alone (not only cascading)
+
+
 class Evaluate(Section):
     steps: int | None = Field(None, gt=1)      # fractions on the deletion/insertion curves (None: every item)
     seed: int = 0                              # random-baseline importance
@@ -156,6 +172,7 @@ class Evaluate(Section):
     batch_size: int = Field(64, gt=0)
     resamples: int = Field(1000, gt=0)         # bootstrap resamples of the 95% intervals over samples
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # level of the paired test behind "beats random"
+    sanity: Sanity = Sanity()                  # does each method's explanation depend on the weights?
 
 
 class ClassifierEvaluate(Evaluate):
@@ -317,6 +334,15 @@ class VideoParams(ClassifierParams):
     model: SpaceTimeModel = SpaceTimeModel()
     explain: SpaceTimeExplain = SpaceTimeExplain()
 
+    @model_validator(mode="after")
+    def _norms_recordable(self) -> "VideoParams":
+        needs_norms = [m for m in self.explain.methods if "norms" in method_registry.get(m).needs]
+        if self.model.arch == "hf_timesformer" and needs_norms:
+            raise ValueError(f"explain.methods: {needs_norms[0]!r} needs norm-aware attention, which the recorder "
+                             "does not take from Hugging Face's TimeSformer (only from nn.MultiheadAttention and "
+                             "AttentionProbs markers); remove it or use model.arch 'divided'")
+        return self
+
 
 # --------------------------------------------------------------------------- fusion
 Stream = Literal["appearance", "structure"]
@@ -437,15 +463,60 @@ class ExternalParams(Section):
         return self
 
 
+# --------------------------------------------------------------------------- device
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+
+
+def check_device(value: Any) -> str:
+    """``value`` if it is a device setting this machine can use: ``auto``, ``cpu``, ``cuda``
+    or ``cuda:N``; otherwise ``ValueError`` naming it (CUDA asked for but not available,
+    or a CUDA index beyond the visible devices, included)."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:<index>, got {value!r}")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {value!r} but torch.cuda.is_available() is False; use 'auto' or 'cpu'")
+        index, count = _DEVICE.fullmatch(value).group(1), torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ValueError(f"device: {value!r} but only {count} CUDA device{'s' if count != 1 else ''} "
+                             f"{'are' if count != 1 else 'is'} visible (cuda:0..cuda:{count - 1})")
+    return value
+
+
+def resolve_device(value: str = "auto") -> torch.device:
+    """The ``torch.device`` of a device setting: ``auto`` is CUDA when
+    ``torch.cuda.is_available()``, else the CPU. A bad setting raises :class:`ConfigError`."""
+    import torch
+
+    try:
+        value = check_device(value)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(value)
+
+
+def stage_device(cfg: Section) -> torch.device:
+    """The device the stages of an experiment section run its model on: the params file's
+    top-level ``device`` (``auto`` for a section built directly, not by :func:`parse_params`)."""
+    return resolve_device(cfg._device)
+
+
 # --------------------------------------------------------------------------- top level
 EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams,
                                           "frames": FramesParams, "video": VideoParams,
                                           "fusion": FusionParams, "external": ExternalParams}
+#: The top-level keys that are not experiment sections.
+TOP_LEVEL = ("experiments", "externals", "device")
 
 
 class Params:
     """A validated params file: the ``experiments`` to run, the ``externals`` (models
-    trained elsewhere: name -> the directory holding their files) and a section per instance.
+    trained elsewhere: name -> the directory holding their files), the ``device`` the
+    stages run models on, and a section per instance.
 
     An instance is a top-level section named like a kind (``motion:``), or any name with
     ``kind: <kind>`` inside (``motion_cls: {kind: motion, model: {pooling: cls}}``), so
@@ -453,10 +524,13 @@ class Params:
     experiment. ``params.motion`` is the section of instance ``motion``."""
 
     def __init__(self, experiments: list[str], sections: dict[str, tuple[str, Section]],
-                 externals: dict[str, str] | None = None):
+                 externals: dict[str, str] | None = None, device: str = "auto"):
         self.experiments = experiments
         self.externals = externals or {}       # instance of kind external -> the directory of its files
+        self.device = device                   # auto | cpu | cuda | cuda:N (see resolve_device)
         self._sections = sections
+        for _, section in sections.values():
+            section._device = device
 
     def kind(self, name: str) -> str:
         """The experiment kind of instance ``name``."""
@@ -483,8 +557,8 @@ class Params:
 
 def _instance(name: str, data: Any) -> tuple[str, Section]:
     """Validate one instance section: its ``kind`` (default: the section's name) and its knobs."""
-    if data is None:
-        data = {}
+    if data is None or (not isinstance(data, dict) and did_you_mean(name, TOP_LEVEL)):
+        data = {}                              # a misspelt top-level key (devcie: cpu) is reported below
     if not isinstance(data, dict):
         raise ValueError(f"{name}: expected a mapping, got {type(data).__name__}")
     kind = data.get("kind", name)
@@ -492,8 +566,8 @@ def _instance(name: str, data: Any) -> tuple[str, Section]:
         if "kind" in data:
             raise ValueError(f"{name}.kind: unknown experiment kind {kind!r}{did_you_mean(kind, EXPERIMENTS)}; "
                              f"accepted: {', '.join(EXPERIMENTS)}")
-        suggestion = did_you_mean(name, ["experiments", "externals", *EXPERIMENTS])
-        raise ValueError(f"unknown key {name!r}{suggestion}; accepted: experiments, externals, {', '.join(EXPERIMENTS)}, "
+        suggestion = did_you_mean(name, [*TOP_LEVEL, *EXPERIMENTS])
+        raise ValueError(f"unknown key {name!r}{suggestion}; accepted: {', '.join(TOP_LEVEL)}, {', '.join(EXPERIMENTS)}, "
                          "or a section with 'kind: <one of those>'")
     try:
         return kind, EXPERIMENTS[kind].model_validate({k: v for k, v in data.items() if k != "kind"})
@@ -523,8 +597,8 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(f"{source}: externals: expected a mapping of instance name -> the directory holding "
                           f"its files, got {externals!r}")
     try:
-        sections = {name: _instance(name, value) for name, value in data.items()
-                    if name not in ("experiments", "externals")}
+        device = check_device(data.get("device", "auto"))
+        sections = {name: _instance(name, value) for name, value in data.items() if name not in TOP_LEVEL}
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
     _check_externals(experiments, externals, sections, data, source)
@@ -539,7 +613,7 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
     if len(set(experiments)) != len(experiments):
         raise ConfigError(f"{source}: experiments: listed twice: "
                           f"{sorted(e for e in set(experiments) if experiments.count(e) > 1)[0]!r}")
-    return Params(experiments, sections, externals)
+    return Params(experiments, sections, externals, device)
 
 
 def _check_externals(experiments: list[str], externals: dict[str, str],

@@ -19,6 +19,61 @@ class DataError(ValueError):
     reports it as one line on stderr and exits with status 2, writing nothing."""
 
 
+class ServerUnreachable(ConnectionError):
+    """The MLflow tracking server that ``MLFLOW_TRACKING_URI`` names does not answer; the
+    message names the URI and what to do. A stage reports it as one line on stderr and
+    exits with status 2 before doing any work."""
+
+
+def require_tracking_server(uri: str | None = None, *, timeout: float = 3.0) -> None:
+    """Raise :class:`ServerUnreachable` unless the http(s) tracking server at ``uri``
+    (default: ``MLFLOW_TRACKING_URI``) answers one GET of ``<uri>/health`` within
+    ``timeout`` seconds. Any other store (a SQLite file, no variable) is not probed.
+
+    MLflow's own client retries a dead server with backoff for minutes, and the
+    pipeline talks to it only in its last stage (track): the stages call this first,
+    so a server that is down stops the pipeline in seconds, before training. A success,
+    a redirect or 401/403 (an authenticating proxy in front) counts as up, and so does
+    a TLS handshake that fails (MLflow applies its own TLS settings); any other status
+    (a proxy's 502 when the server behind it is down, 404 from something that is not
+    MLflow), a refused connection, a timeout or an unknown host counts as down.
+    """
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
+    if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return
+    health = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return
+        why = f"GET {health} answered HTTP {err.code} {err.reason}"
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLError):
+            return
+        why = _reason(err.reason, timeout)
+    except (OSError, http.client.HTTPException) as err:    # a timeout while reading, not HTTP at all
+        why = _reason(err, timeout)
+    raise ServerUnreachable(
+        f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable ({why}): start it "
+        f"(`make server` in the project, or your team's server) or unset MLFLOW_TRACKING_URI to log "
+        f"into the project's own store (mlflow.db)")
+
+
+def _reason(err: BaseException | str, timeout: float) -> str:
+    if isinstance(err, TimeoutError):
+        return f"nothing within {timeout:g} s"
+    why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return why[:1].lower() + why[1:]
+
+
 def _remove_orphans(path: Path) -> None:
     """Remove the temporary directories of ``path`` left by writers that were killed
     (SIGKILL, power loss: no ``except`` ran). They are named ``.<name>.<pid>.<random>``;

@@ -9,21 +9,32 @@ stage directory is a temporary one, renamed to ``data/<experiment>/<stage>/`` on
 the stage succeeds. A bad params file or experiment name ends the process with one
 line on stderr and exit status 2, before anything is written; so does a damaged input
 file (:class:`~attnlab.io.DataError`: a truncated checkpoint or attention store) or a
-full disk, and the stage's temporary directory is removed.
+full disk, and the stage's temporary directory is removed. When ``MLFLOW_TRACKING_URI``
+names an http(s) tracking server, every stage first checks that it answers (within
+seconds; :func:`attnlab.io.require_tracking_server`) and otherwise stops the same way,
+before any work: a server that is down never costs a training run.
+
+A stage that succeeds records when it ran (:func:`record_timing`, in
+``data/<experiment>/.timings/<stage>.json``: wall-clock start and end, and a digest of
+its outputs); the track stage gives its MLflow run the real start and end of the
+state from these (:func:`stage_times`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from attnlab.config import ConfigError, load_params
-from attnlab.io import DataError, atomic_dir
+from attnlab.io import DataError, ServerUnreachable, atomic_dir, hash_file, require_tracking_server
 from attnlab.layout import STAGES, Layout
 
 
@@ -40,11 +51,17 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    start_ms = _now_ms()
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"attnlab '{name}' stage")
     parser.add_argument("experiment")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", default="data")
     args = parser.parse_args(argv)
+    try:            # a tracking server that is down fails every stage at once, not track after training
+        require_tracking_server()
+    except ServerUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     import torch
 
     from attnlab.experiments import get_experiment
@@ -61,6 +78,7 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     root = Path(args.data) / args.experiment
     with atomic_dir(root / name) as out:
         yield StageContext(name, experiment, cfg, Layout(root, writing=(name, out)))
+    record_timing(Layout(root), name, start_ms, _now_ms())     # only a stage that succeeded
 
 
 def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> None:
@@ -81,3 +99,52 @@ def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> N
                   f"{what} and wrote nothing (its temporary directory was removed); free some space and re-run",
                   file=sys.stderr)
             raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------- stage timings
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def outputs_digest(directory: str | Path) -> str:
+    """SHA-256 of every file under ``directory``: relative path and content."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        hash_file(h, path)
+    return h.hexdigest()
+
+
+def record_timing(lay: Layout, stage: str, start_ms: int, end_ms: int) -> None:
+    """Write ``lay.timing(stage)`` atomically: the stage's wall-clock start and end (ms
+    since the epoch) and the digest of the outputs it wrote, which tells later whether
+    the outputs in place are still the ones these times belong to. Not a DVC output."""
+    path = lay.timing(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "start_ms": int(start_ms), "end_ms": int(end_ms),
+              "outputs_sha256": outputs_digest(lay.dir(stage))}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def stage_times(lay: Layout, stages: Iterable[str]) -> tuple[int | None, int | None, list[str]]:
+    """``(start, end, unknown)``: the earliest start and the latest end (ms since the
+    epoch) recorded for ``stages``, and those of ``stages`` whose times are unknown: no
+    record, or one whose outputs digest differs from their outputs now (outputs restored
+    from DVC's cache or checked out from another state). ``None`` when none is known."""
+    starts, ends, unknown = [], [], []
+    for stage in stages:
+        try:
+            record = json.loads(lay.timing(stage).read_text())
+            known = record["outputs_sha256"] == outputs_digest(lay.dir(stage))
+            start, end = int(record["start_ms"]), int(record["end_ms"])
+        except (OSError, ValueError, KeyError, TypeError):
+            known = False
+        if known:
+            starts.append(start)
+            ends.append(end)
+        else:
+            unknown.append(stage)
+    return (min(starts) if starts else None), (max(ends) if ends else None), unknown

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from attnlab.capture import AttentionRecorder
+from attnlab.devices import model_device, to_device
 from attnlab.io import DataError
 
 
@@ -64,7 +65,8 @@ def extract_attention(model: nn.Module, batches: Iterable[Any], path: str | os.P
     """Run ``model`` over ``batches`` and stream every recorded attention map to ``path``.
 
     Args:
-        model: run under ``torch.no_grad`` in its current train/eval mode.
+        model: run under ``torch.no_grad`` in its current train/eval mode, on its device
+            (each batch is moved there; the stored attention is float16 on disk whatever it is).
         batches: yields a tensor or a tuple of tensors, passed as ``model(*batch)``;
             their first tensor is batch-first (dim 0 counts the samples).
         path: the HDF5 file to write. It is written to a temporary file beside it and
@@ -83,6 +85,7 @@ def extract_attention(model: nn.Module, batches: Iterable[Any], path: str | os.P
     """
     path = Path(path)
     recorder = AttentionRecorder(model, modules=modules)      # validates before any I/O
+    device = model_device(model)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         n_total = 0
@@ -93,6 +96,7 @@ def extract_attention(model: nn.Module, batches: Iterable[Any], path: str | os.P
                 batches = tqdm(batches, desc=f"extract {path.name}", unit="batch")
             for batch in batches:
                 rec.clear()
+                batch = to_device(batch, device)
                 if forward is not None:
                     forward(model, batch)
                 else:
@@ -150,7 +154,7 @@ def _append(f: h5py.File, keys: list[str], rec: AttentionRecorder, n: int, start
                              f"{tuple(att.shape[1:])}, earlier batches {ds.shape[1:]} "
                              "(pad sequences to a fixed length)")
         ds.resize(start + n, axis=0)
-        ds[start:start + n] = att.to(torch.float16).cpu().numpy()
+        ds[start:start + n] = att.to(torch.float16).cpu().numpy()      # saved: to host memory, whatever the device
 
 
 class _Entry:

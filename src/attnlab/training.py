@@ -5,6 +5,10 @@ the model, optimizer, schedule, epoch, history and random-number states after ev
 epoch (atomically: a temporary file renamed), and a later run inside ``resumable`` with
 the same key (a fingerprint of the params and data) continues after its last complete
 epoch and reaches the same weights, bit for bit, as an uninterrupted run (CPU).
+
+The loops run on the model's device: each batch is moved there (the data stay where
+they are, and the shuffling uses a CPU generator, so the batches are the same whatever
+the device).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attnlab.config import Train
+from attnlab.devices import model_device, to_device
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -79,6 +84,9 @@ class _Loop:
             part.load_state_dict(ckpt[name])
         self.gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
+        cuda_rng = ckpt.get("cuda_rng") or []        # dropout on CUDA draws from the CUDA generators
+        if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         print(f"train: resuming after epoch {ckpt['epoch']} from {path}", file=sys.stderr)
         return int(ckpt["epoch"]), list(ckpt["rows"])
 
@@ -90,19 +98,31 @@ class _Loop:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"key": key, "epoch": epoch, "rows": rows, "generator": self.gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                     **{name: part.state_dict() for name, part in self.parts.items()}}, tmp)
         os.replace(tmp, path)                  # a kill mid-write leaves the previous epoch's file
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64, forward: Forward = _plain) -> torch.Tensor:
-    """Logits ``[N, C]`` in eval mode (the model's mode is restored)."""
+def predict(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], *, batch_size: int = 64,
+            forward: Forward = _plain) -> torch.Tensor:
+    """Logits ``[N, C]`` (whatever ``forward`` returns per batch) in eval mode (the
+    model's mode is restored). ``x`` is a tensor or a tuple of tensors sliced together
+    (``forward(model, (x0[i:j], x1[i:j], ...))``); each batch is moved to the model's
+    device, and the logits come back on the device of ``x``."""
     was_training = model.training
     model.eval()
+    first = x[0] if isinstance(x, tuple) else x
+    device = model_device(model)
     try:
-        return torch.cat([forward(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([forward(model, to_device(_slice(x, i, i + batch_size), device)).to(first.device)
+                          for i in range(0, len(first), batch_size)])
     finally:
         model.train(was_training)
+
+
+def _slice(x: torch.Tensor | tuple[torch.Tensor, ...], start: int, stop: int):
+    return tuple(t[start:stop] for t in x) if isinstance(x, tuple) else x[start:stop]
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -139,6 +159,7 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = model_device(model)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_train) // cfg.batch_size))
     loop = _Loop(model, opt, sched, gen)
@@ -147,14 +168,15 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
         model.train()
         losses, correct = [], 0
         for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
-            logits = forward(model, x_train[idx])
-            loss = nn.functional.cross_entropy(logits, y_train[idx])
+            yb = y_train[idx].to(device)
+            logits = forward(model, x_train[idx].to(device))
+            loss = nn.functional.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item() * len(idx))
-            correct += int((logits.argmax(-1) == y_train[idx]).sum())
+            correct += int((logits.argmax(-1) == yb).sum())
         test = classification_metrics(predict(model, x_test, forward=forward), y_test)
         rows.append({"epoch": epoch, "train_loss": float(np.sum(losses) / len(x_train)),
                      "train_accuracy": correct / len(x_train),
@@ -171,11 +193,12 @@ def lm_evaluate(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, *, b
 
     was_training = model.training
     model.eval()
+    device = model_device(model)
     total = {"loss": 0.0, "accuracy": 0.0, "n": 0}
     try:
         for i in range(0, len(tokens), batch_size):
-            t, m = tokens[i:i + batch_size], mask[i:i + batch_size]
-            tm = None if target_mask is None else target_mask[i:i + batch_size]
+            t, m = tokens[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)
+            tm = None if target_mask is None else target_mask[i:i + batch_size].to(device)
             if tm is not None and not bool((tm[:, 1:] & m[:, 1:] & m[:, :-1]).any()):
                 continue
             got = lm_metrics(model(t, m), t, m, target_mask=tm)
@@ -202,6 +225,7 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     (x_tr, m_tr), (x_te, m_te) = train, test
+    device = model_device(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_tr) // cfg.batch_size))
     loop = _Loop(model, opt, sched, gen)
@@ -210,13 +234,14 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
         model.train()
         seen = {"loss": 0.0, "accuracy": 0.0, "n": 0}
         for idx in torch.randperm(len(x_tr), generator=gen).split(cfg.batch_size):
-            logits = model(x_tr[idx], m_tr[idx])
-            loss = lm_loss(logits, x_tr[idx], m_tr[idx])
+            tokens, mask = x_tr[idx].to(device), m_tr[idx].to(device)
+            logits = model(tokens, mask)
+            loss = lm_loss(logits, tokens, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            got = lm_metrics(logits.detach(), x_tr[idx], m_tr[idx])
+            got = lm_metrics(logits.detach(), tokens, mask)
             seen["loss"] += got["loss"] * got["n_tokens"]
             seen["accuracy"] += got["accuracy"] * got["n_tokens"]
             seen["n"] += got["n_tokens"]

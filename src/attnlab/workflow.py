@@ -4,9 +4,15 @@ Each function takes the experiment kind (:mod:`attnlab.experiments`, which decla
 only what differs), its validated params section and a :class:`~attnlab.layout.Layout`
 whose current stage writes into its temporary directory. ``STAGE_FUNCTIONS`` maps
 stage names to them; ``stages/<name>.py`` calls them through :mod:`attnlab.pipeline`.
+
+Train, extract, explain and evaluate run the model on the params file's ``device``
+(:func:`~attnlab.config.stage_device`); the data stay on the CPU and every function that
+feeds the model moves its batches to the model's device. What is saved is CPU numpy
+arrays and a checkpoint of CPU tensors, whatever the device.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +21,8 @@ import pandas as pd
 import torch
 
 from attnlab import io
+from attnlab.config import stage_device
+from attnlab.devices import model_device, to_device
 from attnlab.experiments.base import Experiment
 from attnlab.layout import Layout
 from attnlab.models import build_model, save_checkpoint
@@ -44,22 +52,23 @@ def train(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
 
     data, meta = load_dataset(lay)
     factory, kwargs = exp.model_spec(cfg, meta)
+    device = stage_device(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(factory, kwargs)
-    # a killed run resumes after its last complete epoch if the params and data are the same
-    with resumable(lay.resume("train"), _fingerprint(cfg, factory, kwargs, lay.dataset)):
+    model = build_model(factory, kwargs).to(device)      # initialised on the CPU: the same weights anywhere
+    # a killed run resumes after its last complete epoch if the params, device and data are the same
+    with resumable(lay.resume("train"), _fingerprint(cfg, factory, kwargs, lay.dataset, device=device)):
         history, metrics = exp.fit(cfg, model, data, progress=progress)
         save_checkpoint(lay.model, model, factory, kwargs)
         history.to_csv(lay.history, index=False)
         io.write_json(lay.train_metrics, metrics)
 
 
-def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path) -> str:
-    """SHA-256 of the params, the model spec and the content of ``files``."""
+def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path, device: torch.device) -> str:
+    """SHA-256 of the params, the model spec, the device and the content of ``files``."""
     import hashlib
     import json
 
-    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), factory, kwargs], sort_keys=True,
+    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), factory, kwargs, str(device)], sort_keys=True,
                                   default=str).encode())
     for path in files:
         io.hash_file(h, path)
@@ -72,7 +81,7 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
     from attnlab.store import extract_attention
 
     data, _ = load_dataset(lay)
-    model = exp.load_model(cfg, lay)
+    model = exp.load_model(cfg, lay).to(stage_device(cfg))
     if _has_attention(model):                  # e.g. a fusion by weights has none
         x, bs = exp.test_inputs(data), cfg.extract.batch_size
         n = len(x[0] if isinstance(x, tuple) else x)
@@ -135,7 +144,7 @@ def explain(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
     e = cfg.explain
     data, meta = load_dataset(lay)
-    model = exp.load_model(cfg, lay)
+    model = exp.load_model(cfg, lay).to(stage_device(cfg))
     ex = exp.explained(cfg, data, meta)
     baseline = exp.baseline(cfg, data)
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
@@ -147,8 +156,8 @@ def explain(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
         for m in e.methods:
             parts[m].append(imp[m])
         targets.append(batch.target)
-    importance = {m: torch.cat(v).numpy().astype(np.float32) for m, v in parts.items()}
-    target = torch.cat(targets).numpy()
+    importance = {m: torch.cat(v).cpu().numpy().astype(np.float32) for m, v in parts.items()}   # saved
+    target = torch.cat(targets).cpu().numpy()
     io.save_arrays(lay.importance, target=target, **ex.saved, **importance)
     _example_figures(exp, cfg, lay, data, meta, importance, target)
 
@@ -174,9 +183,10 @@ def _example_figures(exp: Experiment, cfg: Any, lay: Layout, data: dict[str, tor
 def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
     """Deletion/insertion of every method beside a seeded random baseline, evidence AUROC
     and pointing game where the data have planted evidence (each with bootstrap intervals
-    over samples and a paired test against random), deletion again with the
-    ROAD masker where ``evaluate.debiased``, the kind's ground truth, and per-head
-    diagnostics (entropy, sink score, locality, ablation) of the stored attention."""
+    over samples and a paired test against random), deletion and insertion again with
+    the ROAD masker where ``evaluate.debiased``, the randomisation sanity check of every
+    method (``evaluate.sanity``), the kind's ground truth, and per-head diagnostics
+    (entropy, sink score, locality, ablation) of the stored attention."""
     from attnlab.evaluate import random_importance
     from attnlab.evaluate.summaries import perturbation_curves
     from attnlab.report import figures
@@ -186,7 +196,8 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     res = lay.results
     (res / "figures").mkdir(parents=True)
     data, meta = load_dataset(lay)
-    model = exp.load_model(cfg, lay)
+    device = stage_device(cfg)
+    model = exp.load_model(cfg, lay).to(device)
     ex = exp.explained(cfg, data, meta)
     stored = io.load_arrays(lay.importance)
     importance = {m: torch.from_numpy(stored[m]) for m in cfg.explain.methods}
@@ -196,6 +207,8 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     target = torch.from_numpy(stored["target"])
 
     pert = exp.perturbation(cfg, model, data, meta, ex)
+    # the perturbed inputs are made where the model runs (the curves follow x's device)
+    pert = replace(pert, x=to_device(pert.x, device), forward_kwargs=to_device(pert.forward_kwargs, device))
     stats = dict(resamples=ev.resamples, seed=ev.seed, alpha=ev.alpha)
     aucs, curves = perturbation_curves(pert.fn, pert.x, importance, pert.masker, target=target, steps=ev.steps,
                                        batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs, **stats)
@@ -212,6 +225,9 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
         road = _road(pert, importance, aucs, target, ev)
         if road is not None:
             metrics["road"] = road
+    if ev.sanity.samples:
+        metrics["sanity"] = _sanity(exp, cfg, model, data, ex, stored, target)
+        save_figure(figures.sanity_curves(metrics["sanity"]), res / "figures" / "sanity.png")
     _merge(metrics, exp.ground_truth(cfg, lay, model, data, meta, ex))
     if lay.attention.exists() and self_attention_only(lay.attention):
         metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, progress=progress)
@@ -239,14 +255,43 @@ def _evidence_scores(importance: dict[str, torch.Tensor], evidence: torch.Tensor
     return means, ci, tests
 
 
+def _sanity(exp: Experiment, cfg: Any, model: torch.nn.Module, data: dict[str, torch.Tensor], ex: Any,
+            stored: dict[str, np.ndarray], target: torch.Tensor) -> dict[str, Any]:
+    """The randomisation test (:func:`~attnlab.evaluate.sanity.sanity_check`) of every
+    explain method on ``evaluate.sanity.samples`` explained samples spread evenly over
+    them (test sets are often ordered by class or condition), explained again, for the
+    same targets, exactly as the explain stage does."""
+    from attnlab.attribution import explain_batch
+    from attnlab.evaluate.sanity import sanity_check
+
+    e, s = cfg.explain, cfg.evaluate.sanity
+    picked = torch.linspace(0, len(ex) - 1, min(s.samples, len(ex))).round().long().unique()
+    baseline = exp.baseline(cfg, data)
+
+    def explain(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in e.methods}
+        for rows in picked.split(e.batch_size):
+            imp, _ = explain_batch(e.methods, m, _rows(ex.x, rows), ex.items.rows(rows), e, baseline=baseline,
+                                   target=target[rows], forward=lambda mm, xb, rows=rows: ex.forward(mm, xb, rows))
+            for k in e.methods:
+                parts[k].append(imp[k])
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    first = picked[:2]
+    return sanity_check(model, explain, {m: torch.from_numpy(stored[m][picked.numpy()]) for m in e.methods},
+                        lambda m: ex.forward(m, to_device(_rows(ex.x, first), model_device(m)), first),
+                        valid=None if ex.valid is None else ex.valid[picked], threshold=s.threshold,
+                        independent=s.independent, seed=cfg.evaluate.seed)
+
+
 def _road(pert: Any, importance: dict[str, torch.Tensor], constant: dict[str, Any], target: torch.Tensor,
           ev: Any) -> dict[str, Any] | None:
     """Deletion with the ROAD masker over the same items as the kind's constant masker
-    (noise ``ev.road_noise`` × the std of the perturbed inputs), its intervals and tests,
-    and whether the ranking by deletion AUC is the same as with the constant baseline
-    (``same_ranking``; ``rank_correlation``: Kendall's tau between the two). Deletion
-    only: the ranking and "beats random" are read from it, and insertion would double
-    the cost. None where the items cannot be interpolated (token ids, fusion streams)."""
+    (noise ``ev.road_noise`` × the std of the perturbed inputs), and insertion (from
+    every item imputed), their intervals and tests, and whether the ranking by deletion
+    AUC is the same as with the constant baseline (``same_ranking``;
+    ``rank_correlation``: Kendall's tau between the two; ``*_insertion``: the same for
+    insertion). None where the items cannot be interpolated (token ids, fusion streams)."""
     from scipy.stats import kendalltau
 
     from attnlab.evaluate import road_like
@@ -259,13 +304,17 @@ def _road(pert: Any, importance: dict[str, torch.Tensor], constant: dict[str, An
         return None
     aucs, _ = perturbation_curves(pert.fn, pert.x, importance, masker, target=target, steps=ev.steps,
                                   batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs,
-                                  resamples=ev.resamples, seed=ev.seed, alpha=ev.alpha, modes=("deletion",))
+                                  resamples=ev.resamples, seed=ev.seed, alpha=ev.alpha)
     methods = list(constant["deletion_auc"])
-    before = sorted(methods, key=lambda m: constant["deletion_auc"][m])
-    after = sorted(methods, key=lambda m: aucs["deletion_auc"][m])
-    tau = kendalltau([constant["deletion_auc"][m] for m in methods], [aucs["deletion_auc"][m] for m in methods])
-    return {**aucs, "same_ranking": before == after,
-            "rank_correlation": float(tau.statistic) if len(methods) > 1 else 1.0}
+    out = dict(aucs)
+    for mode, suffix in (("deletion", ""), ("insertion", "_insertion")):
+        key = f"{mode}_auc"
+        before = sorted(methods, key=lambda m: constant[key][m])
+        after = sorted(methods, key=lambda m: aucs[key][m])
+        tau = kendalltau([constant[key][m] for m in methods], [aucs[key][m] for m in methods])
+        out[f"same_ranking{suffix}"] = before == after
+        out[f"rank_correlation{suffix}"] = float(tau.statistic) if len(methods) > 1 else 1.0
+    return out
 
 
 def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
@@ -340,9 +389,14 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
     """Log this pipeline state (params, metrics, model, attention, aggregation,
     explanations, report) to MLflow as one run. A model trained elsewhere is logged by
     reference: its factory, arguments, weights file and the weights' SHA-256 (params
-    ``model.*`` and the artifact ``model/model_reference.json``), never copied or pickled."""
+    ``model.*`` and the artifact ``model/model_reference.json``), never copied or pickled.
+    The run starts and ends when the stages of this state did (their recorded timings),
+    has the prepared data as its training dataset, and the model a signature and an
+    input example (one test sample)."""
     from attnlab import tracking
     from attnlab.config import flatten
+    from attnlab.layout import STAGES
+    from attnlab.pipeline import stage_times
 
     stage_dirs = {name: lay.dir(name) for name in ("train", "extract", "aggregate", "explain", "evaluate", "report")}
     recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
@@ -359,10 +413,19 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
         recorded.append(artifacts["model"])
     else:
         artifacts["checkpoint"] = lay.model    # the weights, loadable without unpickling code
+    model = example = None
+    if not reference:
+        model = exp.load_model(cfg, lay)
+        batch = _rows(exp.test_inputs(load_dataset(lay)[0]), slice(0, 1))
+        example = tracking.model_example(model, lambda: exp.forward(model, batch))
+    start, end, untimed = stage_times(lay, [s for s in STAGES[:STAGES.index("track")] if lay.dir(s).is_dir()])
+    source = io.read_json(lay.meta).get("source")
     run_id, created = tracking.log_pipeline_run(
         instance, params=params, metrics=metrics, files=recorded,
         history=None if reference else pd.read_csv(lay.history),
-        model=None if reference else exp.load_model(cfg, lay), artifacts=artifacts)
+        model=model, model_example=example, artifacts=artifacts,
+        dataset=lay.dataset, dataset_name=f"{instance}/{source}" if source else instance,
+        start_time=start, end_time=end, untimed=untimed)
     io.write_json(lay.run, {"experiment": instance, "run_id": run_id})
     print(f"{instance}: MLflow run {run_id} ({'logged' if created else 'already logged'})")
 

@@ -354,6 +354,8 @@ def insertion_curve(model: nn.Module | Callable[..., torch.Tensor], x: torch.Ten
 
 def random_importance(shape: tuple[int, int] | torch.Size, seed: int, *,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """Random baseline: i.i.d. uniform scores ``[B, n_items]``, reproducible from ``seed``."""
+    """Random baseline: i.i.d. uniform scores ``[B, n_items]``, reproducible from ``seed``
+    (drawn by a CPU generator, so the same on any ``device``; default: where drawn)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(tuple(shape), generator=gen, dtype=torch.float64).to(device or "cpu")
+    scores = torch.rand(tuple(shape), generator=gen, dtype=torch.float64)
+    return scores if device is None else scores.to(device)

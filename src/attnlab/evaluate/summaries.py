@@ -110,9 +110,9 @@ def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Te
                 curve = curve_fn(fn, x, imp, masker, target=target, steps=steps, batch_size=batch_size,
                                  forward_kwargs=forward_kwargs)
                 aucs[f"{mode}_auc"][method] = float(curve.auc.mean())
-                per_sample[method] = curve.auc.cpu().numpy()
-                columns["fraction"] = curve.fractions.numpy()
-                columns[method] = curve.probs.mean(0).numpy()
+                per_sample[method] = curve.auc.cpu().numpy()          # the curves follow x's device
+                columns["fraction"] = curve.fractions.cpu().numpy()
+                columns[method] = curve.probs.mean(0).cpu().numpy()
             curves[mode] = pd.DataFrame(columns)
             if resamples is not None:
                 aucs[f"{mode}_auc_ci"], aucs[f"{mode}_auc_vs_random"] = uncertainty(

@@ -60,11 +60,13 @@ class FramesExperiment(ClassifierExperiment):
         run once per test frame instead of once per perturbed clip."""
         from attnlab.evaluate import sequence_masker
 
+        from attnlab.devices import model_device
+
         model.eval()
-        x = explained.x
-        base = torch.as_tensor(self.baseline(cfg, data), dtype=torch.float32)
-        with torch.no_grad():
-            h = torch.cat([model.embed(x[i:i + 256]) for i in range(0, len(x), 256)])
+        x, device = explained.x, model_device(model)
+        base = torch.as_tensor(self.baseline(cfg, data), dtype=torch.float32, device=device)
+        with torch.no_grad():                  # the embeddings are made (and stay) on the model's device
+            h = torch.cat([model.embed(x[i:i + 256].to(device)) for i in range(0, len(x), 256)])
             fill = model.embed(base.expand(1, 1, *x.shape[2:]))[0, 0]                # [D]
         return Perturbation(model.forward_embedded, h, sequence_masker(fill))
 

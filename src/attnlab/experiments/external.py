@@ -104,9 +104,7 @@ class ExternalExperiment(ClassifierExperiment):
     def extract_outputs(self, cfg, model, data):
         from attnlab.training import predict
 
-        x, rest = self._first(data), self._rest(data)     # predict batches the row indices
-        prob = predict(model, torch.arange(len(x)),
-                       forward=lambda m, rows: m(x[rows], *(r[rows] for r in rest))).softmax(-1)
+        prob = predict(model, self.test_inputs(data), forward=self.forward).softmax(-1)
         return {"predictions": {"y": data["y_test"].numpy(), "pred": prob.argmax(-1).numpy(),
                                 "prob": prob.numpy().astype(np.float32)}}
 
@@ -115,7 +113,7 @@ class ExternalExperiment(ClassifierExperiment):
         tokens = "tokens_test" in data
         x, rest = self._first(data), self._rest(data)
         return Explained(x=x, items=SequenceItems(meta["n_items"], how=cfg.model.readout, token_ids=tokens),
-                         forward=lambda model, xb, rows: model(xb, *(r[rows] for r in rest)),
+                         forward=lambda model, xb, rows: model(xb, *(r[rows].to(xb.device) for r in rest)),
                          y=data["y_test"], evidence=data.get("evidence_test"),
                          valid=data["mask_test"] if tokens else None, saved={"y": data["y_test"].numpy()})
 

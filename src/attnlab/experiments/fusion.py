@@ -68,10 +68,9 @@ class FusionExperiment(ClassifierExperiment):
         return model.param_groups(cfg.train.lr, cfg.train.weight_decay, cfg.train.fusion_lr_scale)
 
     def extract_outputs(self, cfg, model, data):
-        model.eval()
-        x, bs = data["x_test"], cfg.extract.batch_size
-        with torch.no_grad():
-            weights = torch.cat([stream_weights(model, x[i:i + bs]) for i in range(0, len(x), bs)])
+        from attnlab.training import predict
+
+        weights = predict(model, data["x_test"], batch_size=cfg.extract.batch_size, forward=stream_weights)
         return super().extract_outputs(cfg, model, data) | {
             "stream_weights": {"weights": weights.numpy(), "corrupted": data["corrupted_test"].numpy()}}
 

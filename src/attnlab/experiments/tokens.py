@@ -68,9 +68,11 @@ def evidence_gradients(atts: list[torch.Tensor], grads: list[torch.Tensor], posi
     grad_rollout's edge weight ``mean_h(max(∇A ⊙ A, 0))``, at the evidence key and,
     averaged, at the other keys at or before the explained position; and
     ``dropped_at_evidence``, the share of heads whose edge to the evidence key gets
-    weight 0 there (``∇A ⊙ A <= 0``)."""
-    rows = torch.arange(len(position))
-    key = torch.arange(evidence.shape[1])[None, :]
+    weight 0 there (``∇A ⊙ A <= 0``). Computed on the attention's device."""
+    device = atts[0].device
+    position, evidence = position.to(device), evidence.to(device)
+    rows = torch.arange(len(position), device=device)
+    key = torch.arange(evidence.shape[1], device=device)[None, :]
     others = (key <= position[:, None]) & ~evidence
     n_others = others.sum(1).clamp_min(1)
     out = []
@@ -90,8 +92,10 @@ def evidence_gradients(atts: list[torch.Tensor], grads: list[torch.Tensor], posi
 
 def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-    """The logits ``[B, V]`` of the next token at ``position [B]`` of each sequence."""
-    return model(tokens, mask)[torch.arange(len(tokens)), position]
+    """The logits ``[B, V]`` of the next token at ``position [B]`` of each sequence (on the
+    device of ``tokens``, where ``mask`` and ``position`` are moved)."""
+    logits = model(tokens, mask.to(tokens.device))
+    return logits[torch.arange(len(tokens), device=logits.device), position.to(logits.device)]
 
 
 class TokensExperiment(Experiment):

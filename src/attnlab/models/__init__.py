@@ -76,11 +76,17 @@ def build_model(factory: str, kwargs: dict[str, Any], *, allowed: Iterable[str] 
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, factory: str, kwargs: dict[str, Any]) -> None:
-    torch.save({"factory": factory, "kwargs": kwargs, "state_dict": model.state_dict()}, path)
+    """The factory, its kwargs and the state dict, with every tensor on the CPU: the file
+    is the same whatever device the model trained on, and loads on a machine without one."""
+    state = model.state_dict()                 # an OrderedDict with _metadata, kept as it is
+    for key, value in state.items():
+        state[key] = value.cpu()               # no copy for a tensor already there
+    torch.save({"factory": factory, "kwargs": kwargs, "state_dict": state}, path)
 
 
 def load_checkpoint(path: str | Path, *, factory: str | None = None, allowed: Iterable[str] = ()) -> nn.Module:
-    """Rebuild the model saved by :func:`save_checkpoint`, in eval mode.
+    """Rebuild the model saved by :func:`save_checkpoint`, in eval mode, on the CPU
+    (``map_location``: a file saved from CUDA tensors loads too); ``.to(device)`` it.
 
     Args:
         path: the checkpoint (loaded with ``weights_only=True``: tensors and plain data only).

@@ -139,3 +139,19 @@ def test_logs_to_a_real_mlflow_server_over_http(tmp_path, monkeypatch):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_flat_metrics_keeps_numbers_and_booleans_with_keys_mlflow_accepts():
+    from mlflow.utils.validation import _validate_metric_name
+
+    from attnlab.tracking import flat_metrics
+
+    tree = {"sanity": {"passed": {"raw": True, "ig": False}, "final": {"raw": 0.25},
+                       "independent": {"raw": {"model-params/embed": 0.5, "blocks.0+attn(q)": 0.75}},
+                       "blocks": ["embed"], "nan": float("nan")}}
+    flat = flat_metrics(tree, "evaluate")
+    assert flat == {"evaluate.sanity.passed.raw": 1.0, "evaluate.sanity.passed.ig": 0.0,
+                    "evaluate.sanity.final.raw": 0.25, "evaluate.sanity.independent.raw.model-params/embed": 0.5,
+                    "evaluate.sanity.independent.raw.blocks.0_attn_q_": 0.75}
+    for name in flat:
+        _validate_metric_name(name)            # raises on a key MLflow would refuse

@@ -269,5 +269,7 @@ def test_train_stage_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
         assert (killed_dir / "train" / name).read_bytes() == (ref_dir / "train" / name).read_bytes(), name
     assert len((killed_dir / "train" / "history.csv").read_text().splitlines()) == 1 + epochs
     # nothing of the killed run is left: its temporary train directory and the resume file are gone
-    assert sorted(p.name for p in killed_dir.iterdir()) == ["prepare", "train"]
-    assert sorted(p.name for p in ref_dir.iterdir()) == ["prepare", "train"]
+    # (.timings: when the stage that succeeded ran, recorded by the stage runner)
+    assert sorted(p.name for p in killed_dir.iterdir()) == [".timings", "prepare", "train"]
+    assert sorted(p.name for p in ref_dir.iterdir()) == [".timings", "prepare", "train"]
+    assert sorted(p.name for p in (killed_dir / ".timings").iterdir()) == ["train.json"]

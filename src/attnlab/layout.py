@@ -58,6 +58,15 @@ class Layout:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         return self.root / ".resume" / f"{stage}.pt"
 
+    def timing(self, stage: str) -> Path:
+        """When ``stage`` last ran (wall-clock start and end, and a digest of what it
+        wrote), recorded by the stage runner beside the stage directories: not a DVC
+        output and not hashed, so identical runs keep identical ``dvc.lock`` hashes; the
+        track stage gives its MLflow run the stages' real start and end."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.root / ".timings" / f"{stage}.json"
+
     def vocab(self, view: str, *, kind: str = "matrices") -> Path:
         """The aggregate stage's files of one aggregation ``view`` (e.g. ``layer0``):
         ``matrices`` (head mean, ``.npz``), ``head_matrices``, ``pairs`` (long table),

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -32,9 +33,13 @@ import yaml  # noqa: E402
 from mlflow.entities import Metric, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from attnlab.io import hash_file  # noqa: E402
+from attnlab.io import ServerUnreachable, hash_file, require_tracking_server  # noqa: E402
 
 STATE_TAG = "attnlab.state_key"
+#: MLflow 3's experiment kind (the UI's "Machine learning" vs "GenAI apps & agents").
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+#: The UI's own guesses, which an explicit kind replaces (a user's explicit choice stays).
+_INFERRED_KINDS = ("", "no_inferred_type", "custom_model_development_inferred", "genai_development_inferred")
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -53,20 +58,27 @@ def tracking_uri(root: str | Path | None = None) -> str:
 
 
 def init_store(uri: str | None = None) -> str:
-    """Create (or upgrade) the store once, before any parallel use."""
+    """Create (or upgrade) the store once, before any parallel use. A tracking server
+    that does not answer raises :class:`~attnlab.io.ServerUnreachable` within seconds."""
     uri = uri or tracking_uri()
+    require_tracking_server(uri)
     MlflowClient(uri).search_experiments(max_results=1)
     return uri
 
 
 def experiment_id(client: MlflowClient, name: str, root: Path) -> str:
+    """The experiment ``name``, created if missing, of the training kind
+    (:data:`KIND_TAG`), which is also set on an existing experiment that has no
+    explicit kind yet."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(KIND_TAG, "") in _INFERRED_KINDS:
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:"):
         location = (root / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
 
 
 def state_key(params: Mapping[str, Any], files: Iterable[str | Path]) -> str:
@@ -78,15 +90,33 @@ def state_key(params: Mapping[str, Any], files: Iterable[str | Path]) -> str:
     return h.hexdigest()
 
 
+def _git(root: Path, *args: str) -> str | None:
+    """``git <args>`` in ``root``: its output, or None (no git, not a repository...)."""
+    try:
+        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def provenance_tags(root: Path, experiment: str) -> dict[str, str]:
-    """Git commit, DVC experiment name and the dvc.lock hashes of this experiment's stages."""
+    """The source (MLflow's ``mlflow.source.*`` tags: the repository, its commit and
+    branch), the DVC experiment name and the dvc.lock hashes of this experiment's stages."""
     tags = {"attnlab.experiment": experiment,
-            "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace")}
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)  # noqa: E731
-    head = git("rev-parse", "HEAD")
-    if head.returncode == 0:
-        tags["mlflow.source.git.commit"] = tags["git.commit"] = head.stdout.strip()
-        tags["git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()))
+            "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+            "mlflow.source.type": "LOCAL", "mlflow.source.name": str(root)}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    head = _git(root, "rev-parse", "HEAD")
+    if head:
+        tags["mlflow.source.git.commit"] = tags["git.commit"] = head
+        tags["git.dirty"] = str(bool(_git(root, "status", "--porcelain", "--untracked-files=no")))
+        branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+        remote = _git(root, "remote", "get-url", "origin")
+        if remote:
+            tags["mlflow.source.name"] = tags["mlflow.source.git.repoURL"] = remote
     lock = Path.cwd() / "dvc.lock"
     if lock.exists():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
@@ -97,14 +127,66 @@ def provenance_tags(root: Path, experiment: str) -> dict[str, str]:
     return tags
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changed_params(root: Path, section: str, params_file: str | Path = "params.yaml") -> dict[str, Any]:
+    """The params of ``section`` in ``params_file`` that differ from the committed file
+    (``git show HEAD:<file>`` in ``root``), as flat keys (``train.lr``); a key removed
+    since is None. Empty without git or when HEAD has no such section (a new one)."""
+    params_file = Path(params_file).resolve()
+    try:
+        rel = params_file.relative_to(Path(root).resolve()).as_posix()
+        now = (yaml.safe_load(params_file.read_text()) or {}).get(section)
+    except (ValueError, OSError):
+        return {}
+    committed = _git(root, "show", f"HEAD:{rel}")
+    before = (yaml.safe_load(committed) or {}).get(section) if committed is not None else None
+    if not isinstance(before, Mapping) or not isinstance(now, Mapping):
+        return {}
+    before, now = _flat(before), _flat(now)
+    return {k: now.get(k) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+
+
+def run_name(experiment: str, tags: Mapping[str, str], changed: Mapping[str, Any], *, limit: int = 80) -> str:
+    """What a run is, for the runs table: the DVC experiment's name (``dvc exp run``),
+    else the params changed from the committed ``params.yaml`` (``motion lr=0.001``:
+    the last part of each key unless two share it), else ``<experiment> @ <commit>``."""
+    if tags.get("dvc.exp_name", "workspace") != "workspace":
+        return tags["dvc.exp_name"]
+    if changed:
+        leaves = [k.rsplit(".", 1)[-1] for k in changed]
+        parts = [f"{leaf if leaves.count(leaf) == 1 else key}="
+                 f"{'(default)' if value is None else json.dumps(value) if isinstance(value, (list, dict)) else value}"
+                 for key, leaf, value in zip(changed, leaves, changed.values())]
+        name, shown = experiment, 0
+        for part in parts:
+            if len(name) + len(part) + 1 > limit and shown:
+                break
+            name, shown = f"{name} {part}", shown + 1
+        return name + (f" +{len(parts) - shown} more" if shown < len(parts) else "")
+    commit = tags.get("git.commit")
+    return f"{experiment} @ {commit[:7]}" if commit else experiment
+
+
 def flat_metrics(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested metrics dict as ``prefix.a.b`` keys (others skipped)."""
+    """Numeric leaves of a nested metrics dict as ``prefix.a.b`` keys, booleans as 1/0
+    (e.g. ``sanity.passed.rollout``, so runs can be compared on them); others skipped.
+    A character MLflow refuses in a key (it takes letters, digits, ``_-. /``), e.g. from
+    a user's module name, becomes ``_``."""
     out: dict[str, float] = {}
     for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
+        key = re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(key))
+        name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, Mapping):
             out.update(flat_metrics(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        elif isinstance(value, (int, float)) and value == value:
             out[name] = float(value)
     return out
 
@@ -119,16 +201,26 @@ def _history_metrics(history: pd.DataFrame, step_col: str) -> list[Metric]:
 def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Mapping[str, float],
                      files: Iterable[str | Path], history: pd.DataFrame | None = None,
                      history_step: str = "epoch", model: Any = None,
+                     model_example: tuple[Any, Any] | None = None,
                      artifacts: Mapping[str, str | Path] | None = None,
+                     dataset: str | Path | None = None, dataset_name: str | None = None,
+                     start_time: int | None = None, end_time: int | None = None,
+                     untimed: Iterable[str] = (),
                      root: Path | None = None) -> tuple[str, bool]:
     """Log one pipeline state of ``experiment`` as one MLflow run.
 
     ``params`` are logged once; ``history`` (one row per step) as metric histories;
     ``metrics`` as final values; ``model`` as a pickled torch module (loadable as its
-    original class); ``artifacts`` maps an artifact directory to a local file or
-    directory. ``files`` are the outputs whose content (with ``params``) identifies
-    the state. Returns ``(run_id, created)``: an identical state returns the existing
-    run and logs nothing.
+    original class) with the signature and input example of ``model_example``
+    (``(inputs, output)``, from :func:`model_example`); ``artifacts`` maps an artifact
+    directory to a local file or directory; ``dataset`` (the prepared ``.npz``, named
+    ``dataset_name``) is the run's training dataset input (:func:`dataset_entity`).
+    ``start_time``/``end_time`` (ms since the epoch; default now) are the state's
+    real start and end (the stages' own timings), ``untimed`` the stages whose times
+    were unknown (tag ``attnlab.timing``). The run is named by :func:`run_name`.
+    ``files`` are the outputs whose content (with ``params``) identifies the state;
+    the times and the dataset do not enter it. Returns ``(run_id, created)``: an
+    identical state returns the existing run and logs nothing.
     """
     root = project_root(root)
     client = MlflowClient(tracking_uri(root))
@@ -141,10 +233,15 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
             return run.info.run_id, False
         client.delete_run(run.info.run_id)   # a crashed earlier attempt
 
-    tags = {STATE_TAG: key, **provenance_tags(root, experiment)}
-    run = client.create_run(exp_id, run_name=f"{tags['dvc.exp_name']}-{key[:8]}", tags=tags)
+    tags = {STATE_TAG: key, **provenance_tags(root, experiment), **_timing_tags(start_time, untimed)}
+    name = run_name(experiment, tags, changed_params(root, experiment, Path.cwd() / "params.yaml"))
+    run = client.create_run(exp_id, start_time=start_time, run_name=name, tags=tags)
     run_id = run.info.run_id
     try:
+        if dataset is not None:
+            client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
+                dataset_entity(dataset, dataset_name or Path(dataset).stem),
+                tags=[mlflow.entities.InputTag("mlflow.data.context", "training")])])
         metric_rows = _history_metrics(history, history_step) if history is not None else []
         now = int(time.time() * 1000)
         metric_rows += [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -160,8 +257,8 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
             else:
                 client.log_artifact(run_id, str(path), art_dir)
         if model is not None:
-            _log_model(client, run_id, model)
-        client.set_terminated(run_id, "FINISHED")
+            _log_model(client, run_id, model, model_example)
+        client.set_terminated(run_id, "FINISHED", end_time=end_time)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         client.delete_run(run_id)
@@ -169,19 +266,133 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
     return run_id, True
 
 
-def _log_model(client: MlflowClient, run_id: str, model: Any) -> None:
+def _timing_tags(start_time: int | None, untimed: Iterable[str]) -> dict[str, str]:
+    """``attnlab.timing``: ``stages`` (the run's start and end are the stages' own),
+    ``partial`` (of the stages with known times; those in ``attnlab.timing.unknown``
+    had none, e.g. outputs restored from DVC's cache) or ``now`` (none known: the times
+    are the track stage's own)."""
+    untimed = sorted(untimed)
+    tags = {"attnlab.timing": "now" if start_time is None else "partial" if untimed else "stages"}
+    if untimed:
+        tags["attnlab.timing.unknown"] = ", ".join(untimed)
+    return tags
+
+
+def _npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{name: (shape, dtype)}`` of the arrays of an ``.npz``, read from their headers
+    (nothing is decompressed)."""
+    import zipfile
+
+    import numpy as np
+
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for member in zf.namelist():
+            with zf.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            out[member.removesuffix(".npy")] = (tuple(shape), dtype)
+    return out
+
+
+def dataset_entity(path: str | Path, name: str) -> mlflow.entities.Dataset:
+    """The prepared data file ``path`` (``.npz``) as an MLflow dataset: its name, its
+    digest (the MD5 of the file, which is also its name in DVC's cache), the file as
+    source, and each array's shape and dtype as schema and profile (``y_*`` arrays as
+    targets), without the data themselves."""
+    import math
+
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types import Schema, TensorSpec
+
+    path = Path(path).resolve()
+    specs: dict[str, list] = {"features": [], "targets": []}
+    profile: dict[str, dict[str, Any]] = {}
+    for key, (shape, dtype) in _npz_arrays(path).items():
+        part = "targets" if key.startswith("y_") else "features"
+        specs[part].append(TensorSpec(dtype, shape, key))
+        size = math.prod(shape)
+        for what, value in (("shape", list(shape)), ("size", size), ("nbytes", size * dtype.itemsize)):
+            profile.setdefault(f"{part}_{what}", {})[key] = value
+    schema = TensorDatasetSchema(features=Schema(specs["features"]),
+                                 targets=Schema(specs["targets"]) if specs["targets"] else None)
+    source = LocalArtifactDatasetSource(str(path))
+    return mlflow.entities.Dataset(
+        name=name[:500], digest=hash_file(hashlib.md5(), path).hexdigest(),
+        source_type=source._get_source_type(), source=source.to_json(),
+        schema=json.dumps(schema.to_dict()), profile=json.dumps(profile))
+
+
+def model_example(model: Any, call: Any) -> tuple[Any, Any]:
+    """``(inputs, output)`` of ``model``'s first call while ``call()`` runs it (e.g.
+    ``lambda: exp.forward(model, batch)``), as arrays: one positional tensor as an
+    array, several as ``{forward's parameter name: array}``; the output an array
+    (several: ``{"output_<i>": array}``). What the logged model receives, whatever
+    packing the experiment does around it; no gradients."""
+    import inspect
+
+    import torch
+
+    calls: list[tuple] = []
+
+    def first_call(module, args, kwargs, output):
+        if not calls:
+            calls.append((args, kwargs, output))
+
+    handle = model.register_forward_hook(first_call, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        handle.remove()
+    if not calls:
+        raise ValueError("model_example: call() did not run the model")
+    args, kwargs, output = calls[0]
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names += [f"input_{i}" for i in range(len(names), len(args))]
+    array = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    inputs = {n: array(v) for n, v in [*zip(names, args), *kwargs.items()] if isinstance(v, torch.Tensor)}
+    if len(inputs) == 1 and len(args) >= 1 and isinstance(args[0], torch.Tensor):
+        inputs = inputs[names[0]]
+    if isinstance(output, torch.Tensor):
+        output = array(output)
+    elif isinstance(output, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in output):
+        output = {f"output_{i}": array(o) for i, o in enumerate(output)}
+    else:
+        output = None
+    return inputs, output
+
+
+def _log_model(client: MlflowClient, run_id: str, model: Any, example: tuple[Any, Any] | None = None) -> None:
     import torch
     import mlflow.pytorch
+    from mlflow.models import infer_signature
 
     package = Path(__file__).resolve().parent
     mlflow.set_tracking_uri(client.tracking_uri)
     # pickle is chosen knowingly (pt2 reloads a GraphModule, on which hooks never fire)
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pickle",   # pt2 reloads a GraphModule
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            code_paths=[str(package)])
+    signature = infer_signature(*example) if example is not None else None
+    # MLflow checks an input example by calling the model as its pyfunc, which takes one
+    # array: a model of several inputs (e.g. tokens and mask) fails that check with a
+    # warning, although mlflow.pytorch.load_model gives it back whole, callable by name
+    several = example is not None and isinstance(example[0], Mapping)
+    check_log = logging.getLogger("mlflow.models.model")
+    level = check_log.level
+    if several:
+        check_log.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle",   # pt2 reloads a GraphModule
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                code_paths=[str(package)], signature=signature,
+                input_example=example[0] if example is not None else None)
+    finally:
+        check_log.setLevel(level)
     # start_run(run_id=...) ends the run FINISHED on exit; the caller decides the final status
     client.update_run(run_id, status="RUNNING")
 
@@ -191,3 +402,19 @@ def find_runs(experiment: str, root: Path | None = None) -> pd.DataFrame:
     root = project_root(root)
     mlflow.set_tracking_uri(tracking_uri(root))
     return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
+
+
+def main() -> None:
+    """``python -m attnlab.tracking`` (``make store``): create the store; a tracking
+    server that does not answer is one ``error:`` line on stderr and exit status 2."""
+    import sys
+
+    try:
+        init_store()
+    except ServerUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

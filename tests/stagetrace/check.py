@@ -44,6 +44,10 @@ DEFAULT_EXEMPT: tuple[str, ...] = (
     # dvc.lock: the track stage reads it only for provenance tags it writes to MLflow.
     # DVC itself writes it after the stages run, so it cannot be a dep (a cycle).
     "dvc.lock",
+    # The stages' recorded timings (data/<experiment>/.timings/<stage>.json, written by
+    # attnlab.pipeline): the track stage reads them only for its run's start and end
+    # time. They change at every run, so as a dep they would change dvc.lock each time.
+    "data/*/.timings/*",
     # Version-control and DVC internals (git provenance, DVC's cache and temp dirs).
     ".git/", ".dvc/",
 )

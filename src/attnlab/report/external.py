@@ -35,8 +35,11 @@ def write_external_report(out: str | Path) -> Path:
                   "(rows: layers, columns: heads).")
     for shape in dict.fromkeys(m.shape for m in maps):
         group = [k for k, m in enumerate(maps) if m.shape == shape]
-        rep.figure(figures.head_grid(np.stack([maps[k] for k in group]), [names[k] for k in group], "sample 0"),
-                   f"heads_{shape[-1]}", "Attention of sample 0.")
+        pages = figures.head_grid_pages(np.stack([maps[k] for k in group]), [names[k] for k in group], "sample 0")
+        for p, fig in enumerate(pages):
+            rep.figure(fig, f"heads_{shape[-1]}" + (f"_{p}" if p else ""),
+                       "Attention of sample 0: queries (rows) x keys (columns)"
+                       + (f", page {p + 1} of {len(pages)}" if len(pages) > 1 else "") + ".")
 
     rep.heading("Which items the model looks at")
     rep.paragraph(f"Importance of each item for the predicted class, by method: {methods_paragraph(methods, 'item')}")

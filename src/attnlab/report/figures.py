@@ -37,24 +37,50 @@ def training_curves(history: pd.DataFrame) -> plt.Figure:
 
 
 def head_grid(attn_lhqk: np.ndarray, layer_names: Sequence[str], title: str, item: str = "item") -> plt.Figure:
-    """Per-layer x per-head attention maps ``[L, H, Lq, Lk]`` of one sample (rows: layers)."""
+    """Per-layer x per-head attention maps ``[L, H, Lq, Lk]`` of one sample (rows: layers),
+    one colour scale with its bar. Panels shrink so the figure stays at most 16 inches
+    wide (a 12-head model's row fits); see :func:`head_grid_pages` for many layers."""
     n_layers, n_heads = attn_lhqk.shape[:2]
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.2 * n_heads, 2.2 * n_layers), squeeze=False)
-    vmax = float(np.quantile(attn_lhqk, 0.995)) or None
+    panel = min(2.2, 15.0 / n_heads)
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(panel * n_heads + 1.0, panel * n_layers + 0.6),
+                             squeeze=False)
+    vmax = float(np.nanquantile(attn_lhqk, 0.995)) or None
+    image = None
     for l in range(n_layers):
         for h in range(n_heads):
             ax = axes[l, h]
-            ax.imshow(attn_lhqk[l, h], cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+            image = ax.imshow(attn_lhqk[l, h], cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if l == n_layers - 1:
-                ax.set_xlabel(f"key {item}")
+                ax.set_xlabel(f"key {item}", fontsize=8)
             if h == 0:
                 ax.set_ylabel(f"{layer_names[l]}\nquery {item}", fontsize=8)
             if l == 0:
                 ax.set_title(f"head {h}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+    bar.set_label("attention probability" + (" (clipped at the 99.5th percentile)" if vmax else ""), fontsize=8)
     return fig
+
+
+def head_grid_pages(attn_lhqk: np.ndarray, layer_names: Sequence[str], title: str, item: str = "item",
+                    layers_per_page: int = 6) -> list[plt.Figure]:
+    """:func:`head_grid` in pages of at most ``layers_per_page`` layers, so a deep model's
+    grid stays legible (each page titled with its layers)."""
+    n_layers = attn_lhqk.shape[0]
+    if n_layers <= layers_per_page:
+        return [head_grid(attn_lhqk, layer_names, title, item)]
+    return [head_grid(attn_lhqk[lo:lo + layers_per_page], layer_names[lo:lo + layers_per_page],
+                      f"{title} (layers {lo + 1}-{min(lo + layers_per_page, n_layers)} of {n_layers})", item)
+            for lo in range(0, n_layers, layers_per_page)]
+
+
+def _share_bar(fig: plt.Figure, axes, label: str) -> None:
+    """One colour bar for images drawn with magma on [0, 1]."""
+    mappable = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="magma")
+    bar = fig.colorbar(mappable, ax=list(np.ravel(axes)), fraction=0.025, pad=0.01)
+    bar.set_label(label, fontsize=8)
 
 
 def importance_by_class(importance: dict[str, np.ndarray], y: np.ndarray, classes: Sequence[str],
@@ -113,7 +139,8 @@ def importance_bands(importance: dict[str, np.ndarray], title: str, item: str = 
             axes[-1].axvline(t, ymin=-0.35, ymax=0, color="deepskyblue", lw=2, clip_on=False)
     axes[-1].set_xlabel(item)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    _share_bar(fig, axes, "importance / method max")
     return fig
 
 
@@ -129,6 +156,35 @@ def faithfulness_curves(curves: dict[str, pd.DataFrame]) -> plt.Figure:
                xlabel=f"fraction of items {verb}, most important first", ylabel="p(explained class)",
                ylim=(0, 1.02))
     axes[0, -1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def sanity_curves(sanity: dict) -> plt.Figure:
+    """The randomisation test: mean |Spearman rho| between trained and randomised
+    importance per method, cascading from the output back (left) and one block at a
+    time (right, when run); the dashed line is the pass threshold."""
+    blocks = sanity["blocks"]
+    two = bool(sanity["independent"])
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    depths = list(range(len(blocks) + 1))
+    labels = ["trained"] + [f"+{b}" for b in reversed(blocks)]
+    for method, curve in sanity["cascading"].items():
+        ax.plot(depths, [1.0] + [curve[str(d)] for d in depths[1:]], marker="o", label=method)
+    ax.axhline(sanity["threshold"], ls="--", color="grey", lw=1)
+    ax.set_xticks(depths, labels, rotation=30, ha="right", fontsize=7)
+    ax.set(xlabel="blocks re-initialised (cascading, output first)", ylabel="mean |Spearman rho|",
+           ylim=(-0.02, 1.02), title="cascading randomisation")
+    ax.legend(fontsize=7)
+    if two:
+        ax = axes[0, 1]
+        frame = pd.DataFrame(sanity["independent"]).loc[blocks]       # rows: blocks, columns: methods
+        frame.plot.bar(ax=ax, rot=30, fontsize=7, legend=False)
+        ax.axhline(sanity["threshold"], ls="--", color="grey", lw=1)
+        ax.set(xlabel="block re-initialised alone", ylabel="mean |Spearman rho|", ylim=(0, 1.02),
+               title="independent randomisation")
+        ax.set_xticklabels(ax.get_xticklabels(), ha="right")
     fig.tight_layout()
     return fig
 
@@ -198,7 +254,8 @@ def frame_strip(frames_thw: np.ndarray, importance: dict[str, np.ndarray], evide
                 ax.plot(0, 0, "o", color="white", ms=4)
         axes[r, 0].set_ylabel(method, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(title + "  (blue: evidence frames; dot: a method's top frames)", fontsize=9)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08, right=0.9)
+    _share_bar(fig, axes[1:], "importance / method max")
     return fig
 
 
@@ -224,13 +281,14 @@ def video_overlay(frames_thw: np.ndarray, maps: dict[str, np.ndarray], evidence_
         for t in range(f_len):
             ax = axes[r, t]
             ax.imshow(frames_thw[t], cmap="gray")
-            ax.imshow(maps[method][t], cmap="magma", alpha=0.6, vmin=0, vmax=vmax,
+            ax.imshow(maps[method][t] / vmax, cmap="magma", alpha=0.6, vmin=0, vmax=1,
                       extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="nearest")
         axes[r, 0].set_ylabel(method, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title + "  (blue: evidence patches)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    _share_bar(fig, axes[1:], "importance / method max")
     return fig
 
 

@@ -53,8 +53,11 @@ def write_tokens_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
         names = list(reader.names)
         for i in range(min(cfg.report.examples, len(reader))):
             maps = np.stack([a.numpy() for a in reader.sample(i)])
-            rep.figure(figures.head_grid(maps, names, f"test sequence {i}", "token"), f"heads_seq{i}",
-                       f"Causal attention of test sequence {i} (padding keys get 0).")
+            pages = figures.head_grid_pages(maps, names, f"test sequence {i}", "token")
+            for p, fig in enumerate(pages):
+                rep.figure(fig, f"heads_seq{i}" + (f"_{p}" if p else ""),
+                           f"Causal attention of test sequence {i}: query tokens (rows) x key tokens (columns); "
+                           "padding keys get 0" + (f"; page {p + 1} of {len(pages)}" if len(pages) > 1 else "") + ".")
 
     source = {"layer": f"layer {view.removeprefix('layer')}", "mean": "the mean of all layers",
               "rollout": "the attention rollout"}

@@ -217,11 +217,15 @@ CPU_ALLOWED = {
     "aggregate.py": "VocabAttention's tables are numpy arrays",
     "evaluate/summaries.py": "curves to pandas",
     "evaluate/sanity.py": "rank correlations with scipy",
+    "evaluate/faithfulness.py": "the curves' step bookkeeping (which inputs are distinct) is done on the CPU",
 }
 #: Tensor factories in the maths without ``device=`` (CPU by design), by file and line text.
 FACTORY_ALLOWED = {
     ("evaluate/faithfulness.py", "owner = torch.repeat_interleave(torch.arange"),   # moved at use
     ("evaluate/faithfulness.py", "torch.rand(tuple(shape), generator=gen"),         # CPU generator, then .to
+    ("evaluate/faithfulness.py", "counts_cpu = torch."),                             # step bookkeeping, then .to
+    ("evaluate/faithfulness.py", "n_valid = torch.full((b,), n)"),                   # step bookkeeping
+    ("evaluate/faithfulness.py", "fresh = torch.ones(n_steps, b, dtype=torch.bool)"),  # then .to
 }
 MATHS = ["explain", "capture.py", "attribution.py", "builtin_methods.py", "methods.py", "evaluate/faithfulness.py",
          "evaluate/baselines.py", "evaluate/groundtruth.py", "evaluate/sanity.py", "evaluate/uncertainty.py"]

@@ -302,3 +302,43 @@ def test_pointing_game_hand_cases():
     valid[1, 0] = False                           # padding holds the top score: item 2 wins
     assert pointing_game(imp, evidence, valid=valid) == pytest.approx((1 + 1 + 0.5 + 0.25) / 4)
     assert math.isnan(pointing_game(imp[4:], evidence[4:]))
+
+
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_curves_with_valid_items_run_each_distinct_input_once_and_match_the_full_curves(mode):
+    """A causal readout at position p sees items 0..p only: with ``valid`` marking them,
+    the curves equal a literal loop over every step (items after p removed or not, the
+    output is the same), and the model runs once per distinct (sample, valid items
+    touched) pair instead of once per (sample, step)."""
+    torch.manual_seed(1)
+    b, n, steps = 6, 8, 9
+    w = torch.randn(3, 4)
+
+    position = torch.tensor([1, 7, 3, 0, 5, 2])
+
+    def model(x, position):
+        causal = torch.arange(n)[None, :, None] <= position[:, None, None]
+        return (x * causal).sum(1).tanh() @ w                      # only items <= position count
+
+    calls = []
+
+    def counted(x, position):
+        calls.append(len(x))
+        return model(x, position)
+
+    x = torch.randn(b, n, 3)
+    valid = torch.arange(n)[None, :] <= position[:, None]
+    imp = torch.rand(b, n).masked_fill(~valid, -1.0)
+    fn = deletion_curve if mode == "deletion" else insertion_curve
+    curve = fn(counted, x, imp, sequence_masker(0.0), steps=steps, batch_size=4,
+               forward_kwargs={"position": position}, valid=valid)
+    fractions, probs = _literal_curve(model, x, imp, mode, _fill_item, steps,
+                                      kwargs_b={"position": position})
+    np.testing.assert_allclose(curve.fractions.numpy(), fractions)
+    np.testing.assert_allclose(curve.probs.numpy(), probs, atol=1e-9)
+    counts = torch.round(torch.linspace(0, 1, steps, dtype=torch.float64) * n).long()
+    distinct = sum(len(set(torch.minimum(counts, v).tolist())) for v in valid.sum(1))
+    assert sum(calls) == b + distinct < b + b * steps               # b: the default target's forward
+    with pytest.raises(ValueError, match="valid must be a bool tensor shaped like importance"):
+        fn(model, x, imp, sequence_masker(0.0), steps=steps, forward_kwargs={"position": position},
+           valid=valid.float())

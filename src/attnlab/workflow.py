@@ -210,8 +210,10 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     # the perturbed inputs are made where the model runs (the curves follow x's device)
     pert = replace(pert, x=to_device(pert.x, device), forward_kwargs=to_device(pert.forward_kwargs, device))
     stats = dict(resamples=ev.resamples, seed=ev.seed, alpha=ev.alpha)
+    valid = None if ex.valid is None else ex.valid.to(device)
     aucs, curves = perturbation_curves(pert.fn, pert.x, importance, pert.masker, target=target, steps=ev.steps,
-                                       batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs, **stats)
+                                       batch_size=ev.batch_size, forward_kwargs=pert.forward_kwargs, valid=valid,
+                                       **stats)
     write_curves(curves, lay.dir("evaluate"))
     save_figure(figures.faithfulness_curves(curves), res / "figures" / "faithfulness.png")
     metrics: dict[str, Any] = {"n_samples": len(ex), "faithfulness": aucs,

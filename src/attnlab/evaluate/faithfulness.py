@@ -266,7 +266,8 @@ def _batch_index(kw: Mapping[str, Any], idx: torch.Tensor, batch: int) -> dict[s
 
 def _curve(mode: str, model: nn.Module | Callable[..., torch.Tensor], x: torch.Tensor,
            importance: torch.Tensor, masker: Masker, target, steps: int | None,
-           batch_size: int, forward_kwargs: Mapping[str, Any] | None) -> Curve:
+           batch_size: int, forward_kwargs: Mapping[str, Any] | None,
+           valid: torch.Tensor | None = None) -> Curve:
     if importance.dim() != 2 or importance.shape[0] != x.shape[0]:
         raise ValueError(f"importance has shape {tuple(importance.shape)}, "
                          f"expected [B={x.shape[0]}, n_items]")
@@ -281,31 +282,49 @@ def _curve(mode: str, model: nn.Module | Callable[..., torch.Tensor], x: torch.T
     kw = dict(forward_kwargs or {})
 
     if steps is None:
-        counts = torch.arange(n + 1, device=dev)
+        counts_cpu = torch.arange(n + 1)
     else:
-        counts = torch.round(torch.linspace(0, 1, steps, dtype=torch.float64) * n).long().to(dev)
+        counts_cpu = torch.round(torch.linspace(0, 1, steps, dtype=torch.float64) * n).long()
+    counts = counts_cpu.to(dev)
     fractions = counts.double() / n                                   # [S]
 
-    # rank[b, i] = position of item i in the order of decreasing importance
-    # (stable sort: equal scores keep ascending item index).
-    order = torch.argsort(-importance.detach().double().to(dev), dim=1, stable=True)
+    if valid is not None and (valid.shape != importance.shape or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool tensor shaped like importance {tuple(importance.shape)}, got "
+                         f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}")
+    n_valid = torch.full((b,), n) if valid is None else valid.sum(1).cpu()     # the step bookkeeping is on the CPU
+    valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
+
+    # rank[b, i] = position of item i in the order of decreasing importance among the
+    # valid items (stable sort: equal scores keep ascending item index; invalid last).
+    score = importance.detach().double().to(dev).masked_fill(~valid, float("-inf"))
+    order = torch.argsort(-score, dim=1, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=dev).expand(b, n))
+    n_steps = counts.numel()
+    # Items that cannot matter are never removed (nor inserted: they stay as they are),
+    # so once a sample's valid items are all touched its later steps are the same
+    # input: each distinct (sample, valid items touched) pair is run once.
+    touched_count = torch.minimum(counts_cpu[:, None], n_valid[None, :])      # [S, B]
+    fresh = torch.ones(n_steps, b, dtype=torch.bool)
+    fresh[1:] = touched_count[1:] != touched_count[:-1]
+    pairs = fresh.reshape(-1).nonzero().squeeze(1).to(dev)                     # step-major
+    fresh = fresh.to(dev)
 
     with torch.no_grad():
         tgt = as_target(target, lambda: model(x, **kw), b, dev)
-        n_steps = counts.numel()
-        probs = torch.empty(n_steps * b, dtype=torch.float64, device=dev)
-        # Flattened (step, sample) pairs, step-major; each chunk is one model call.
-        for start in range(0, n_steps * b, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n_steps * b), device=dev)
+        probs = torch.full((n_steps * b,), float("nan"), dtype=torch.float64, device=dev)
+        # each chunk of fresh (step, sample) pairs is one model call
+        for idx in pairs.split(batch_size):
             sample, step = idx % b, idx // b
-            touched = rank[sample] < counts[step, None]              # [m, n]
-            keep = ~touched if mode == "deletion" else touched
+            touched = (rank[sample] < counts[step, None]) & valid[sample]      # [m, n]
+            keep = ~touched if mode == "deletion" else touched | ~valid[sample]
             logits = model(masker(x[sample], keep), **_batch_index(kw, sample, b))
             p = logits.double().softmax(dim=-1)
             probs[idx] = p.gather(1, tgt[sample, None]).squeeze(1)
-    probs_bs = probs.view(n_steps, b).T.contiguous()
+    probs_sb = probs.view(n_steps, b)
+    for s_ in range(1, n_steps):                       # a repeated input repeats its probability
+        probs_sb[s_] = torch.where(fresh[s_], probs_sb[s_], probs_sb[s_ - 1])
+    probs_bs = probs_sb.T.contiguous()
     auc = torch.trapezoid(probs_bs, fractions, dim=1)
     return Curve(fractions=fractions, probs=probs_bs, auc=auc, target=tgt, mode=mode)
 
@@ -314,7 +333,8 @@ def deletion_curve(model: nn.Module | Callable[..., torch.Tensor], x: torch.Tens
                    importance: torch.Tensor, masker: Masker, *,
                    target: int | torch.Tensor | None = None, steps: int | None = None,
                    batch_size: int = 256,
-                   forward_kwargs: Mapping[str, Any] | None = None) -> Curve:
+                   forward_kwargs: Mapping[str, Any] | None = None,
+                   valid: torch.Tensor | None = None) -> Curve:
     """Probability of ``target`` as items are removed, most important first.
 
     Args:
@@ -331,25 +351,31 @@ def deletion_curve(model: nn.Module | Callable[..., torch.Tensor], x: torch.Tens
         batch_size: perturbed inputs per model call.
         forward_kwargs: extra keyword arguments for the model; tensors whose first
             dim is ``B`` (e.g. ``padding_mask``) follow their sample.
+        valid: ``[B, n_items]`` bool, the items that can matter at all (e.g. the
+            tokens a causal model has seen at the explained position). Only they
+            are ranked, removed or inserted; the others stay as they are in ``x``, and
+            a step that touches no further valid item reuses the previous step's
+            probability instead of running the model again. Default: every item.
 
     Returns:
         :class:`Curve` with ``fractions [S]``, ``probs [B, S]``, ``auc [B]`` (lower
         = more faithful), ``target [B]``.
     """
     return _curve("deletion", model, x, importance, masker, target, steps, batch_size,
-                  forward_kwargs)
+                  forward_kwargs, valid)
 
 
 def insertion_curve(model: nn.Module | Callable[..., torch.Tensor], x: torch.Tensor,
                     importance: torch.Tensor, masker: Masker, *,
                     target: int | torch.Tensor | None = None, steps: int | None = None,
                     batch_size: int = 256,
-                    forward_kwargs: Mapping[str, Any] | None = None) -> Curve:
+                    forward_kwargs: Mapping[str, Any] | None = None,
+                    valid: torch.Tensor | None = None) -> Curve:
     """Probability of ``target`` as items are inserted into an all-removed input,
     most important first (higher AUC = more faithful). Arguments as in
     :func:`deletion_curve`; the default target is still the prediction on ``x``."""
     return _curve("insertion", model, x, importance, masker, target, steps, batch_size,
-                  forward_kwargs)
+                  forward_kwargs, valid)
 
 
 def random_importance(shape: tuple[int, int] | torch.Size, seed: int, *,

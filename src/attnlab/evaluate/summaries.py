@@ -82,6 +82,7 @@ def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Te
                         target: torch.Tensor, steps: int | None, batch_size: int,
                         forward_kwargs: dict[str, Any] | None = None, resamples: int | None = None,
                         seed: int = 0, alpha: float = 0.05, modes: Sequence[str] = ("deletion", "insertion"),
+                        valid: torch.Tensor | None = None,
                         ) -> tuple[dict[str, dict[str, Any]], dict[str, pd.DataFrame]]:
     """Deletion and insertion curves of every method's importance:
     ``({"deletion_auc": {method: mean AUC}, "insertion_auc": {...}},
@@ -92,7 +93,8 @@ def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Te
     bootstrap interval of the mean AUC over samples, and ``"<mode>_auc_vs_random"``:
     ``{method: {"p", "better", "n"}}``, the one-sided paired Wilcoxon test that the
     method beats random at level ``alpha`` (see :mod:`attnlab.evaluate.uncertainty`).
-    ``modes``: the curves to compute (a subset of deletion and insertion)."""
+    ``modes``: the curves to compute (a subset of deletion and insertion); ``valid``:
+    the items that can matter (see :func:`~attnlab.evaluate.deletion_curve`)."""
     from attnlab.evaluate import deletion_curve, insertion_curve
     from attnlab.evaluate.uncertainty import uncertainty
 
@@ -108,7 +110,7 @@ def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Te
             columns, per_sample = {}, {}
             for method, imp in importance.items():
                 curve = curve_fn(fn, x, imp, masker, target=target, steps=steps, batch_size=batch_size,
-                                 forward_kwargs=forward_kwargs)
+                                 forward_kwargs=forward_kwargs, valid=valid)
                 aucs[f"{mode}_auc"][method] = float(curve.auc.mean())
                 per_sample[method] = curve.auc.cpu().numpy()          # the curves follow x's device
                 columns["fraction"] = curve.fractions.cpu().numpy()

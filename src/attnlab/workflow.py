@@ -138,28 +138,38 @@ def explain(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
     """Every configured method's per-item importance for every explained sample
     (``importance.npz``: one ``[M, n_items]`` array per method, ``target`` and the kind's
     own arrays), and figures of a few samples."""
-    from tqdm.auto import tqdm
-
-    from attnlab.attribution import explain_batch
-
     e = cfg.explain
     data, meta = load_dataset(lay)
     model = exp.load_model(cfg, lay).to(stage_device(cfg))
     ex = exp.explained(cfg, data, meta)
-    baseline = exp.baseline(cfg, data)
+    batches = [slice(i, i + e.batch_size) for i in range(0, len(ex), e.batch_size)]
+    parts, targets = _explain_rows(e, model, ex, batches, exp.baseline(cfg, data), progress=progress)
+    importance = {m: v.cpu().numpy().astype(np.float32) for m, v in parts.items()}   # saved
+    target = targets.cpu().numpy()
+    io.save_arrays(lay.importance, target=target, **ex.saved, **importance)
+    _example_figures(exp, cfg, lay, data, meta, importance, target)
+
+
+def _explain_rows(e: Any, model: torch.nn.Module, ex: Any, batches: list[slice | torch.Tensor], baseline: Any, *,
+                  target: torch.Tensor | None = None, progress: bool = False,
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every method of ``e.methods`` on the explained samples of ``batches`` (slices or
+    index tensors into ``ex``), one :func:`~attnlab.attribution.explain_batch` each, for
+    ``target`` (default: the model's predictions): ``({method: [M, n_items]}, target [M])``."""
+    from tqdm.auto import tqdm
+
+    from attnlab.attribution import explain_batch
+
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
     targets = []
-    for i in tqdm(range(0, len(ex), e.batch_size), desc="explain", disable=not progress):
-        sl = slice(i, i + e.batch_size)
-        imp, batch = explain_batch(e.methods, model, ex.x[sl], ex.items.rows(sl), e, baseline=baseline,
-                                   forward=lambda m, xb, sl=sl: ex.forward(m, xb, sl))
+    for rows in tqdm(batches, desc="explain", disable=not progress):
+        imp, batch = explain_batch(e.methods, model, _rows(ex.x, rows), ex.items.rows(rows), e, baseline=baseline,
+                                   target=None if target is None else target[rows],
+                                   forward=lambda m, xb, rows=rows: ex.forward(m, xb, rows))
         for m in e.methods:
             parts[m].append(imp[m])
         targets.append(batch.target)
-    importance = {m: torch.cat(v).cpu().numpy().astype(np.float32) for m, v in parts.items()}   # saved
-    target = torch.cat(targets).cpu().numpy()
-    io.save_arrays(lay.importance, target=target, **ex.saved, **importance)
-    _example_figures(exp, cfg, lay, data, meta, importance, target)
+    return {m: torch.cat(v) for m, v in parts.items()}, torch.cat(targets)
 
 
 def _example_figures(exp: Experiment, cfg: Any, lay: Layout, data: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -263,24 +273,14 @@ def _sanity(exp: Experiment, cfg: Any, model: torch.nn.Module, data: dict[str, t
     explain method on ``evaluate.sanity.samples`` explained samples spread evenly over
     them (test sets are often ordered by class or condition), explained again, for the
     same targets, exactly as the explain stage does."""
-    from attnlab.attribution import explain_batch
     from attnlab.evaluate.sanity import sanity_check
 
     e, s = cfg.explain, cfg.evaluate.sanity
     picked = torch.linspace(0, len(ex) - 1, min(s.samples, len(ex))).round().long().unique()
     baseline = exp.baseline(cfg, data)
-
-    def explain(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in e.methods}
-        for rows in picked.split(e.batch_size):
-            imp, _ = explain_batch(e.methods, m, _rows(ex.x, rows), ex.items.rows(rows), e, baseline=baseline,
-                                   target=target[rows], forward=lambda mm, xb, rows=rows: ex.forward(mm, xb, rows))
-            for k in e.methods:
-                parts[k].append(imp[k])
-        return {k: torch.cat(v) for k, v in parts.items()}
-
     first = picked[:2]
-    return sanity_check(model, explain, {m: torch.from_numpy(stored[m][picked.numpy()]) for m in e.methods},
+    return sanity_check(model, lambda m: _explain_rows(e, m, ex, list(picked.split(e.batch_size)), baseline,
+                                                       target=target)[0], {m: torch.from_numpy(stored[m][picked.numpy()]) for m in e.methods},
                         lambda m: ex.forward(m, to_device(_rows(ex.x, first), model_device(m)), first),
                         valid=None if ex.valid is None else ex.valid[picked], threshold=s.threshold,
                         independent=s.independent, seed=cfg.evaluate.seed)

@@ -13,6 +13,11 @@ MLFLOW_BACKEND_URI ?= sqlite:///$(SERVER_STORE)/mlflow.db
 SERVER_ARTIFACTS ?= $(SERVER_STORE)/artifacts
 
 export MLFLOW_DISABLE_TELEMETRY := true
+# NPROC=N make run: train, extract and aggregate run as N processes under torchrun
+# (README "Several processes"); the stage scripts start torchrun themselves.
+ifdef NPROC
+export ATTNLAB_NPROC := $(NPROC)
+endif
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup store run sweep test ui server postgresql chromium screenshots bench clean

@@ -439,8 +439,13 @@ def test_fusion_outputs_and_queued_sweep_over_modes(project):
     client, runs = _runs(repo, "fusion")
     by_mode = {r.data.params["model.fusion"]: r for r in runs}
     assert set(by_mode) == {"attention", "sum", "channel", "scalar"} and len(runs) == 4
+    per_worker = max(1, len(os.sched_getaffinity(0)) // 2)     # the Makefile's cores / JOBS
     for mode, run in by_mode.items():
         assert "evaluate.weights.mean.appearance" in run.data.metrics, mode
+        if mode != "attention":            # a queued worker's stages ran with their share of the cores
+            for stage in ("train", "explain", "evaluate"):
+                assert run.data.tags[f"attnlab.stage.{stage}"].endswith(
+                    f", 1 process x {per_worker} thread{'s' if per_worker > 1 else ''}"), (mode, run.data.tags)
         assert run.data.tags.get("dvc.exp_name") or mode == "attention", mode
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"report", "evaluate", "checkpoint"} <= artifacts, (mode, artifacts)

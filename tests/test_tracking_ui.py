@@ -102,7 +102,7 @@ def test_run_starts_and_ends_when_the_stages_did(store):
     times = {s: (t0 + 60_000 * i + 7, t0 + 60_000 * i + 59_001) for i, s in enumerate(TIMED)}
     times["prepare"] = (t0 - 3_600_000, t0 - 3_500_000)      # not re-run: its older timing stands
     lay = _state(store, times)
-    start, end, untimed = pipeline.stage_times(lay, TIMED)
+    start, end, untimed = pipeline.stage_times(pipeline.stage_records(lay, TIMED))
     assert (start, end, untimed) == (t0 - 3_600_000, times["report"][1], [])
     run_id, created = _log(store, {"train.lr": 0.1}, start_time=start, end_time=end, untimed=untimed)
     run = _client().get_run(run_id)
@@ -110,10 +110,20 @@ def test_run_starts_and_ends_when_the_stages_did(store):
     assert (run.info.start_time, run.info.end_time) == (t0 - 3_600_000, t0 + 6 * 60_000 + 59_001)
     assert run.data.tags["attnlab.timing"] == "stages" and "attnlab.timing.unknown" not in run.data.tags
 
+    # each stage's time and resources, as recorded by the stage runner: a tag per stage
+    records = {"train": {"start_ms": t0, "end_ms": t0 + 6_849, "processes": 2, "threads": 1},
+               "extract": {"start_ms": t0, "end_ms": t0 + 1_000, "processes": 1, "threads": 2},
+               "report": {"start_ms": t0, "end_ms": t0 + 300}}                  # an older record: time only
+    tagged, _ = _log(store, {"train.lr": 0.15}, start_time=start, end_time=end, stages=records)
+    tags = _client().get_run(tagged).data.tags
+    assert tags["attnlab.stage.train"] == "6.8 s, 2 processes x 1 thread"
+    assert tags["attnlab.stage.extract"] == "1.0 s, 1 process x 2 threads"
+    assert tags["attnlab.stage.report"] == "0.3 s" and "attnlab.stage.explain" not in tags
+
     # the same state again, with other timings: no second run, the first is untouched
     again, created = _log(store, {"train.lr": 0.1}, start_time=t0, end_time=t0 + 1)
     assert (again, created) == (run_id, False)
-    assert len(_client().search_runs([run.info.experiment_id])) == 1
+    assert len(_client().search_runs([run.info.experiment_id])) == 2     # this one and the tagged one
     assert _client().get_run(run_id).info.start_time == t0 - 3_600_000
 
 
@@ -121,7 +131,7 @@ def test_stage_times_without_a_matching_record_are_unknown(store):
     t0 = 1_700_000_000_000
     lay = _state(store, {s: (t0 + i, t0 + 10 + i) for i, s in enumerate(TIMED) if s != "train"})
     (lay.dir("extract") / "sub" / "out.txt").write_text("restored from another state")   # record is stale
-    start, end, untimed = pipeline.stage_times(lay, TIMED)
+    start, end, untimed = pipeline.stage_times(pipeline.stage_records(lay, TIMED))
     assert untimed == ["train", "extract"]
     assert (start, end) == (t0, t0 + 10 + 6)
     run_id, _ = _log(store, {"train.lr": 0.2}, start_time=start, end_time=end, untimed=untimed)
@@ -131,7 +141,7 @@ def test_stage_times_without_a_matching_record_are_unknown(store):
     # nothing known (e.g. every output restored from DVC's cache): the track stage's own time
     for stage in TIMED:
         lay.timing(stage).unlink(missing_ok=True)
-    assert pipeline.stage_times(lay, TIMED) == (None, None, list(TIMED))
+    assert pipeline.stage_times(pipeline.stage_records(lay, TIMED)) == (None, None, list(TIMED))
     before = int(time.time() * 1000)
     run_id, _ = _log(store, {"train.lr": 0.3}, start_time=None, end_time=None, untimed=list(TIMED))
     after = int(time.time() * 1000)
@@ -149,6 +159,7 @@ def test_stage_runner_records_its_timing_outside_its_outputs(tmp_path, monkeypat
     after = int(time.time() * 1000)
     record = json.loads((data / "motion" / ".timings" / "report.json").read_text())
     assert before <= record["start_ms"] <= record["end_ms"] <= after
+    assert (record["processes"], record["threads"]) == (1, torch.get_num_threads())
     assert record["outputs_sha256"] == _digest(data / "motion" / "report")
     assert sorted(p.name for p in (data / "motion" / "report").iterdir()) == ["report.html"]   # outputs unchanged
     # a failing stage keeps its outputs and its record (they still belong together)

@@ -364,6 +364,29 @@ class VocabAttention:
         return tok, attn, valid
 
     # ------------------------------------------------------------------ merge
+    def all_reduce(self, group: Any = None) -> "VocabAttention":
+        """Under ``torch.distributed``: sum the tables of every process of ``group`` into
+        each process's aggregator, in place, as if :meth:`merge` had added the others'
+        (each process aggregated its own sequences). Nothing to do in one process.
+        Returns ``self``."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return self
+        shapes: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(shapes, (self.vocab_size, self.nhead), group=group)
+        if len(set(shapes)) > 1:
+            raise ValueError(f"all_reduce: the processes' aggregators differ in (vocab_size, nhead): {shapes}")
+        n = torch.tensor([float(self.n_sequences)], dtype=torch.float64)
+        on_gpu = dist.get_backend(group) == "nccl"          # NCCL reduces CUDA tensors only
+        for table in (self._sum, torch.view_as_real(self._count_expected), n):   # the complex table as real pairs
+            shared = table.cuda() if on_gpu else table
+            dist.all_reduce(shared, group=group)
+            if on_gpu:
+                table.copy_(shared)
+        self.n_sequences = int(n.item())
+        return self
+
     def merge(self, other: "VocabAttention") -> "VocabAttention":
         """Add ``other``'s tables into this one (shards, DDP ranks). Returns ``self``."""
         if not isinstance(other, VocabAttention):

@@ -22,7 +22,7 @@ View = tuple[VocabAttention, VocabAttention | None]
 def aggregate_views(path: str | os.PathLike, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int, *,
                     attention: Literal["layer", "mean", "rollout"] = "layer", layers: Sequence[int] = (0,),
                     heads: bool = True, batch_size: int = 64, causal: bool = False,
-                    progress: bool = False) -> dict[str, View]:
+                    samples: tuple[int, int] | None = None, progress: bool = False) -> dict[str, View]:
     """Aggregate the stored attention of ``tokens [N, L]`` (``mask [N, L]``: True = real
     token) into ``{view: (head mean, per head or None)}``.
 
@@ -30,6 +30,8 @@ def aggregate_views(path: str | os.PathLike, tokens: torch.Tensor, mask: torch.T
     negative indices count from the end), with ``"mean"`` the mean of all layers
     (``"mean"``; every layer must have the same heads), with ``"rollout"`` the attention
     rollout over the layers (``"rollout"``, no heads). ``heads`` adds one matrix per head.
+    ``samples=(start, stop)`` aggregates only those samples (a torchrun process's block;
+    the processes' tables are then summed, :meth:`VocabAttention.all_reduce`).
     """
     with AttentionReader(path) as reader:
         n_layers = len(reader.names)
@@ -46,19 +48,21 @@ def aggregate_views(path: str | os.PathLike, tokens: torch.Tensor, mask: torch.T
         else:
             raise ValueError(f"attention={attention!r}; accepted: layer, mean, rollout")
         views: dict[str, View] = {}
-        batches = reader.batches(batch_size)
+        for view, layer in picks.items():   # made before any sample: a block may be empty
+            per_sample = reader.entry(layer or 0).shape[1:]         # [H, Lq, Lk]
+            per_head = heads and attention != "rollout" and len(per_sample) == 3
+            views[view] = (VocabAttention(vocab_size), VocabAttention(vocab_size, nhead=per_sample[0]) if per_head else None)
+        first, last = samples or (0, len(reader))
+        batches = reader.batches(batch_size, first, last)
         if progress:
             from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="aggregate", total=-(-len(reader) // batch_size), unit="batch")
-        start = 0
+            batches = tqdm(batches, desc="aggregate", total=-(-max(last - first, 0) // batch_size), unit="batch")
+        start = first
         for batch in batches:
             stop = start + batch[0].shape[0]
             t, m = tokens[start:stop], mask[start:stop]
             for view, layer in picks.items():
                 att = _view_attention(batch, attention, layer, m)
-                if view not in views:
-                    views[view] = (VocabAttention(vocab_size),
-                                   VocabAttention(vocab_size, nhead=att.shape[1]) if heads and att.ndim == 4 else None)
                 agg, per_head = views[view]
                 agg.update(t, att, mask=m, causal=causal)
                 if per_head is not None:

@@ -119,6 +119,62 @@ def extract_attention(model: nn.Module, batches: Iterable[Any], path: str | os.P
         raise
 
 
+def merge_attention(shards: Sequence[str | os.PathLike], path: str | os.PathLike, *, remove: bool = True) -> int:
+    """Concatenate attention files written by :func:`extract_attention` over consecutive
+    blocks of samples (e.g. one per torchrun process, in rank order) into one file at
+    ``path``, as if one process had extracted them all: the same entries, samples in
+    shard order, the same chunks (the compressed chunks are copied as they are, never
+    decompressed). The shards' entries must agree (module, call index, per-sample
+    shape). Written to a temporary file and
+    renamed; the shards are removed afterwards unless ``remove`` is False. Returns the
+    number of samples."""
+    path = Path(path)
+    if not shards:
+        raise ValueError("merge_attention: no shard to merge")
+    sources = [h5py.File(p, "r") for p in shards]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        full = sources
+        keys = sorted(full[0].keys(), key=lambda k: int(full[0][k].attrs["call"]))
+        for f in full[1:]:
+            theirs = {k: (f[k].attrs["module"], f[k].shape[1:]) for k in f.keys()}
+            ours = {k: (full[0][k].attrs["module"], full[0][k].shape[1:]) for k in keys}
+            if theirs != ours:
+                raise ValueError(f"{f.filename}: its entries {sorted(theirs)} differ from {full[0].filename}'s "
+                                 f"{sorted(ours)} (module or per-sample shape); shards must come from one model")
+        n_total = sum(int(f.attrs["num_samples"]) for f in full)
+        with h5py.File(tmp, "w") as out:
+            for key in keys:
+                first = full[0][key]
+                ds = out.create_dataset(key, shape=(n_total, *first.shape[1:]), maxshape=(None, *first.shape[1:]),
+                                        dtype=first.dtype, chunks=first.chunks, compression=first.compression,
+                                        compression_opts=first.compression_opts, track_times=False)
+                for name in ("module", "call"):
+                    ds.attrs[name] = first.attrs[name]
+                start = 0
+                for f in full:             # one sample per chunk: chunk i is sample i
+                    src = f[key]
+                    for i in range(src.shape[0]):
+                        offset = (i,) + (0,) * (src.ndim - 1)
+                        mask, chunk = src.id.read_direct_chunk(offset)
+                        ds.id.write_direct_chunk((start + i,) + offset[1:], chunk, mask)
+                    start += src.shape[0]
+            out.attrs["names"] = [str(full[0][k].attrs["module"]) for k in keys]
+            out.attrs["num_samples"] = n_total
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        for f in sources:
+            f.close()
+    if remove:
+        for p in shards:
+            os.unlink(p)
+    return n_total
+
+
 def _disk_full(err: OSError) -> bool:
     """A full disk: ``errno`` is ENOSPC, or HDF5's message says so (h5py's OSError
     carries no errno; HDF5 reports ``errno = 28`` in the text)."""
@@ -191,7 +247,7 @@ class AttentionReader:
     * ``r.names``: module name of each entry; ``r.keys``: dataset names; ``len(r)``: N.
     * ``r.sample(i)``: one float32 ``[H, Lq, Lk]`` tensor per entry.
     * ``r.entry(k)[i0:i1]``: float32 ``[i1 - i0, H, Lq, Lk]`` of entry ``k`` (index or key).
-    * ``r.batches(batch_size)``: yields lists (one per entry) of float32 ``[b, H, Lq, Lk]``.
+    * ``r.batches(batch_size[, start, stop])``: yields lists (one per entry) of float32 ``[b, H, Lq, Lk]``.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -243,12 +299,14 @@ class AttentionReader:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return [self.entry(k)[i] for k in self.keys]
 
-    def batches(self, batch_size: int) -> Iterator[list[torch.Tensor]]:
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[list[torch.Tensor]]:
+        """Samples ``start`` to ``stop`` (default: all) in batches of ``batch_size``."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        stop = self.num_samples if stop is None else min(stop, self.num_samples)
         entries: Sequence[_Entry] = [self.entry(k) for k in self.keys]
-        for start in range(0, self.num_samples, batch_size):
-            yield [e[start:start + batch_size] for e in entries]
+        for i in range(start, stop, batch_size):
+            yield [e[i:min(i + batch_size, stop)] for e in entries]
 
     def __repr__(self) -> str:
         return f"AttentionReader({str(self.path)!r}, {len(self.keys)} entries, {self.num_samples} samples)"

@@ -205,7 +205,7 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
                      artifacts: Mapping[str, str | Path] | None = None,
                      dataset: str | Path | None = None, dataset_name: str | None = None,
                      start_time: int | None = None, end_time: int | None = None,
-                     untimed: Iterable[str] = (),
+                     untimed: Iterable[str] = (), stages: Mapping[str, Mapping[str, Any]] | None = None,
                      root: Path | None = None) -> tuple[str, bool]:
     """Log one pipeline state of ``experiment`` as one MLflow run.
 
@@ -217,7 +217,10 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
     ``dataset_name``) is the run's training dataset input (:func:`dataset_entity`).
     ``start_time``/``end_time`` (ms since the epoch; default now) are the state's
     real start and end (the stages' own timings), ``untimed`` the stages whose times
-    were unknown (tag ``attnlab.timing``). The run is named by :func:`run_name`.
+    were unknown (tag ``attnlab.timing``); ``stages`` maps a stage to its record
+    (``start_ms``, ``end_ms``, ``processes``, ``threads``), each a tag
+    ``attnlab.stage.<stage>`` such as ``6.8 s, 2 processes x 1 thread``. The run is
+    named by :func:`run_name`.
     ``files`` are the outputs whose content (with ``params``) identifies the state;
     the times and the dataset do not enter it. Returns ``(run_id, created)``: an
     identical state returns the existing run and logs nothing.
@@ -233,7 +236,8 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
             return run.info.run_id, False
         client.delete_run(run.info.run_id)   # a crashed earlier attempt
 
-    tags = {STATE_TAG: key, **provenance_tags(root, experiment), **_timing_tags(start_time, untimed)}
+    tags = {STATE_TAG: key, **provenance_tags(root, experiment), **_timing_tags(start_time, untimed),
+            **{f"attnlab.stage.{stage}": _stage_tag(record) for stage, record in (stages or {}).items()}}
     name = run_name(experiment, tags, changed_params(root, experiment, Path.cwd() / "params.yaml"))
     run = client.create_run(exp_id, start_time=start_time, run_name=name, tags=tags)
     run_id = run.info.run_id
@@ -276,6 +280,15 @@ def _timing_tags(start_time: int | None, untimed: Iterable[str]) -> dict[str, st
     if untimed:
         tags["attnlab.timing.unknown"] = ", ".join(untimed)
     return tags
+
+
+def _stage_tag(record: Mapping[str, Any]) -> str:
+    """``"6.8 s, 2 processes x 1 thread"``: a stage's wall time and resources."""
+    text = f"{(record['end_ms'] - record['start_ms']) / 1000:.1f} s"
+    if "processes" in record and "threads" in record:
+        p, t = int(record["processes"]), int(record["threads"])
+        text += f", {p} process{'es' if p > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
+    return text
 
 
 def _npz_arrays(path: Path) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -9,6 +9,12 @@ epoch and reaches the same weights, bit for bit, as an uninterrupted run (CPU).
 The loops run on the model's device: each batch is moved there (the data stay where
 they are, and the shuffling uses a CPU generator, so the batches are the same whatever
 the device).
+
+Under ``torchrun`` (:mod:`attnlab.distributed`) the same loops train with DDP: each
+process takes its shard of every global batch and its share of the batch's mean loss,
+so a step's gradient is the one-process gradient; the per-epoch test metrics are
+computed on shards and combined, and only process 0 shows progress and writes the
+resume file.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from attnlab import distributed
 from attnlab.config import Train
 from attnlab.devices import model_device, to_device
 
@@ -52,11 +59,13 @@ def resumable(path: str | Path, key: str) -> Iterator[None]:
     token = _RESUME.set((path, key))
     try:
         yield
-        path.unlink(missing_ok=True)
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()                # only if empty
+        distributed.barrier()                  # under torchrun: process 0 has written its last save
+        if distributed.is_main():
+            path.unlink(missing_ok=True)
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()            # only if empty
     finally:
         _RESUME.reset(token)
 
@@ -83,21 +92,25 @@ class _Loop:
         for name, part in self.parts.items():
             part.load_state_dict(ckpt[name])
         self.gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"][distributed.rank()])      # each process's dropout stream
         cuda_rng = ckpt.get("cuda_rng") or []        # dropout on CUDA draws from the CUDA generators
         if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_rng)
-        print(f"train: resuming after epoch {ckpt['epoch']} from {path}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"train: resuming after epoch {ckpt['epoch']} from {path}", file=sys.stderr)
         return int(ckpt["epoch"]), list(ckpt["rows"])
 
     def save(self, epoch: int, rows: list[dict[str, Any]]) -> None:
         if self.point is None:
             return
+        torch_rng = distributed.all_gather(torch.get_rng_state())
+        if not distributed.is_main():
+            return
         path, key = self.point
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"key": key, "epoch": epoch, "rows": rows, "generator": self.gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
+                    "torch_rng": torch_rng,
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                     **{name: part.state_dict() for name, part in self.parts.items()}}, tmp)
         os.replace(tmp, path)                  # a kill mid-write leaves the previous epoch's file
@@ -115,14 +128,14 @@ def predict(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], *, bat
     first = x[0] if isinstance(x, tuple) else x
     device = model_device(model)
     try:
-        return torch.cat([forward(model, to_device(_slice(x, i, i + batch_size), device)).to(first.device)
+        return torch.cat([forward(model, to_device(_rows(x, slice(i, i + batch_size)), device)).to(first.device)
                           for i in range(0, len(first), batch_size)])
     finally:
         model.train(was_training)
 
 
-def _slice(x: torch.Tensor | tuple[torch.Tensor, ...], start: int, stop: int):
-    return tuple(t[start:stop] for t in x) if isinstance(x, tuple) else x[start:stop]
+def _rows(x: torch.Tensor | tuple[torch.Tensor, ...], rows: Any):
+    return tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows]
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -157,40 +170,79 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
     test_macro_f1``. Shuffling uses its own generator seeded with ``cfg.seed``, so a
     run is reproducible on CPU.
     """
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + distributed.rank())      # dropout: one stream per process
+    gen = torch.Generator().manual_seed(cfg.seed)          # the same batches in every process
     device = model_device(model)
+    net, world = _replica(model)
     opt = torch.optim.AdamW(param_groups or model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_train) // cfg.batch_size))
     loop = _Loop(model, opt, sched, gen)
     done, rows = loop.restore()
-    for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not progress):
+    for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not (progress and distributed.is_main())):
         model.train()
         losses, correct = [], 0
         for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
-            yb = y_train[idx].to(device)
-            logits = forward(model, x_train[idx].to(device))
-            loss = nn.functional.cross_entropy(logits, yb)
+            mine, weight = _my_share(idx, world)
+            yb = y_train[mine].to(device)
+            logits = forward(net, x_train[mine].to(device))
+            if world == 1:
+                loss = nn.functional.cross_entropy(logits, yb)
+            else:                  # this process's share of the global batch's mean; DDP averages over N
+                loss = nn.functional.cross_entropy(logits, yb, reduction="sum") * (weight * world / len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.item() * len(idx))
-            correct += int((logits.argmax(-1) == yb).sum())
-        test = classification_metrics(predict(model, x_test, forward=forward), y_test)
-        rows.append({"epoch": epoch, "train_loss": float(np.sum(losses) / len(x_train)),
-                     "train_accuracy": correct / len(x_train),
+            losses.append(loss.item() * len(idx) / world)
+            correct += int((logits.argmax(-1) == yb).sum()) * weight
+        loss_sum, correct = distributed.all_reduce_(torch.tensor([float(np.sum(losses)), correct],
+                                                                 dtype=torch.float64)).tolist()
+        test = classification_metrics(_predict_sharded(model, x_test, forward), y_test)
+        rows.append({"epoch": epoch, "train_loss": float(loss_sum / len(x_train)),
+                     "train_accuracy": int(correct) / len(x_train),
                      **{f"test_{k}": v for k, v in test.items()}})
         loop.save(epoch, rows)
     return pd.DataFrame(rows)
 
 
+def _replica(model: nn.Module) -> tuple[Any, int]:
+    """``(what the loop calls, number of processes)``: the model itself, or under
+    torchrun a DDP replica (:class:`attnlab.distributed.Replica`)."""
+    world = distributed.world_size()
+    return (distributed.Replica(model) if world > 1 else model), world
+
+
+def _my_share(idx: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
+    """This process's samples of a global batch and their weight (1). A process left
+    without a sample (a last batch smaller than N) runs one sample with weight 0, as
+    every process must take part in each step's gradient reduction."""
+    if world == 1:
+        return idx, 1
+    mine = idx[distributed.shard()]
+    return (mine, 1) if len(mine) else (idx[:1], 0)
+
+
+def _predict_sharded(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], forward: Forward) -> torch.Tensor:
+    """:func:`predict` of every row, each process computing its shard (:func:`attnlab.distributed.shard`)."""
+    if not distributed.active():
+        return predict(model, x, forward=forward)
+    first = x[0] if isinstance(x, tuple) else x
+    return distributed.gather_rows(predict(model, _rows(x, distributed.shard()), forward=forward), len(first))
+
+
 @torch.no_grad()
 def lm_evaluate(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128,
-                target_mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Token-weighted next-token loss, perplexity and accuracy over a dataset (eval mode)."""
+                target_mask: torch.Tensor | None = None, sharded: bool = False) -> dict[str, float]:
+    """Token-weighted next-token loss, perplexity and accuracy over a dataset (eval mode).
+    ``sharded``: under torchrun each process scores its shard and the sums are combined."""
     from attnlab.models.causal import lm_metrics
 
+    if sharded and distributed.active():
+        rows = distributed.shard()
+        tokens, mask = tokens[rows], mask[rows]
+        target_mask = None if target_mask is None else target_mask[rows]
+    else:
+        sharded = False
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -207,6 +259,8 @@ def lm_evaluate(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, *, b
             total["n"] += got["n_tokens"]
     finally:
         model.train(was_training)
+    if sharded:
+        total = dict(zip(total, distributed.all_reduce_(torch.tensor(list(total.values()), dtype=torch.float64)).tolist()))
     n = max(total["n"], 1)
     loss = total["loss"] / n
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "accuracy": total["accuracy"] / n}
@@ -222,33 +276,41 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
     """
     from attnlab.models.causal import lm_loss, lm_metrics
 
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + distributed.rank())      # dropout: one stream per process
+    gen = torch.Generator().manual_seed(cfg.seed)          # the same batches in every process
     (x_tr, m_tr), (x_te, m_te) = train, test
     device = model_device(model)
+    net, world = _replica(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_tr) // cfg.batch_size))
     loop = _Loop(model, opt, sched, gen)
     done, rows = loop.restore()
-    for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not progress):
+    for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not (progress and distributed.is_main())):
         model.train()
         seen = {"loss": 0.0, "accuracy": 0.0, "n": 0}
         for idx in torch.randperm(len(x_tr), generator=gen).split(cfg.batch_size):
-            tokens, mask = x_tr[idx].to(device), m_tr[idx].to(device)
-            logits = model(tokens, mask)
-            loss = lm_loss(logits, tokens, mask)
+            mine, weight = _my_share(idx, world)
+            tokens, mask = x_tr[mine].to(device), m_tr[mine].to(device)
+            logits = net(tokens, mask)
+            if world == 1:
+                loss = lm_loss(logits, tokens, mask)
+            else:                  # this process's share of the global batch's token mean; DDP averages over N
+                m = m_tr[idx].bool()
+                loss = lm_loss(logits, tokens, mask, reduction="sum") * (weight * world / int((m[:, 1:] & m[:, :-1]).sum()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             got = lm_metrics(logits.detach(), tokens, mask)
-            seen["loss"] += got["loss"] * got["n_tokens"]
-            seen["accuracy"] += got["accuracy"] * got["n_tokens"]
-            seen["n"] += got["n_tokens"]
+            seen["loss"] += got["loss"] * got["n_tokens"] * weight
+            seen["accuracy"] += got["accuracy"] * got["n_tokens"] * weight
+            seen["n"] += got["n_tokens"] * weight
+        seen = dict(zip(seen, distributed.all_reduce_(torch.tensor(list(seen.values()), dtype=torch.float64)).tolist()))
         row = {"epoch": epoch, "train_loss": seen["loss"] / seen["n"], "train_accuracy": seen["accuracy"] / seen["n"],
-               **{f"test_{k}": v for k, v in lm_evaluate(model, x_te, m_te).items()}}
+               **{f"test_{k}": v for k, v in lm_evaluate(model, x_te, m_te, sharded=True).items()}}
         if test_target_mask is not None:
-            row["test_target_accuracy"] = lm_evaluate(model, x_te, m_te, target_mask=test_target_mask)["accuracy"]
+            row["test_target_accuracy"] = lm_evaluate(model, x_te, m_te, target_mask=test_target_mask,
+                                                      sharded=True)["accuracy"]
         rows.append(row)
         loop.save(epoch, rows)
     return pd.DataFrame(rows)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attnlab import io
+from attnlab import distributed, io
 from attnlab.config import stage_device
 from attnlab.devices import model_device, to_device
 from attnlab.experiments.base import Experiment
@@ -52,24 +52,29 @@ def train(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
 
     data, meta = load_dataset(lay)
     factory, kwargs = exp.model_spec(cfg, meta)
-    device = stage_device(cfg)
+    device = distributed.local_device(stage_device(cfg))
     torch.manual_seed(cfg.train.seed)
     model = build_model(factory, kwargs).to(device)      # initialised on the CPU: the same weights anywhere
-    # a killed run resumes after its last complete epoch if the params, device and data are the same
-    with resumable(lay.resume("train"), _fingerprint(cfg, factory, kwargs, lay.dataset, device=device)):
+    # a killed run resumes after its last complete epoch if the params, device, number of
+    # processes and data are the same
+    key = _fingerprint(cfg, factory, kwargs, lay.dataset, device=device, processes=distributed.world_size())
+    with resumable(lay.resume("train"), key):
         history, metrics = exp.fit(cfg, model, data, progress=progress)
-        save_checkpoint(lay.model, model, factory, kwargs)
-        history.to_csv(lay.history, index=False)
-        io.write_json(lay.train_metrics, metrics)
+        if distributed.is_main():
+            save_checkpoint(lay.model, model, factory, kwargs)
+            history.to_csv(lay.history, index=False)
+            io.write_json(lay.train_metrics, metrics | {"processes": distributed.world_size()})
 
 
-def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path, device: torch.device) -> str:
-    """SHA-256 of the params, the model spec, the device and the content of ``files``."""
+def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path, device: torch.device,
+                 processes: int) -> str:
+    """SHA-256 of the params, the model spec, the device, the number of processes and the
+    content of ``files``."""
     import hashlib
     import json
 
-    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), factory, kwargs, str(device)], sort_keys=True,
-                                  default=str).encode())
+    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), factory, kwargs, str(device), processes],
+                                  sort_keys=True, default=str).encode())
     for path in files:
         io.hash_file(h, path)
     return h.hexdigest()
@@ -78,17 +83,29 @@ def _fingerprint(cfg: Any, factory: str, kwargs: dict[str, Any], *files: Path, d
 def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
     """Every layer's per-head attention of the test samples (streamed to disk), and the
     kind's other per-sample outputs (predictions, fusion weights)."""
-    from attnlab.store import extract_attention
+    from attnlab.store import extract_attention, merge_attention
 
     data, _ = load_dataset(lay)
-    model = exp.load_model(cfg, lay).to(stage_device(cfg))
+    model = exp.load_model(cfg, lay).to(distributed.local_device(stage_device(cfg)))
     if _has_attention(model):                  # e.g. a fusion by weights has none
         x, bs = exp.test_inputs(data), cfg.extract.batch_size
         n = len(x[0] if isinstance(x, tuple) else x)
-        batches = (_rows(x, slice(i, i + bs)) for i in range(0, n, bs))
-        extract_attention(model, batches, lay.attention, forward=exp.forward, progress=progress)
-    for name, arrays in exp.extract_outputs(cfg, model, data).items():
-        io.save_arrays(getattr(lay, name), **arrays)
+        start, stop = distributed.block(n)     # under torchrun: this process's block of samples
+        batches = (_rows(x, slice(i, min(i + bs, stop))) for i in range(start, stop, bs))
+        if not distributed.active():
+            extract_attention(model, batches, lay.attention, forward=exp.forward, progress=progress)
+        else:                                  # one shard file per process (with samples), merged in sample order
+            shards = {r: lay.attention.with_name(f".{lay.attention.stem}.shard{r}.h5")
+                      for r in range(distributed.world_size()) if len(range(*distributed.block(n, r)))}
+            if distributed.rank() in shards:
+                extract_attention(model, batches, shards[distributed.rank()], forward=exp.forward,
+                                  progress=progress and distributed.is_main())
+            distributed.barrier()
+            if distributed.is_main():
+                merge_attention(list(shards.values()), lay.attention)
+    if distributed.is_main():
+        for name, arrays in exp.extract_outputs(cfg, model, data).items():
+            io.save_arrays(getattr(lay, name), **arrays)
 
 
 def _has_attention(model: torch.nn.Module) -> bool:
@@ -108,15 +125,22 @@ def aggregate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False)
 
     data, meta = load_dataset(lay)
     if "vocab" not in meta:
-        io.write_json(lay.aggregate_summary, {"vocabulary": False,
-                                              "reason": f"{lay.root.name}'s inputs have no token vocabulary"})
+        if distributed.is_main():
+            io.write_json(lay.aggregate_summary, {"vocabulary": False,
+                                                  "reason": f"{lay.root.name}'s inputs have no token vocabulary"})
         return
     a = cfg.aggregate
     itos = meta["vocab"]
     causal, real = exp.head_masks(cfg, data)
+    # under torchrun each process aggregates a block of the samples; the tables are summed by all-reduce
     views = aggregate_views(lay.attention, data["tokens_test"], real, len(itos),
                             attention=a.attention, layers=a.layers, heads=a.heads, batch_size=a.batch_size,
-                            causal=causal, progress=progress)
+                            causal=causal, samples=distributed.block(len(data["tokens_test"])),
+                            progress=progress and distributed.is_main())
+    for agg in (agg for pair in views.values() for agg in pair if agg is not None):
+        agg.all_reduce()
+    if not distributed.is_main():
+        return
     for view, (agg, per_head) in views.items():
         agg.save(lay.vocab(view))
         agg.to_frame(itos).to_csv(lay.vocab(view, kind="pairs"), index=False, float_format="%.6g",
@@ -392,13 +416,14 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
     explanations, report) to MLflow as one run. A model trained elsewhere is logged by
     reference: its factory, arguments, weights file and the weights' SHA-256 (params
     ``model.*`` and the artifact ``model/model_reference.json``), never copied or pickled.
-    The run starts and ends when the stages of this state did (their recorded timings),
+    The run starts and ends when the stages of this state did (their recorded timings;
+    each stage's time, processes and threads are tags ``attnlab.stage.<stage>``),
     has the prepared data as its training dataset, and the model a signature and an
     input example (one test sample)."""
     from attnlab import tracking
     from attnlab.config import flatten
     from attnlab.layout import STAGES
-    from attnlab.pipeline import stage_times
+    from attnlab.pipeline import stage_records, stage_times
 
     stage_dirs = {name: lay.dir(name) for name in ("train", "extract", "aggregate", "explain", "evaluate", "report")}
     recorded = [p for d in stage_dirs.values() for p in sorted(d.rglob("*")) if p.is_file()]
@@ -420,14 +445,16 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
         model = exp.load_model(cfg, lay)
         batch = _rows(exp.test_inputs(load_dataset(lay)[0]), slice(0, 1))
         example = tracking.model_example(model, lambda: exp.forward(model, batch))
-    start, end, untimed = stage_times(lay, [s for s in STAGES[:STAGES.index("track")] if lay.dir(s).is_dir()])
+    records = stage_records(lay, [s for s in STAGES[:STAGES.index("track")] if lay.dir(s).is_dir()])
+    start, end, untimed = stage_times(records)
     source = io.read_json(lay.meta).get("source")
     run_id, created = tracking.log_pipeline_run(
         instance, params=params, metrics=metrics, files=recorded,
         history=None if reference else pd.read_csv(lay.history),
         model=model, model_example=example, artifacts=artifacts,
         dataset=lay.dataset, dataset_name=f"{instance}/{source}" if source else instance,
-        start_time=start, end_time=end, untimed=untimed)
+        start_time=start, end_time=end, untimed=untimed,
+        stages={stage: record for stage, record in records.items() if record is not None})
     io.write_json(lay.run, {"experiment": instance, "run_id": run_id})
     print(f"{instance}: MLflow run {run_id} ({'logged' if created else 'already logged'})")
 

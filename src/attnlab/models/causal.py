@@ -110,11 +110,12 @@ def _targets(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | No
     return logits[:, :-1][valid], tokens[:, 1:][valid]
 
 
-def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy: ``logits[:, i]`` predicts ``tokens[:, i+1]``;
-    pairs touching padding (``mask`` False) are ignored."""
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None, *,
+            reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with ``reduction="sum"`` summed) next-token cross-entropy: ``logits[:, i]``
+    predicts ``tokens[:, i+1]``; pairs touching padding (``mask`` False) are ignored."""
     scores, target = _targets(logits, tokens, mask, None)
-    return F.cross_entropy(scores, target)
+    return F.cross_entropy(scores, target, reduction=reduction)
 
 
 @torch.no_grad()

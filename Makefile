@@ -112,4 +112,4 @@ bench: setup
 	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
 
 clean:
-	rm -rf data/*/ mlflow.db mlartifacts
+	rm -rf data/*/ reports/ mlflow.db mlartifacts

@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import sys
+import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -188,6 +189,128 @@ def test_report_is_self_contained_shows_the_metrics_and_no_markup_from_the_data(
     assert EVIL in browser.find_element("tag name", "body").text
     cells = browser.find_elements("xpath", "//td[contains(., 'window.__pwned')]")
     assert cells and all(c.text == EVIL for c in cells)
+
+
+def _load_offline(browser, page: str) -> None:
+    """Open ``page`` (a file URL) and check that it requested nothing outside the file,
+    that no request failed and that the console stayed clean."""
+    _network(browser), browser.get_log("browser")                     # drop what came before
+    browser.get(page)
+    _wait_for(browser, lambda d: d.execute_script("return document.readyState") == "complete")
+    events = _network(browser)
+    urls = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+    assert page in urls
+    assert [u[:80] for u in urls if u != page and not u.startswith("data:")] == []     # nothing outside the file
+    assert [e["params"] for e in events if e["method"] == "Network.loadingFailed"] == []
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
+
+
+def _cells(table) -> dict[str, dict[str, object]]:
+    """First column's text -> {column: cell element} of a table element."""
+    header = [th.text for th in table.find_elements("css selector", "thead th")]
+    rows = [tr.find_elements("tag name", "td") for tr in table.find_elements("css selector", "tbody tr")]
+    return {row[0].text: dict(zip(header, row)) for row in rows}
+
+
+# --------------------------------------------------------------------------- the index page
+def test_index_page_is_self_contained_shows_every_experiment_and_links_to_its_report(browser, tmp_path):
+    from test_index import EVIL as INDEX_EVIL, METRICS, ODD, TRAIN, _heading, in_project, make_project
+
+    from attnlab.report.index import main
+
+    assert INDEX_EVIL == EVIL
+    with in_project(tmp_path):
+        make_project(tmp_path)
+        assert main([]) == 0
+    page = (tmp_path / "reports" / "index.html").as_uri()
+    _load_offline(browser, page)
+    assert browser.execute_script("return document.images.length") == 0
+
+    # the headline of each experiment, as metrics.json has it
+    overview = _cells(browser.find_element("xpath", "//table[.//th[text()='best method (deletion AUC)']]"))
+    assert list(overview) == list(METRICS)
+    for name, row in overview.items():
+        accuracy = TRAIN[name]["test_accuracy"] if name in TRAIN else METRICS[name]["accuracy"]
+        assert row["test accuracy"].text == f"{accuracy:.3f}"
+        deletion = {m: v for m, v in METRICS[name]["faithfulness"]["deletion_auc"].items() if m != "random"}
+        assert row["its deletion AUC"].text == f"{min(deletion.values()):.3f}"
+    # each experiment's table: every method's deletion AUC, the best one starred
+    headings = {h.text: h for h in browser.find_elements("tag name", "h2")}
+    for name, evaluated in METRICS.items():
+        table = headings[_heading(name)].find_element("xpath", "following-sibling::table[1]")
+        shown = {m: c["deletion AUC (lower better)"].text for m, c in _cells(table).items()}
+        deletion = evaluated["faithfulness"]["deletion_auc"]
+        best = min(v for m, v in deletion.items() if m != "random")
+        assert shown == {m: f"{v:.3f}" + (" ★" if v == best and m != "random" else "") for m, v in deletion.items()}
+
+    # the links open the experiments' reports (an instance name with markup and quotes too)
+    links = {a.text: a.get_attribute("href") for a in browser.find_elements("css selector", "table a")}
+    assert set(links) == set(METRICS)
+    for name, href in links.items():
+        target = Path(urllib.parse.unquote(urllib.parse.urlsplit(href).path))
+        assert target == tmp_path / "data" / name / "report" / "report.html" and target.is_file()
+    browser.find_element("link text", ODD).click()
+    _wait_for(browser, lambda d: d.title == ODD)
+    assert browser.find_element("tag name", "body").text == f"the report of {ODD}"
+    browser.back()
+    _wait_for(browser, lambda d: d.current_url == page)
+
+    # a param value, a method name and an instance name with markup are text, never markup
+    summary = browser.find_element("xpath", "//summary[text()='params of tokens (validated, defaults filled in)']")
+    summary.click()
+    params = summary.find_element("xpath", "following-sibling::pre")
+    assert f"corpus/{EVIL}" in params.text
+    assert browser.execute_script("return typeof window.__pwned") == "undefined"
+    assert browser.execute_script("return document.scripts.length") == 0
+    odd = METRICS[ODD]["faithfulness"]["deletion_auc"]
+    tied = ", ".join(m for m, v in odd.items() if v == min(v for m, v in odd.items() if m != "random"))
+    assert EVIL in tied and sorted(c.text for c in browser.find_elements(
+        "xpath", "//td[contains(., 'window.__pwned')]")) == sorted([EVIL, tied])   # ODD's table, the overview
+    assert _heading(ODD) in headings
+
+
+# --------------------------------------------------------------------------- a deep model's report
+def test_report_of_a_deep_model_shows_every_page_of_its_layer_by_head_grid(browser, tmp_path):
+    """A user's model with more layers than one grid page holds (figures.head_grid_pages:
+    6 layers a page), through `attnlab explain`: every page of the grid is in the report,
+    drawn, and the console stays clean."""
+    import numpy as np
+    import torch
+    from user_models import CLIP_MODEL
+
+    from attnlab.cli import main
+
+    layers, per_page = 8, 6
+    (tmp_path / "deep.py").write_text(CLIP_MODEL.replace("num_layers=2", f"num_layers={layers}"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import deep
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    model = deep.make_model()
+    assert len(model.encoder.layers) == layers
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "clips.npy", rng.random((4, 5, 1, 8, 8), dtype=np.float32))
+    out = tmp_path / "explained"
+    assert main(["explain", "--model", f"{tmp_path / 'deep.py'}:make_model", "--weights", str(tmp_path / "model.pt"),
+                 "--inputs", str(tmp_path / "clips.npy"), "--out", str(out), "--methods", "raw", "rollout"]) == 0
+
+    page = (out / "report.html").as_uri()
+    _load_offline(browser, page)
+    pages = -(-layers // per_page)
+    grids = browser.find_elements("xpath", "//figure[img[starts-with(@alt, 'heads_')]]")
+    captions = [g.find_element("tag name", "figcaption").text for g in grids]
+    assert len(grids) == pages and [f"page {p + 1} of {pages}" in c for p, c in enumerate(captions)] == [True] * pages
+    for grid in grids:
+        img = grid.find_element("tag name", "img")
+        assert browser.execute_script("const i = arguments[0]; return i.complete && i.naturalWidth > 0 && "
+                                      "i.naturalHeight > 0 && i.getBoundingClientRect().height > 0", img)
+    # the pages hold the layers in order, at most per_page each: the last page is the shorter one
+    heights = [browser.execute_script("return arguments[0].naturalHeight", g.find_element("tag name", "img"))
+               for g in grids]
+    assert heights[-1] < heights[0]
 
 
 # --------------------------------------------------------------------------- the MLflow UI

@@ -191,8 +191,26 @@ def test_every_stage_declares_what_it_uses(project):
     found = load_traces(traces)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert missing_traces(found, repo / "dvc.yaml", params["experiments"], params["externals"]) == []
-    assert len(found) == 8 * len(params["experiments"]) + 7 * len(params["externals"])
+    assert len(found) == 8 * len(params["experiments"]) + 7 * len(params["externals"]) + 1     # + index
     assert uncovered(found, repo / "dvc.yaml", externals=params["externals"]) == []
+
+
+def test_index_page_covers_every_experiment_and_is_logged_to_each_run(project):
+    """The index stage, after every track stage: one page linking every experiment's
+    report, logged to each experiment's run, and nothing written under data/ (its own
+    dependency: `dvc status` stays clean, see test_repro_produces_every_output)."""
+    repo, env, _ = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    page = (repo / "reports" / "index.html").read_text()
+    assert sorted(p.name for p in (repo / "reports").iterdir()) == ["index.html"]
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    for name in [*params["experiments"], *params["externals"]]:
+        assert f'href="../data/{name}/report/report.html"' in page, name
+        client, _ = _runs(repo, name)
+        run_id = json.loads((repo / "data" / name / "track" / "run.json").read_text())["run_id"]
+        assert [a.path for a in client.list_artifacts(run_id, "index")] == ["index/index.html"], name
+        assert run_id in page
+    assert not list((repo / "data").glob("*/.timings/index.json")) and not (repo / "data" / "index").exists()
 
 
 def test_editing_library_code_makes_its_stages_stale(project):

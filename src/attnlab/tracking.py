@@ -417,6 +417,86 @@ def find_runs(experiment: str, root: Path | None = None) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time DESC"])
 
 
+#: The error codes of a run id that the store does not hold (or that cannot be one).
+_NO_SUCH_RUN = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _missing_sqlite(uri: str) -> bool:
+    """A SQLite store whose file does not exist (MLflow's client would create it)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def _run_record(run: Any) -> dict[str, Any]:
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "start_time": run.info.start_time,
+            "end_time": run.info.end_time, "commit": run.data.tags.get("git.commit"),
+            "metrics": dict(run.data.metrics)}
+
+
+def recent_runs(experiment: str, n: int = 5, root: Path | None = None, *,
+                current: str | None = None) -> list[dict[str, Any]]:
+    """The last ``n`` finished runs of the MLflow experiment ``experiment``, newest first
+    (by start time), as plain dicts: ``run_id``, ``name``, ``start_time`` and ``end_time``
+    (ms since the epoch), ``commit`` (tag ``git.commit``) and ``metrics`` (``{key: value}``).
+    When ``current`` (a run id of that experiment) is not among them, they are followed by
+    that run and the finished run that started just before it, so a state can always be
+    compared with its predecessor. Empty when the store (a SQLite file is never created
+    here) or the experiment does not exist."""
+    uri = tracking_uri(root)
+    if _missing_sqlite(uri):
+        return []
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    finished, order = "attributes.status = 'FINISHED'", ["attributes.start_time DESC"]
+    runs = list(client.search_runs([exp.experiment_id], finished, order_by=order, max_results=n))
+    if current and current not in {r.info.run_id for r in runs}:
+        try:
+            run = client.get_run(current)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code not in _NO_SUCH_RUN:
+                raise
+            run = None
+        if run is not None and run.info.experiment_id == exp.experiment_id and run.info.lifecycle_stage == "active":
+            runs += [run, *client.search_runs([exp.experiment_id],
+                                              f"{finished} and attributes.start_time < {run.info.start_time}",
+                                              order_by=order, max_results=1)]
+    return [_run_record(r) for r in runs]
+
+
+class NoSuchRun(LookupError):
+    """Runs that the MLflow store does not hold (``run_ids``), or no store at all."""
+
+    def __init__(self, message: str, run_ids: Iterable[str]):
+        super().__init__(message)
+        self.run_ids = list(run_ids)
+
+
+def log_artifact_to_runs(run_ids: Iterable[str], path: str | Path, artifact_path: str,
+                         root: Path | None = None) -> None:
+    """Log the file ``path`` into ``artifact_path`` of every run of ``run_ids`` (finished runs
+    take artifacts too). Every run is looked up first: when the store or one of the runs
+    does not exist (or was deleted), :class:`NoSuchRun` names them and nothing is logged."""
+    uri = tracking_uri(root)
+    run_ids = list(run_ids)
+    if _missing_sqlite(uri):
+        raise NoSuchRun(f"the MLflow store {uri} does not exist", run_ids)
+    client = MlflowClient(uri)
+    missing = []
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.lifecycle_stage != "active":
+                missing.append(run_id)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code not in _NO_SUCH_RUN:
+                raise
+            missing.append(run_id)
+    if missing:
+        raise NoSuchRun(f"the MLflow store {uri} has no (active) run {', '.join(missing)}", missing)
+    for run_id in run_ids:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
 def main() -> None:
     """``python -m attnlab.tracking`` (``make store``): create the store; a tracking
     server that does not answer is one ``error:`` line on stderr and exit status 2."""

@@ -16,8 +16,11 @@ and ``assert not uncovered(traces, dvc_yaml)``.
 
 A trace's ``stage`` is its script's name (``stages/train.py`` -> ``train``), which is
 the dvc.yaml stage name by this project's convention; with ``foreach`` the trace's
-``experiment`` (the script's first argument) is the ``${item}``. Paths on both sides
-are relative to the stage's working directory (the project root; ``wdir`` unused).
+``experiment`` (the script's first argument) is the ``${item}``; a plain stage (``index``,
+run without an experiment) has the experiment ``""``. Paths on both sides are relative
+to the stage's working directory (the project root; ``wdir`` unused). A stage may read
+what it writes itself: its declared ``outs`` and their ``attnlab.io.atomic_dir``
+temporaries (``<parent>/.<name>.<pid>.<random>/``), e.g. to log its page to MLflow.
 """
 from __future__ import annotations
 
@@ -110,6 +113,11 @@ def declared_deps(dvc_yaml_path: str | os.PathLike) -> dict[str, list[str]]:
     return {name: _paths(body.get("deps")) for name, body in _stage_bodies(dvc_yaml_path).items()}
 
 
+def declared_outs(dvc_yaml_path: str | os.PathLike) -> dict[str, list[str]]:
+    """Per stage name, its ``outs`` as written (``${item}`` left as a template)."""
+    return {name: _paths(body.get("outs")) for name, body in _stage_bodies(dvc_yaml_path).items()}
+
+
 def declared_params_files(dvc_yaml_path: str | os.PathLike) -> dict[str, list[str]]:
     """Per stage name, the parameter files its ``params`` section tracks: a plain key
     (``${item}.train``) is a key of ``params.yaml``; ``{file: [keys]}`` names the file."""
@@ -159,6 +167,23 @@ def _covers(dep: str, path: str) -> bool:
     return dep == "" or path == dep or path.startswith(dep + "/")
 
 
+def _resolve(template: str, experiment: str, externals: Mapping[str, str] | None) -> str:
+    """A dvc.yaml path of a trace's stage: for an instance of ``externals`` ``${key}`` is its
+    name and ``${item}`` its directory, otherwise ``${item}`` is the experiment."""
+    if experiment in (externals or {}):
+        return _norm(template.replace("${key}", experiment).replace("${item}", externals[experiment]))
+    return _norm(template.replace("${item}", experiment))
+
+
+def _own_output(path: str, outs: Iterable[str]) -> bool:
+    """``path`` is inside one of the stage's ``outs`` or in the atomic_dir temporary of one."""
+    for out in outs:
+        parent, _, name = out.rpartition("/")
+        if _covers(out, path) or path.startswith(f"{parent}/.{name}." if parent else f".{name}."):
+            return True
+    return False
+
+
 def _exempt(path: str, patterns: Iterable[str]) -> bool:
     for pattern in patterns:
         if pattern.endswith("/"):
@@ -177,34 +202,33 @@ def uncovered(traces: Iterable[Mapping[str, Any]], dvc_yaml_path: str | os.PathL
     ``${item}`` is replaced by the trace's experiment (for an instance of ``externals``,
     the stage is ``external-<script>``, ``${key}`` its name and ``${item}`` its
     directory); a parameter file (``params.yaml``)
-    by the stage's ``params`` section; ``exempt`` patterns (see :data:`DEFAULT_EXEMPT`)
-    are never reported. Messages are ordered as the stages in dvc.yaml, then by
+    by the stage's ``params`` section; a read of the stage's own ``outs`` (or of their
+    atomic_dir temporaries) is the stage reading what it wrote; ``exempt`` patterns (see
+    :data:`DEFAULT_EXEMPT`) are never reported. Messages are ordered as the stages in dvc.yaml, then by
     experiment, then ``read`` before ``ran``, then path.
     """
     deps = declared_deps(dvc_yaml_path)
+    outs = declared_outs(dvc_yaml_path)
     params = declared_params_files(dvc_yaml_path)
     order = {name: i for i, name in enumerate(deps)}
     exempt = tuple(exempt)
     found: set[tuple] = set()
     for trace in traces:
         stage, experiment = _dvc_stage(trace, externals), trace["experiment"]
-        where = f"{stage}@{experiment}"
+        where = f"{stage}@{experiment}" if experiment else stage
         if stage not in deps:
             found.add((len(order), stage, experiment, "", "",
                        f"{where} ran stages/{trace['stage']}.py, but dvc.yaml has no stage {stage!r}"))
             continue
-        if experiment in (externals or {}):
-            covering = [_norm(d.replace("${key}", experiment).replace("${item}", externals[experiment]))
-                        for d in deps[stage]]
-        else:
-            covering = [_norm(d.replace("${item}", experiment)) for d in deps[stage]]
+        covering = [_resolve(d, experiment, externals) for d in deps[stage]]
+        own = [_resolve(o, experiment, externals) for o in outs[stage]]
         param_files = {_norm(p) for p in params[stage]}
         for verb in ("read", "ran"):
             for path in trace.get(verb, []):
                 path = _norm(path)
                 if _exempt(path, exempt) or any(_covers(d, path) for d in covering):
                     continue
-                if verb == "read" and path in param_files:
+                if verb == "read" and (path in param_files or _own_output(path, own)):
                     continue
                 found.add((order[stage], stage, experiment, verb, path,
                            f"{where} {verb} {path}, which its deps do not declare"))
@@ -225,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     messages = uncovered(traces, dvc_yaml, externals=params.get("externals"))
     for message in messages:
         print(message)
-    stages = sorted({f"{t['stage']}@{t['experiment']}" for t in traces})
+    stages = sorted({f"{t['stage']}@{t['experiment']}" if t["experiment"] else t["stage"] for t in traces})
     print(f"{len(messages)} undeclared; {len(traces)} traces of {len(stages)} stage runs", file=sys.stderr)
     return 1 if messages else 0
 

@@ -78,7 +78,7 @@ def _install() -> None:  # noqa: C901 - one closure keeps the hot paths free of 
 
     t0 = time.perf_counter()
     stage = base[:-3]
-    experiment = argv[1] if len(argv) > 1 else ""
+    experiment = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else ""   # "": a plain stage (index)
     data = "data"                                   # stages' --data option (attnlab.pipeline)
     for i, a in enumerate(argv):
         if a == "--data" and i + 1 < len(argv):

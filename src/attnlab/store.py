@@ -134,32 +134,32 @@ def merge_attention(shards: Sequence[str | os.PathLike], path: str | os.PathLike
     sources = [h5py.File(p, "r") for p in shards]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        full = sources
-        keys = sorted(full[0].keys(), key=lambda k: int(full[0][k].attrs["call"]))
-        for f in full[1:]:
+        first = sources[0]
+        keys = sorted(first.keys(), key=lambda k: int(first[k].attrs["call"]))
+        ours = {k: (first[k].attrs["module"], first[k].shape[1:]) for k in keys}
+        for f in sources[1:]:
             theirs = {k: (f[k].attrs["module"], f[k].shape[1:]) for k in f.keys()}
-            ours = {k: (full[0][k].attrs["module"], full[0][k].shape[1:]) for k in keys}
             if theirs != ours:
-                raise ValueError(f"{f.filename}: its entries {sorted(theirs)} differ from {full[0].filename}'s "
+                raise ValueError(f"{f.filename}: its entries {sorted(theirs)} differ from {first.filename}'s "
                                  f"{sorted(ours)} (module or per-sample shape); shards must come from one model")
-        n_total = sum(int(f.attrs["num_samples"]) for f in full)
+        n_total = sum(int(f.attrs["num_samples"]) for f in sources)
         with h5py.File(tmp, "w") as out:
             for key in keys:
-                first = full[0][key]
-                ds = out.create_dataset(key, shape=(n_total, *first.shape[1:]), maxshape=(None, *first.shape[1:]),
-                                        dtype=first.dtype, chunks=first.chunks, compression=first.compression,
-                                        compression_opts=first.compression_opts, track_times=False)
+                like = first[key]
+                ds = out.create_dataset(key, shape=(n_total, *like.shape[1:]), maxshape=(None, *like.shape[1:]),
+                                        dtype=like.dtype, chunks=like.chunks, compression=like.compression,
+                                        compression_opts=like.compression_opts, track_times=False)
                 for name in ("module", "call"):
-                    ds.attrs[name] = first.attrs[name]
+                    ds.attrs[name] = like.attrs[name]
                 start = 0
-                for f in full:             # one sample per chunk: chunk i is sample i
+                for f in sources:          # one sample per chunk: chunk i is sample i
                     src = f[key]
                     for i in range(src.shape[0]):
                         offset = (i,) + (0,) * (src.ndim - 1)
                         mask, chunk = src.id.read_direct_chunk(offset)
                         ds.id.write_direct_chunk((start + i,) + offset[1:], chunk, mask)
                     start += src.shape[0]
-            out.attrs["names"] = [str(full[0][k].attrs["module"]) for k in keys]
+            out.attrs["names"] = [str(first[k].attrs["module"]) for k in keys]
             out.attrs["num_samples"] = n_total
         os.replace(tmp, path)
     except BaseException:

@@ -49,8 +49,12 @@ store: setup
 run: store
 	dvc repro
 
+# Two pytest workers (pytest-xdist, a file per worker at a time): the end-to-end file
+# (tests/test_pipeline.py, about 12 minutes of DVC stages in subprocesses) starts first
+# on one, while the other runs every other file (mostly one thread each).
+TEST_WORKERS ?= 2
 test: $(VENV)/.test-installed postgresql chromium
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/test_pipeline.py tests
 
 # tests/test_server.py runs an MLflow server on a real PostgreSQL: Debian's packages,
 # installed when missing (as root; otherwise that test is skipped and says why).

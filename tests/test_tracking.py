@@ -155,3 +155,31 @@ def test_flat_metrics_keeps_numbers_and_booleans_with_keys_mlflow_accepts():
                     "evaluate.sanity.independent.raw.blocks.0_attn_q_": 0.75}
     for name in flat:
         _validate_metric_name(name)            # raises on a key MLflow would refuse
+
+
+def test_dirty_means_a_tracked_file_changed_not_what_dvc_writes(tmp_path):
+    """`git.dirty` (MLflow tag, the index page's provenance): dvc.lock and the .gitignore
+    files DVC writes beside its outputs change during every `dvc repro`; they do not
+    make the work tree dirty, any other tracked file does."""
+    from attnlab.tracking import provenance_tags
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"})
+
+    (tmp_path / "data" / "motion").mkdir(parents=True)
+    files = {"dvc.lock": "schema: '2.0'\n", "data/.gitignore": "/motion\n",
+             "data/motion/.gitignore": "/train\n", "params.yaml": "a: 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", "-f", *files)
+    git("commit", "-qm", "state")
+    assert provenance_tags(tmp_path, "motion")["git.dirty"] == "False"
+    for name in ("dvc.lock", "data/.gitignore", "data/motion/.gitignore"):
+        (tmp_path / name).write_text(files[name] + "# written by dvc\n")
+    (tmp_path / "untracked.txt").write_text("not tracked")
+    assert provenance_tags(tmp_path, "motion")["git.dirty"] == "False"
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert provenance_tags(tmp_path, "motion")["git.dirty"] == "True"

@@ -101,7 +101,9 @@ def _git(root: Path, *args: str) -> str | None:
 
 def provenance_tags(root: Path, experiment: str) -> dict[str, str]:
     """The source (MLflow's ``mlflow.source.*`` tags: the repository, its commit and
-    branch), the DVC experiment name and the dvc.lock hashes of this experiment's stages."""
+    branch; ``git.dirty``: tracked files changed since the commit, other than what DVC
+    writes while it runs), the DVC experiment name and the dvc.lock hashes of this
+    experiment's stages."""
     tags = {"attnlab.experiment": experiment,
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
             "mlflow.source.type": "LOCAL", "mlflow.source.name": str(root)}
@@ -110,7 +112,11 @@ def provenance_tags(root: Path, experiment: str) -> dict[str, str]:
     head = _git(root, "rev-parse", "HEAD")
     if head:
         tags["mlflow.source.git.commit"] = tags["git.commit"] = head
-        tags["git.dirty"] = str(bool(_git(root, "status", "--porcelain", "--untracked-files=no")))
+        # changes to tracked files, but not the ones DVC itself writes while it runs the
+        # pipeline being logged (dvc.lock, the .gitignore files beside its outputs)
+        tags["git.dirty"] = str(bool(_git(root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                          ":(exclude)dvc.lock", ":(exclude,glob)data/**/.gitignore",
+                                          ":(exclude)data/.gitignore")))
         branch = _git(root, "rev-parse", "--abbrev-ref", "HEAD")
         if branch and branch != "HEAD":
             tags["mlflow.source.git.branch"] = branch

@@ -36,3 +36,9 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def take_rows(x: torch.Tensor | tuple[torch.Tensor, ...], index: Any) -> Any:
+    """Rows ``index`` (a slice, indices or a mask) of a model's input: a tensor, or a
+    tuple of tensors indexed together (a multi-input model's arguments)."""
+    return tuple(t[index] for t in x) if isinstance(x, tuple) else x[index]

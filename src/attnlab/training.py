@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from attnlab import distributed
 from attnlab.config import Train
-from attnlab.devices import model_device, to_device
+from attnlab.devices import model_device, take_rows, to_device
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -128,14 +128,10 @@ def predict(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], *, bat
     first = x[0] if isinstance(x, tuple) else x
     device = model_device(model)
     try:
-        return torch.cat([forward(model, to_device(_rows(x, slice(i, i + batch_size)), device)).to(first.device)
+        return torch.cat([forward(model, to_device(take_rows(x, slice(i, i + batch_size)), device)).to(first.device)
                           for i in range(0, len(first), batch_size)])
     finally:
         model.train(was_training)
-
-
-def _rows(x: torch.Tensor | tuple[torch.Tensor, ...], rows: Any):
-    return tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows]
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -227,7 +223,7 @@ def _predict_sharded(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...
     if not distributed.active():
         return predict(model, x, forward=forward)
     first = x[0] if isinstance(x, tuple) else x
-    return distributed.gather_rows(predict(model, _rows(x, distributed.shard()), forward=forward), len(first))
+    return distributed.gather_rows(predict(model, take_rows(x, distributed.shard()), forward=forward), len(first))
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 
 from attnlab import distributed, io
 from attnlab.config import stage_device
-from attnlab.devices import model_device, to_device
+from attnlab.devices import model_device, take_rows, to_device
 from attnlab.experiments.base import Experiment
 from attnlab.layout import Layout
 from attnlab.models import build_model, save_checkpoint
@@ -34,10 +34,6 @@ def load_dataset(lay: Layout) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     data = {k: torch.from_numpy(v) for k, v in arrays.items()}
     data = {k: v.float() if v.dtype == torch.float16 else v for k, v in data.items()}
     return data, io.read_json(lay.meta)
-
-
-def _rows(x: torch.Tensor | tuple[torch.Tensor, ...], sl: slice):
-    return tuple(t[sl] for t in x) if isinstance(x, tuple) else x[sl]
 
 
 # --------------------------------------------------------------------------- prepare, train, extract
@@ -91,7 +87,7 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
         x, bs = exp.test_inputs(data), cfg.extract.batch_size
         n = len(x[0] if isinstance(x, tuple) else x)
         start, stop = distributed.block(n)     # under torchrun: this process's block of samples
-        batches = (_rows(x, slice(i, min(i + bs, stop))) for i in range(start, stop, bs))
+        batches = (take_rows(x, slice(i, min(i + bs, stop))) for i in range(start, stop, bs))
         if not distributed.active():
             extract_attention(model, batches, lay.attention, forward=exp.forward, progress=progress)
         else:                                  # one shard file per process (with samples), merged in sample order
@@ -186,10 +182,10 @@ def _explain_rows(e: Any, model: torch.nn.Module, ex: Any, batches: list[slice |
 
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
     targets = []
-    for rows in tqdm(batches, desc="explain", disable=not progress):
-        imp, batch = explain_batch(e.methods, model, _rows(ex.x, rows), ex.items.rows(rows), e, baseline=baseline,
-                                   target=None if target is None else target[rows],
-                                   forward=lambda m, xb, rows=rows: ex.forward(m, xb, rows))
+    for picked in tqdm(batches, desc="explain", disable=not progress):
+        imp, batch = explain_batch(e.methods, model, take_rows(ex.x, picked), ex.items.rows(picked), e,
+                                   baseline=baseline, target=None if target is None else target[picked],
+                                   forward=lambda m, xb, picked=picked: ex.forward(m, xb, picked))
         for m in e.methods:
             parts[m].append(imp[m])
         targets.append(batch.target)
@@ -305,7 +301,7 @@ def _sanity(exp: Experiment, cfg: Any, model: torch.nn.Module, data: dict[str, t
     first = picked[:2]
     return sanity_check(model, lambda m: _explain_rows(e, m, ex, list(picked.split(e.batch_size)), baseline,
                                                        target=target)[0], {m: torch.from_numpy(stored[m][picked.numpy()]) for m in e.methods},
-                        lambda m: ex.forward(m, to_device(_rows(ex.x, first), model_device(m)), first),
+                        lambda m: ex.forward(m, to_device(take_rows(ex.x, first), model_device(m)), first),
                         valid=None if ex.valid is None else ex.valid[picked], threshold=s.threshold,
                         independent=s.independent, seed=cfg.evaluate.seed)
 
@@ -443,7 +439,7 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
     model = example = None
     if not reference:
         model = exp.load_model(cfg, lay)
-        batch = _rows(exp.test_inputs(load_dataset(lay)[0]), slice(0, 1))
+        batch = take_rows(exp.test_inputs(load_dataset(lay)[0]), slice(0, 1))
         example = tracking.model_example(model, lambda: exp.forward(model, batch))
     records = stage_records(lay, [s for s in STAGES[:STAGES.index("track")] if lay.dir(s).is_dir()])
     start, end, untimed = stage_times(records)

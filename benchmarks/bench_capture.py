@@ -5,15 +5,15 @@
 1. Recording overhead: a recorded eval forward (no_grad) of an nn.TransformerEncoder
    against the manual way of getting the same maps: running the encoder's layers by
    hand with ``self_attn(..., need_weights=True, average_attn_weights=False)`` and
-   collecting the weights. Goal <= 1.3x. Median of interleaved repetitions.
+   collecting the weights (``capture``, goal <= 1.1x). Median of paired, interleaved
+   repetitions, CPU time on one thread.
 2. Streaming: peak RSS of extracting a dataset 10x larger than another to HDF5, each
-   in its own child process. Goal: the peak grows by < 1.2x.
+   in its own child process (``extract_peak_memory_10x``, goal <= 1.2x; not in quick mode).
 """
 from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from harness import QUICK, cpu_clock, emit, paired_ratio
+from harness import reps as harness_reps
 
 from attnlab.capture import AttentionRecorder
 from attnlab.store import extract_attention
@@ -47,12 +50,9 @@ def manual_forward(enc: nn.TransformerEncoder, x: torch.Tensor):
     return x, weights
 
 
-def bench_overhead(reps: int = 9) -> None:
+def bench_overhead(reps: int = 15) -> None:
     enc = make_encoder()
     x = torch.randn(B, T, D)
-
-    def plain():
-        enc(x)
 
     def manual():
         manual_forward(enc, x)
@@ -68,22 +68,16 @@ def bench_overhead(reps: int = 9) -> None:
         ref_out, ref_w = manual_forward(enc, x)
         err = max((a - b).abs().max().item() for a, b in zip(rec.attentions, ref_w))
         assert err < 1e-5 and (out - ref_out).abs().max() < 1e-4, err
-        times = {f.__name__: [] for f in (plain, manual, recorded)}
-        for _ in range(3):                                    # warm-up
-            for f in (plain, manual, recorded):
-                f()
-        for _ in range(reps):                                 # interleaved
-            for f in (plain, manual, recorded):
-                t0 = time.perf_counter()
-                f()
-                times[f.__name__].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        _, t_plain, _ = paired_ratio(lambda: enc(x), manual, reps=harness_reps(5, 3), clock=cpu_clock)
+        ratio, t_rec, t_manual = paired_ratio(recorded, manual, reps=harness_reps(reps, 9), warmup=3,
+                                              clock=cpu_clock)
     print(f"model: TransformerEncoder B={B} T={T} d={D} heads={HEADS} layers={LAYERS}, eval, no_grad, "
-          f"{torch.get_num_threads()} threads, median of {reps}")
-    print(f"  plain forward (fast path, no maps): {med['plain']:.1f} ms")
-    print(f"  manual need_weights=True loop:      {med['manual']:.1f} ms")
-    print(f"  AttentionRecorder:                  {med['recorded']:.1f} ms")
-    print(f"capture overhead: {med['recorded'] / med['manual']:.2f}x (goal <= 1.3x)")
+          f"{torch.get_num_threads()} thread, CPU time, medians of paired repeats")
+    print(f"  plain forward (fast path, no maps): {t_plain * 1e3:.1f} ms")
+    print(f"  manual need_weights=True loop:      {t_manual * 1e3:.1f} ms")
+    print(f"  AttentionRecorder:                  {t_rec * 1e3:.1f} ms")
+    emit("capture", ratio, f"AttentionRecorder {t_rec * 1e3:.1f} ms vs manual need_weights=True loop "
+                           f"{t_manual * 1e3:.1f} ms")
 
 
 # -------------------------------------------------------------------- memory
@@ -140,7 +134,8 @@ def bench_memory(small: int = 100) -> None:
           f"file {size2 / 2**20:.1f} MiB, all maps in float32 would be {attn_mb(n2):.0f} MiB")
     print(f"  extraction's own memory (peak - after setup): "
           f"{(peak1 - base1) / 1024:.1f} -> {(peak2 - base2) / 1024:.1f} MiB")
-    print(f"extraction peak memory, 10x data: {peak2 / peak1:.2f}x (goal < 1.2x)")
+    emit("extract_peak_memory_10x", peak2 / peak1, f"{n1} samples {peak1 / 1024:.0f} MiB, {n2} samples "
+                                                   f"{peak2 / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":
@@ -153,5 +148,6 @@ if __name__ == "__main__":
     else:
         t0 = time.perf_counter()
         bench_overhead()
-        bench_memory()
+        if not QUICK:
+            bench_memory()
         print(f"(benchmark took {time.perf_counter() - t0:.0f} s)")

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import yaml
 
+from harness import emit  # benchmarks/ is the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_TIMEOUT = 900                            # s: a stage hanging (e.g. a stuck rendezvous) fails the benchmark
 
@@ -211,9 +213,10 @@ def main() -> None:
             f"{'speed-up in-stage':>18s} {'speed-up wall':>14s} {'other load 1 / 2':>17s}")
     print(head)
     print("-" * len(head))
-    startup, loads = {1: [], 2: []}, []
+    startup, loads, speedups = {1: [], 2: []}, [], []
     for exp, stage, runs in rows:
         (w1, s1, o1), (w2, s2, o2) = [tuple(median([r[i] for r in runs[n]]) for i in range(3)) for n in (1, 2)]
+        speedups.append((s1 / s2, f"{exp} {stage}"))
         for n, (w, s) in ((1, (w1, s1)), (2, (w2, s2))):
             startup[n].append(w - s)
         loads += [o1, o2]
@@ -237,6 +240,11 @@ def main() -> None:
           "epoch; extraction adds writing shards and rank 0 merging them (plus the per-sample outputs, "
           "computed by rank 0 alone); and torchrun's start-up is paid on every command.")
     print(f"total: {time.perf_counter() - started:.0f} s")
+    worst, where = min(speedups)
+    emit("distributed_in_stage_speedup", worst, f"worst row: {where} (2 processes over 1, in-stage medians)")
+    unequal = [exp for exp, (equal, _) in checks.items() if not equal]
+    if unequal:
+        raise SystemExit(f"error: the attention extracted by 2 processes differs from 1 process's: {unequal}")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,79 @@ def test_padded_entries_may_hold_anything():
         rollout([_with(dirty, (0, 0, 0, 1), float("nan")), dirty], mask=real)
 
 
+@pytest.mark.parametrize("real", [
+    [[True, True, True, False], [False, True, True, True]],      # right and left padding (one run each)
+    [[True, False, True, True], [True, True, False, True]],      # holes: the detailed fallback
+], ids=["runs", "holes"])
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_padded_garbage_passes_and_real_problems_raise_for_any_mask(real, fusion):
+    """Whatever the mask's shape and the head fusion: NaN/Inf/negative garbage in padded
+    entries is accepted (same result as zeros there), the same in a real entry raises."""
+    real = torch.tensor(real)
+    pair = (real[:, :, None] & real[:, None, :])[:, None].expand_as(A)
+    for garbage in (float("nan"), float("inf"), -5.0):
+        dirty = A.masked_fill(~pair, garbage)
+        clean = A.masked_fill(~pair, 0.0)
+        torch.testing.assert_close(rollout([dirty, dirty], mask=real, head_fusion=fusion),
+                                   rollout([clean, clean], mask=real, head_fusion=fusion))
+    b, q, k = [int(i) for i in pair[:, 0].nonzero()[-1]]              # a real (query, key) entry
+    for bad, message in ((float("nan"), "attentions[1] holds 1 NaN"), (float("inf"), "attentions[1] holds 1 NaN"),
+                         (-0.5, "attentions[1] has negative entries (min -0.5)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            rollout([A, _with(A, (b, 1, q, k), bad)], mask=real, head_fusion=fusion)
+
+
+def test_a_negative_entry_is_found_even_when_the_head_mean_hides_it():
+    """The check looks at every entry, not at the fused layer: -0.1 in head 0 with 0.9 in
+    head 1 averages to a valid 0.4, and still raises; so does +Inf under min fusion, which
+    the minimum over heads would hide."""
+    hidden = A.clone()
+    hidden[0, 0, 1, 2], hidden[0, 1, 1, 2] = -0.1, 0.9
+    assert float(hidden.mean(1).min()) >= 0
+    for call in (lambda: rollout([hidden]), lambda: rollout([A, hidden], head_fusion="max"),
+                 lambda: grad_rollout([hidden], [A]), lambda: attention_flow([hidden])):
+        with pytest.raises(ValueError, match=re.escape("has negative entries (min -0.1)")):
+            call()
+    with pytest.raises(ValueError, match=re.escape("attentions[0] holds 1 NaN or Inf value")):
+        rollout([_with(A, (1, 0, 2, 2), float("inf"))], head_fusion="min")
+    s_hidden = S.clone()
+    s_hidden[1, 2, 0, 3, 1], s_hidden[1, 2, 1, 3, 1] = -0.1, 0.9
+    with pytest.raises(ValueError, match=re.escape("space[0] has negative entries (min -0.1)")):
+        spacetime_rollout([s_hidden], [T])
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("where", [(0, 1, 0, 0, 0), (1, 2, 1, 0, 3), (1, 0, 0, 2, 0), (0, 2, 1, 4, 4)],
+                         ids=["cls-cls", "cls-patch", "patch-cls", "patch-patch"])
+def test_spacetime_finds_inf_anywhere_in_space_attention(where, fusion):
+    """+Inf is not in the sweep's minimum: spacetime_rollout finds it through its result
+    (0·Inf and Inf/Inf are NaN), wherever it sits in the class/patch rows, in any block."""
+    for block in (0, 1):
+        space = [S, S]
+        space[block] = _with(S, where, float("inf"))
+        with pytest.raises(ValueError, match=re.escape(f"space[{block}] holds 1 NaN or Inf value")):
+            spacetime_rollout(space, [T, T], head_fusion=fusion)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_the_one_pass_check_sees_every_position_of_a_large_input(dtype, monkeypatch):
+    """The check runs step by step with the head fusion (a few samples per step): a bad
+    value in the first, a middle or the last sample (an uneven last step) is found, in
+    every dtype, by rollout and grad_rollout alike."""
+    import sys
+    sample_bytes = 12 * 16 * 16 * 4
+    for module in ("attnlab.explain.rollout", "attnlab.explain.grad_rollout"):
+        monkeypatch.setattr(sys.modules[module], "CHUNK_BYTES", 4 * sample_bytes)   # steps of 4 (float32)
+    big = _probs(9, 12, 16, 16).to(dtype)
+    rollout([big, big])                                                # valid: no error
+    for b in (0, 4, 8):
+        for bad in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(ValueError, match=r"attentions\[1\] (holds 1 NaN|has negative)"):
+                rollout([big, _with(big, (b, 11, 15, 0), bad)])
+            with pytest.raises(ValueError, match=r"gradients\[0\] holds 1 NaN"):
+                grad_rollout([big], [_with(big, (b, 11, 15, 0), bad if bad != -1.0 else float("-inf"))])
+
+
 # --------------------------------------------------------------------------- VocabAttention.update
 TOKENS = torch.tensor([[1, 2, 3, 0], [2, 2, 1, 3]])
 MASK = torch.tensor([[True, True, True, False], [True, True, True, True]])

@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .rollout import real_tokens
+from .rollout import real_tokens, values_look_valid
 
 __all__ = ["readout"]
 
@@ -41,7 +41,7 @@ def readout(
         raise ValueError(f"joint must be a tensor [B, N, N]; got {shape}")
     if not joint.is_floating_point():
         raise ValueError(f"joint must be floating point; got dtype {joint.dtype}")
-    if joint.numel() and not bool(torch.isfinite(joint).all()):
+    if not values_look_valid(joint, probabilities=False):     # one pass; details only on failure
         bad = int((~torch.isfinite(joint)).sum())
         raise ValueError(f"joint holds {bad} NaN or Inf value{'s' if bad > 1 else ''} (shape {tuple(joint.shape)}); "
                          "expected finite values")

@@ -16,7 +16,7 @@ from torch import Tensor
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
-__all__ = ["rollout", "fuse_heads", "check_values", "HeadFusion", "HEAD_FUSIONS"]
+__all__ = ["rollout", "fuse_heads", "check_values", "values_look_valid", "HeadFusion", "HEAD_FUSIONS"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -93,24 +93,67 @@ def check_values(layers: Sequence[Tensor], name: str = "attentions", *, probabil
     or, with ``probabilities``, a negative entry (attention weights are softmax outputs).
 
     With ``real`` ``[B, N]`` (False = padded) only the entries between real tokens are
-    checked (the others are zeroed, never read): each tensor is ``[B, ..., N, N]``.
+    checked (the others are never read and may hold anything): each tensor is
+    ``[B, ..., N, N]``.
+
+    Cost: one reduction per tensor (:func:`values_look_valid`), no temporary of the
+    input's size; only a tensor that fails it is examined again in detail (and, with
+    ``real``, masked), to tell padded garbage from a real problem and to word the error.
     """
     for idx, attn in enumerate(layers):
-        if attn.numel() == 0:
+        if not values_look_valid(attn, probabilities):
+            explain_values(attn, f"{name}[{idx}]", probabilities=probabilities, real=real)
+
+
+def values_look_valid(t: Tensor, probabilities: bool = True) -> bool:
+    """One fused pass over ``t`` (``torch.aminmax``): True when every entry is finite and,
+    with ``probabilities``, non-negative. NaN propagates into both extremes and ±Inf is
+    an extreme, so the two numbers say everything. Empty tensors are valid."""
+    if t.numel() == 0:
+        return True
+    low, high = (float(v) for v in torch.aminmax(t))
+    return math.isfinite(low) and math.isfinite(high) and (low >= 0 or not probabilities)
+
+
+def explain_values(attn: Tensor, label: str, *, probabilities: bool = True, real: Tensor | None = None) -> None:
+    """The detailed (slow) check behind :func:`check_values`, run only on a tensor whose
+    fast check failed: raise the ``ValueError`` that describes its first problem (NaN or
+    Inf, then negative entries), looking only between real tokens when ``real`` is given;
+    return quietly when the problem is confined to padded entries."""
+    if real is not None:
+        if real_entries_look_valid(attn, real, probabilities):      # the garbage is all in padding
+            return
+        pair = real[:, :, None] & real[:, None, :]                     # [B, N, N]
+        attn = attn.masked_fill(~pair.view(pair.shape[0], *[1] * (attn.ndim - 3), *pair.shape[1:]), 0)
+    finite = torch.isfinite(attn)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{label} holds {bad} NaN or Inf value{'s' if bad > 1 else ''} "
+                         f"(shape {tuple(attn.shape)}); expected finite values")
+    if probabilities:
+        low = float(attn.min())
+        if low < 0:
+            raise ValueError(f"{label} has negative entries (min {low:.4g}); expected "
+                             "attention probabilities >= 0 (softmax outputs)")
+
+
+def real_entries_look_valid(attn: Tensor, real: Tensor, probabilities: bool = True) -> bool:
+    """:func:`values_look_valid` on the entries between real tokens only, without a masked
+    copy of ``attn`` ``[B, ..., N, N]``: per sample, one reduction over the block of its
+    real tokens (a view when they are contiguous, e.g. right padding; else a copy of
+    that block alone). ``real``: ``[B, N]`` bool."""
+    for b in range(attn.shape[0]):
+        idx = real[b].nonzero().flatten()
+        if idx.numel() == 0:
             continue
-        if real is not None:
-            pair = real[:, :, None] & real[:, None, :]                     # [B, N, N]
-            attn = attn.masked_fill(~pair.view(pair.shape[0], *[1] * (attn.ndim - 3), *pair.shape[1:]), 0)
-        finite = torch.isfinite(attn)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise ValueError(f"{name}[{idx}] holds {bad} NaN or Inf value{'s' if bad > 1 else ''} "
-                             f"(shape {tuple(attn.shape)}); expected finite values")
-        if probabilities:
-            low = float(attn.min())
-            if low < 0:
-                raise ValueError(f"{name}[{idx}] has negative entries (min {low:.4g}); expected "
-                                 "attention probabilities >= 0 (softmax outputs)")
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if hi - lo == idx.numel():
+            block = attn[b][..., lo:hi, lo:hi]
+        else:
+            block = attn[b].index_select(-2, idx).index_select(-1, idx)
+        if not values_look_valid(block, probabilities):
+            return False
+    return True
 
 
 def real_tokens(mask: object, padding_mask: object, batch: int, n_tok: int) -> Tensor | None:
@@ -178,6 +221,95 @@ def fused_layer(
     return _fuse_scaled(attn, head_fusion, dtype)
 
 
+#: Bytes of input fused per step by :func:`fused_layer_checked`: small enough that the
+#: check re-reads the step from the cache, not from memory.
+CHUNK_BYTES = 4 << 20
+
+
+def real_ranges(real: Tensor) -> list[tuple[int, int]] | None:
+    """Per sample of ``real`` ``[B, N]``, the range ``(lo, hi)`` its real tokens fill, or
+    None when some sample's real tokens are not one contiguous run (e.g. left or right
+    padding gives ranges; a sample with none gives ``(0, 0)``)."""
+    counts = real.sum(dim=1)
+    first = torch.where(counts > 0, real.int().argmax(dim=1), 0)
+    ranges = [(int(lo), int(lo) + int(n)) for lo, n in zip(first.tolist(), counts.tolist())]
+    if not all(bool(real[b, lo:hi].all()) for b, (lo, hi) in enumerate(ranges) if hi > lo):
+        return None
+    return ranges
+
+
+def fused_layer_checked(
+    attn: Tensor, head_fusion: str, dtype: torch.dtype, fused_ndim: int = 3,
+    ranges: list[tuple[int, int]] | None = None, check_fused: bool = True, row_sums: Tensor | None = None,
+) -> tuple[Tensor, int, bool]:
+    """:func:`fused_layer` and the value check of :func:`check_values` in one sweep over
+    the input: returns ``(fused, unit, looks_valid)``.
+
+    On the CPU the heads are fused a few MiB at a time and each step's minimum is taken
+    while the step is still in the cache, so the input is read from memory once (a
+    separate check would read all of it a second time, which costs as much as the head
+    fusion itself). NaN, negative entries and -Inf show in the minimum; +Inf and NaN also
+    reach the fused tensor (a sum, maximum keeps them), which is checked too (``H`` times
+    smaller). ``looks_valid`` False means "run :func:`check_values` for the details": the
+    problem may be confined to padded entries that are never read.
+
+    ``ranges`` (from :func:`real_ranges`, input ``[B, H, N, N]``): check only the block of
+    each sample's real tokens, so that garbage in padded entries passes without a second
+    look (the fused tensor then holds it too: mask it before use).
+
+    ``check_fused=False`` leaves the fused tensor's +Inf/NaN to the caller, e.g. rollout,
+    whose product turns any of them into NaN (0·NaN is NaN) and checks its result once.
+    ``row_sums`` (``fused.shape[:-1]``): filled with the fused rows' sums, taken while
+    each step is in the cache.
+    """
+    if attn.ndim == fused_ndim:
+        fused = attn.to(dtype, copy=True)
+        if row_sums is not None:
+            torch.sum(fused, dim=-1, out=row_sums)
+        return fused, 1, values_look_valid(fused)
+    check_head_fusion(head_fusion)
+    heads, side = attn.shape[-3], tuple(attn.shape[-2:])
+    if attn.device.type != "cpu" or not attn.is_contiguous() or attn.numel() == 0:
+        fused, unit = _fuse_scaled(attn, head_fusion, dtype)
+        if row_sums is not None:
+            torch.sum(fused, dim=-1, out=row_sums)
+        return fused, unit, values_look_valid(attn)
+    x = attn.view(-1, heads, *side)                                # [M, H, n, n]
+    out = torch.empty((x.shape[0], *side), dtype=dtype, device=attn.device)
+    step = max(1, CHUNK_BYTES // (x[0].numel() * x.element_size()))
+    if ranges is not None and (attn.ndim != 4 or len(ranges) != x.shape[0]):
+        raise ValueError(f"ranges: one per sample of a [B, H, N, N] input; got {len(ranges)} for {tuple(attn.shape)}")
+    lows = []
+    for start in range(0, x.shape[0], step):
+        chunk, dest = x[start:start + step], out[start:start + step]
+        if head_fusion == "mean":
+            torch.sum(chunk, dim=1, dtype=dtype, out=dest)
+        elif head_fusion == "max":
+            dest.copy_(chunk.amax(dim=1))
+        else:
+            dest.copy_(chunk.amin(dim=1))
+        if row_sums is not None:
+            torch.sum(dest, dim=-1, out=row_sums.view(-1, side[0])[start:start + step])
+        parts = [chunk] if ranges is None else [chunk[i, :, lo:hi, lo:hi] for i, (lo, hi) in
+                                                 enumerate(ranges[start:start + step]) if hi > lo]
+        for part in parts:
+            if head_fusion == "min":                               # min fusion hides +Inf: both ends
+                lows.extend(torch.aminmax(part))
+            else:                                                  # sum and max keep +Inf and NaN
+                lows.append(part.amin())
+    # every extreme finite (NaN, ±Inf) and the least >= 0 (negative entries)
+    low, high = (float(v) for v in torch.aminmax(torch.stack(lows))) if lows else (0.0, 0.0)
+    if not check_fused:
+        fused_ok = True
+    elif ranges is None:
+        fused_ok = values_look_valid(out)
+    else:
+        fused_ok = all(values_look_valid(out[i, lo:hi, lo:hi]) for i, (lo, hi) in enumerate(ranges) if hi > lo)
+    looks_valid = math.isfinite(low) and math.isfinite(high) and low >= 0 and fused_ok
+    fused = out.view(*attn.shape[:-3], *side)
+    return fused, (heads if head_fusion == "mean" else 1), looks_valid
+
+
 def add_identity_(a: Tensor, unit: float, real: Tensor | None = None) -> Tensor:
     """In place on ``a`` ``[B, N, N]``: add ``unit`` to the diagonal (only on real tokens
     when ``real`` ``[B, N]`` is given). With ``unit`` the scale of ``a`` this is the
@@ -231,6 +363,11 @@ def unnormalised_layer(
     ``[B, H, N, N]``/``[B, N, N]`` → fresh ``[B, N, N]``, proportional per row to the
     renormalised layer (the head *sum* stands for the mean, see :func:`_fuse_scaled`)."""
     a, unit = fused_layer(attn, head_fusion, dtype, fused_ndim)
+    return _finish_layer(a, unit, residual, discard_ratio, real)
+
+
+def _finish_layer(a: Tensor, unit: float, residual: bool, discard_ratio: float, real: Tensor | None) -> Tensor:
+    """Steps 2–4 of :func:`rollout` in place on a fused ``[B, N, N]`` layer in scale ``unit``."""
     if real is not None:
         a.masked_fill_(~(real[:, :, None] & real[:, None, :]), 0.0)   # NaN there too (never read)
     if discard_ratio > 0.0:
@@ -315,12 +452,26 @@ def rollout(
     real = real_tokens(mask, padding_mask, batch, n_tok)
     if real is not None:
         real = real.to(layers[0].device)
-    check_values(layers, real=real)
     dtype = compute_dtype(layers)
-
     ratio = float(discard_ratio)
-    first = prepared_layer(layers[0], head_fusion, residual, dtype, ratio, real)
+    # The values are checked while the heads are fused (fused_layer_checked: one read of
+    # each input); only when that sweep sees NaN, Inf or a negative entry does
+    # check_values look again, in detail, and raise -- unless the problem is confined to
+    # padded entries, which are never read.
+    suspicious = False
+    ranges = real_ranges(real) if real is not None else None        # None: not contiguous runs
+
+    def layer(attn: Tensor) -> Tensor:
+        nonlocal suspicious
+        a, unit, looks_valid = fused_layer_checked(attn, head_fusion, dtype, check_fused=False,
+                                                   ranges=ranges if attn.ndim == 4 else None)
+        suspicious |= not looks_valid
+        return _finish_layer(a, unit, residual, ratio, real)
+
+    first = renorm_rows_(layer(layers[0]))
     if len(layers) == 1:
+        if suspicious or not values_look_valid(first, probabilities=False):
+            check_values(layers, real=real)
         return first
     # The running product R = Â_l ⋯ Â_1 is kept as [R | 1] ([B, N, N+1]): one bmm with
     # the unnormalised layer M_l gives [M_l R | M_l 1], i.e. the product and the row sums
@@ -331,9 +482,12 @@ def rollout(
     spare = torch.empty_like(prod)
     tiny = torch.finfo(dtype).tiny
     for attn in layers[1:]:
-        m_l = unnormalised_layer(attn, head_fusion, residual, dtype, ratio, real)
+        m_l = layer(attn)
         torch.bmm(m_l, prod, out=spare)
         spare.div_(spare[..., n_tok:].clamp_min(tiny))  # all-zero rows stay zero
         spare[..., n_tok] = 1.0  # keep the ones column exact, also after all-zero rows
         prod, spare = spare, prod
+    # +Inf/NaN of a fused layer (not in the sweep's minimum) made the product NaN
+    if suspicious or not values_look_valid(prod, probabilities=False):
+        check_values(layers, real=real)
     return prod[..., :n_tok].contiguous()

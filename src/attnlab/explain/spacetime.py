@@ -12,11 +12,12 @@ from .rollout import (
     HeadFusion,
     check_flag,
     check_head_fusion,
+    add_identity_,
     check_values,
     compute_dtype,
-    fused_layer,
-    prepared_layer,
+    fused_layer_checked,
     renorm_rows_,
+    values_look_valid,
 )
 
 __all__ = ["spacetime_rollout", "spacetime_grad_rollout", "split_spacetime"]
@@ -130,36 +131,50 @@ def spacetime_rollout(
     space_l, time_l, batch, frames, patches = _check_blocks(space, time)
     check_head_fusion(head_fusion)
     check_flag(residual, "residual")
-    check_values(space_l, "space")
-    check_values(time_l, "time")
     dtype = compute_dtype(space_l + time_l)
     device = space_l[0].device
     tiny = torch.finfo(dtype).tiny
+    # The values are checked while the heads are fused (fused_layer_checked: one read of
+    # each input); check_values looks again, in detail, only if that sees a problem.
+    suspicious = False
 
     # Row vector over joint tokens, split into its class entry and its patch entries.
     v_cls = torch.ones(batch, dtype=dtype, device=device)  # [B]
     v_patch = torch.zeros(batch, frames, patches, dtype=dtype, device=device)  # [B, F, P]
     for s_attn, t_attn in zip(reversed(space_l), reversed(time_l)):
         # ---- v ← v · S̃_l
-        sigma, unit = fused_layer(s_attn, head_fusion, dtype, fused_ndim=4)  # [B, F, 1+P, 1+P]
+        # fused heads and their rows' sums in one sweep; +Inf/NaN of sigma are left to the
+        # final check (they make v NaN: 0·Inf and Inf/Inf are NaN)
+        sums = torch.empty(batch, frames, patches + 1, dtype=dtype, device=device)  # [B, F, 1+P]
+        sigma, unit, ok_s = fused_layer_checked(s_attn, head_fusion, dtype, fused_ndim=4, check_fused=False,
+                                                row_sums=sums)  # [B, F, 1+P, 1+P]
         cls_rows = sigma[:, :, 0, :]  # [B, F, 1+P], frame f's class-copy row
         res = float(unit) if residual else 0.0
-        norm = (cls_rows.sum(dim=-1).mean(dim=1) + res).clamp_min(tiny)  # [B]
+        norm = (sums[:, :, 0].mean(dim=1) + res).clamp_min(tiny)  # [B]
         s_cls_cls = (cls_rows[:, :, 0].mean(dim=1) + res) / norm  # [B]
         s_cls_patch = cls_rows[:, :, 1:] / (frames * norm[:, None, None])  # [B, F, P]
-        patch_rows = sigma[:, :, 1:, :]  # [B, F, P, 1+P]: column 0 = cls, 1+p' = patch p'
-        if residual:
-            patch_rows[..., 1:].diagonal(dim1=-2, dim2=-1).add_(unit)
-        renorm_rows_(patch_rows)
-        new_cls = v_cls * s_cls_cls + (v_patch * patch_rows[..., 0]).sum(dim=(1, 2))
-        new_patch = v_cls[:, None, None] * s_cls_patch + torch.matmul(
-            v_patch[:, :, None, :], patch_rows[..., 1:]
-        ).squeeze(-2)  # [B, F, P]
+        # Patch rows [B, F, P, 1+P] (column 0 = cls, 1+p' = patch p'), left unnormalised:
+        # v · diag(1/r) (M + res·I) = (v/r) · M + res · (v/r), with r the rows' sums
+        # (residual included), so the matrix is read once, by the product.
+        patch_rows = sigma[:, :, 1:, :]
+        row_sum = sums[:, :, 1:] + res  # [B, F, P]
+        w = torch.where(row_sum > 0, v_patch / row_sum.clamp_min(tiny), 0.0)  # all-zero rows stay zero
+        moved = torch.matmul(w[:, :, None, :], patch_rows).squeeze(-2)  # [B, F, 1+P]
+        new_cls = v_cls * s_cls_cls + moved[..., 0].sum(dim=1)
+        new_patch = v_cls[:, None, None] * s_cls_patch + moved[..., 1:] + res * w  # [B, F, P]
         # ---- v ← v · T̃_l   (class entry passes through unchanged)
-        tau = prepared_layer(t_attn, head_fusion, residual, dtype, fused_ndim=4)  # [B, P, F, F]
+        tau, unit_t, ok_t = fused_layer_checked(t_attn, head_fusion, dtype, fused_ndim=4)  # [B, P, F, F]
+        if residual:
+            add_identity_(tau, unit_t)
+        renorm_rows_(tau)
+        suspicious |= not (ok_s and ok_t)
         v_patch = torch.matmul(new_patch.transpose(1, 2)[:, :, None, :], tau).squeeze(-2)
         v_patch = v_patch.transpose(1, 2)  # [B, F, P]
         v_cls = new_cls
+    # (the class entry too: +Inf in the first block's class rows only reaches v_cls)
+    if suspicious or not (values_look_valid(v_patch, probabilities=False) and values_look_valid(v_cls, probabilities=False)):
+        check_values(space_l, "space")
+        check_values(time_l, "time")
     return v_patch.contiguous()
 
 

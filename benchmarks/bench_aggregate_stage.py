@@ -5,7 +5,8 @@ the V x V tables), so its peak memory must not grow with the number of sequences
 Each size runs in a child process: extract the attention of a small causal LM on
 random token sequences to HDF5 (not measured), then reset the peak and run
 :func:`attnlab.aggregate_views.aggregate_views` as the stage does (every layer, per
-head). Prints the peak RSS of 1x and 10x and their ratio (goal: at most 1.2x).
+head). Emits ``aggregate_stage_peak_memory_10x``: the peak RSS of 10x over 1x (goal: at
+most 1.2x). Not part of the quick subset (``ATTNLAB_BENCH_QUICK=1``: nothing to do).
 """
 import argparse
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from bench_capture import rss_kib  # benchmarks/ is the script's directory
+from harness import QUICK, emit
 
 from attnlab.aggregate_views import aggregate_views
 from attnlab.models.causal import CausalTransformerLM
@@ -55,7 +57,8 @@ def main(small: int = 400) -> None:
     print(f"aggregate: V={V}, L={L}, batch {BATCH}, 2 layers x 4 heads, per-layer and per-head tables")
     for n, base, peak in ((n1, base1, peak1), (n2, base2, peak2)):
         print(f"  {n:5d} sequences: peak RSS {peak / 1024:.0f} MiB (before aggregating {base / 1024:.0f} MiB)")
-    print(f"aggregate stage peak memory, 10x data: {peak2 / peak1:.2f}x (goal <= 1.2x)")
+    emit("aggregate_stage_peak_memory_10x", peak2 / peak1, f"{n1} sequences {peak1 / 1024:.0f} MiB, {n2} sequences "
+         f"{peak2 / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":
@@ -65,5 +68,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if args.child is not None:
         child(args.child)
+    elif QUICK:
+        print("bench_aggregate_stage: not in the quick subset")
     else:
         main()

@@ -4,7 +4,8 @@ not just the hand-picked ones of the unit tests.
 - rollout: rows of real tokens sum to 1, padded rows and columns are 0, whatever the
   attention, the mask and what the padded entries hold;
 - VocabAttention: the tables do not depend on how the stream is cut into batches or
-  shards (and equal a literal loop over the valid pairs);
+  shards, nor on the layout (dense or sparse) of each aggregator merged (and equal a
+  literal loop over the valid pairs);
 - spacetime_rollout: permuting the patches (or the frames) of every block the same way
   permutes the result the same way;
 - readout and the deletion curve: permuting the samples of a batch permutes the results
@@ -100,7 +101,8 @@ def token_stream(draw):
     bounds = list(zip([0, *cuts], [*cuts, s]))
     shards = draw(st.lists(st.integers(0, 2), min_size=len(bounds), max_size=len(bounds)))
     return dict(tokens=tokens, mask=mask, attn=attn, v=v, heads=heads, causal=draw(st.booleans()),
-                per_head=draw(st.booleans()), bounds=bounds, shards=shards, trim=draw(st.booleans()))
+                per_head=draw(st.booleans()), bounds=bounds, shards=shards, trim=draw(st.booleans()),
+                layouts=draw(st.lists(st.booleans(), min_size=5, max_size=5)))   # sparse=? per aggregator
 
 
 def _literal_tables(tokens, attn, mask, v, causal, per_head):
@@ -138,7 +140,8 @@ def _feed(agg, tokens, attn, mask, causal, trim):
 def test_vocab_attention_does_not_depend_on_batches_or_shards(case):
     c = case
     nhead = c["heads"] if c["per_head"] else None
-    one_pass = VocabAttention(c["v"], nhead=nhead)
+    # each aggregator draws its layout (dense [V, V] tables or sparse sorted pairs): merges mix them
+    one_pass = VocabAttention(c["v"], nhead=nhead, sparse=c["layouts"][0])
     _feed(one_pass, c["tokens"], c["attn"], c["mask"], c["causal"], trim=False)
 
     total, count, expected = _literal_tables(c["tokens"], c["attn"], c["mask"], c["v"], c["causal"], c["per_head"])
@@ -146,11 +149,11 @@ def test_vocab_attention_does_not_depend_on_batches_or_shards(case):
     np.testing.assert_allclose(one_pass.sum, total, **TOL)
     np.testing.assert_allclose(one_pass.expected, expected, **TOL)
 
-    shards = [VocabAttention(c["v"], nhead=nhead) for _ in range(3)]
+    shards = [VocabAttention(c["v"], nhead=nhead, sparse=sparse) for sparse in c["layouts"][1:4]]
     for (lo, hi), shard in zip(c["bounds"], c["shards"]):
         _feed(shards[shard], c["tokens"][lo:hi], c["attn"][lo:hi],
               None if c["mask"] is None else c["mask"][lo:hi], c["causal"], c["trim"])
-    merged = VocabAttention(c["v"], nhead=nhead)
+    merged = VocabAttention(c["v"], nhead=nhead, sparse=c["layouts"][4])
     for shard in reversed(shards):
         merged.merge(shard)
     assert merged.n_sequences == one_pass.n_sequences == len(c["tokens"])

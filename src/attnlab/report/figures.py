@@ -206,16 +206,31 @@ def head_heatmaps(heads: pd.DataFrame, columns: Sequence[str]) -> plt.Figure:
     return fig
 
 
-def vocab_clustermap(agg, itos: Sequence[str], n_tokens: int, *, min_count: int = 1):
+def vocab_clustermap(agg, itos: Sequence[str], n_tokens: int, *, min_count: int = 1,
+                     exclude: str | Sequence[int | str] | None = "special"):
     """Clustered heatmap of log2 lift among the ``n_tokens`` most frequent tokens
     (query tokens in rows, key tokens in columns); pairs seen fewer than
-    ``min_count`` times are blank. Returns the matplotlib Figure."""
-    count = agg.count
-    freq = count.sum(0) + count.sum(1)
-    keep = [i for i in np.argsort(-freq, kind="stable") if freq[i] > 0 and not itos[i].startswith("<")][:n_tokens]
+    ``min_count`` times are blank. ``exclude``: tokens left out (``"special"``: names
+    like ``<pad>``, ``<bos>``, ``[CLS]``, ``[SEP]``; or ids / token strings; ``None``:
+    none). Reads only the ``n_tokens x n_tokens`` block of ``agg`` (a
+    :class:`~attnlab.aggregate.VocabAttention`), so 50k vocabularies work.
+    Returns the matplotlib Figure."""
+    freq = agg.token_pair_counts()                                  # [V]: pairs each token takes part in
+    dropped = set()
+    if exclude == "special":
+        from attnlab.aggregate import special_token_ids
+        dropped = set(special_token_ids(itos))
+    elif exclude is not None:
+        lookup = {name: i for i, name in enumerate(itos)}
+        unknown = [t for t in exclude if isinstance(t, str) and t not in lookup]
+        if unknown:
+            raise ValueError(f"exclude: token {unknown[0]!r} is not in the vocabulary")
+        dropped = {lookup[t] if isinstance(t, str) else int(t) for t in exclude}
+    keep = [int(i) for i in np.argsort(-freq, kind="stable") if freq[i] > 0 and int(i) not in dropped][:n_tokens]
+    count = agg.submatrix("count", keep)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lift = np.log2(agg.lift()[np.ix_(keep, keep)])
-    lift[(count[np.ix_(keep, keep)] < min_count) | ~np.isfinite(lift)] = np.nan
+        lift = np.log2(agg.submatrix("lift", keep))
+    lift[(count < min_count) | ~np.isfinite(lift)] = np.nan
     frame = pd.DataFrame(lift, index=[itos[i] for i in keep], columns=[itos[i] for i in keep])
     filled = frame.fillna(0.0)
     size = max(5.0, 0.22 * len(keep) + 2)

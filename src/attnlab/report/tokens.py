@@ -82,8 +82,8 @@ def write_tokens_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     n_tokens = cfg.report.heatmap_tokens
     rep.figure(figures.vocab_clustermap(VocabAttention.load(lay.vocab(view)), meta["vocab"], n_tokens,
                                         min_count=a.min_count), "vocab_lift",
-               f"log2 lift among the {n_tokens} most frequent tokens, rows and columns clustered "
-               "(red: attended more than uniform; blank: too rare).")
+               f"log2 lift among the {n_tokens} most frequent tokens (special tokens such as <bos> left out), "
+               "rows and columns clustered (red: attended more than uniform; blank: too rare).")
     rep.paragraph(f"Importance of each token for the explained prediction, by method: "
                   f"{methods_paragraph(list(cfg.explain.methods), 'token')}")
     add_faithfulness(rep, lay, evaluated, "token")

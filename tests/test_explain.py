@@ -1,10 +1,9 @@
 """Tests for attnlab.explain against independent references: literal numpy loops,
-dense joint matrices built entry by entry, and networkx's max flow."""
+dense joint matrices built entry by entry (attention flow against networkx: test_flow.py)."""
 from __future__ import annotations
 
 import math
 
-import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -310,65 +309,7 @@ def test_spacetime_validation():
         spacetime_rollout(space, time, head_fusion="sum")
 
 
-# --------------------------------------------------------------------------- attention flow
-
-
-def networkx_flow(attentions, head_fusion="mean", residual=True):
-    """Row-normalised max flow on an explicit layered DiGraph, one nx call per pair."""
-    batch, n = attentions[0].shape[0], attentions[0].shape[-1]
-    n_layers = len(attentions)
-    out = np.zeros((batch, n, n))
-    for b in range(batch):
-        graph = nx.DiGraph()
-        graph.add_nodes_from((layer, t) for layer in range(n_layers + 1) for t in range(n))
-        for layer, attn in enumerate(attentions, start=1):
-            a_hat = ref_layer(attn[b].numpy(), head_fusion, residual)
-            for i in range(n):
-                for j in range(n):
-                    graph.add_edge((layer, i), (layer - 1, j), capacity=float(a_hat[i, j]))
-        for i in range(n):
-            for j in range(n):
-                out[b, i, j] = nx.maximum_flow_value(graph, (n_layers, i), (0, j))
-            if out[b, i].sum() > 0:
-                out[b, i] /= out[b, i].sum()
-    return out
-
-
-@pytest.mark.parametrize("n_layers", [1, 2, 3, 4])
-@pytest.mark.parametrize("head_fusion,residual", [("mean", True), ("max", False), ("min", True)])
-def test_attention_flow_matches_networkx(n_layers, head_fusion, residual):
-    gen = torch.Generator().manual_seed(9 + n_layers)
-    attns = [softmax_attn(gen, 2, 3, 6, 6, sharp=3.0) for _ in range(n_layers)]
-    got = attention_flow(attns, head_fusion=head_fusion, residual=residual)
-    want = networkx_flow(attns, head_fusion, residual)
-    assert got.shape == (2, 6, 6) and got.dtype == torch.float64
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(got.sum(-1).numpy(), 1.0, atol=1e-12)
-
-
-def test_attention_flow_with_masked_zero_weights_matches_networkx():
-    gen = torch.Generator().manual_seed(10)
-    n = 5
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    scores = 3 * torch.randn(1, 2, n, n, generator=gen, dtype=torch.float64)
-    attns = [scores.masked_fill(~causal, -math.inf).softmax(-1) for _ in range(3)]
-    scores2 = 3 * torch.randn(1, 2, n, n, generator=gen, dtype=torch.float64)
-    attns[1] = scores2.masked_fill(~causal, -math.inf).softmax(-1)
-    got = attention_flow(attns, residual=False)
-    want = networkx_flow(attns, residual=False)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9)
-    assert (got[0].triu(1) == 0).all()  # causal: no flow to future tokens
-
-
-def test_attention_flow_refuses_large_inputs_and_bad_arguments():
-    attns = [torch.rand(2, 1, 10, 10).softmax(-1) for _ in range(3)]
-    with pytest.raises(ValueError, match="max_pairs=100"):
-        attention_flow(attns, max_pairs=100)
-    assert attention_flow(attns[:2], max_pairs=0).shape == (2, 10, 10)  # L ≤ 2 needs no solver
-    with pytest.raises(ValueError, match="max_pairs"):
-        attention_flow(attns, max_pairs=-1)
-    with pytest.raises(ValueError, match="head_fusion"):
-        attention_flow(attns, head_fusion="median")
+# attention flow: tests/test_flow.py
 
 
 # --------------------------------------------------------------------------- readout

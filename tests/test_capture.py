@@ -170,17 +170,7 @@ def make_masks(kind):
 MASKS = ["none", "kpm_bool", "kpm_float", "mask_bool", "mask_float", "causal", "causal_kpm"]
 
 
-def snapshot(model):
-    """Everything a recorder could leave behind."""
-    return ([(n, type(m), sorted(m.__dict__), len(m._forward_hooks), len(m._forward_pre_hooks),
-              len(m._backward_hooks), len(m._forward_hooks_with_kwargs),
-              len(getattr(m, "_forward_hooks_always_called", {})))
-             for n, m in model.named_modules()],
-            torch.backends.mha.get_fastpath_enabled())
-
-
-def assert_close(a, b, atol=1e-5):
-    torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, equal_nan=True)
+from helpers import assert_close, snapshot  # noqa: E402  (shared: tests/helpers.py)
 
 
 # ---------------------------------------------------------------- nn.TransformerEncoder
@@ -623,3 +613,239 @@ def test_model_restored_exactly_also_after_exception(fastpath):
         torch.testing.assert_close(after_out, before_out, atol=0, rtol=0, equal_nan=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+# ---------------------------------------------------------------- keeping only some layers, heads, rows
+def sliced(probs_bhqk, heads, rows):
+    """The selection written out head by head and row by row."""
+    b, h, lq, lk = probs_bhqk.shape
+    row_ids = [0] if rows == "cls" else list(range(lq)) if rows is None else [r % lq for r in rows]
+    if heads == "mean":
+        out = torch.zeros(b, 1, len(row_ids), lk)
+        for k in range(h):
+            out[:, 0] += probs_bhqk[:, k][:, row_ids] / h
+        return out
+    head_ids = list(range(h)) if heads is None else [x % h for x in heads]
+    return torch.stack([torch.stack([probs_bhqk[:, k, r] for r in row_ids], 1) for k in head_ids], 1)
+
+
+@pytest.mark.parametrize("layers, heads, rows", [
+    (None, None, "cls"), ([-1], None, None), ([0, -1], [3, 1], [5, 0]), ([1], "mean", "cls"),
+    ([2, -3], None, [-1])])
+def test_selection_keeps_the_slices_of_the_hand_computed_maps(layers, heads, rows):
+    enc = make_encoder(layers=3).eval()
+    x = torch.randn(B, T, D)
+    _, ref = ref_encoder(enc, x)
+    plain = enc(x)
+    with torch.no_grad(), AttentionRecorder(enc, layers=layers, heads=heads, rows=rows) as rec:
+        out = enc(x)
+    assert_close(out, plain)                             # the model computes what it always does
+    kept = [0, 1, 2] if layers is None else sorted({i % 3 for i in layers})
+    assert rec.calls == kept and rec.names == [f"layers.{i}.self_attn" for i in kept]
+    for att, layer in zip(rec.attentions, kept):
+        assert_close(att, sliced(ref[layer].detach(), heads, rows))
+
+
+def test_negative_layers_hold_only_the_last_calls_and_restart_at_clear():
+    torch.manual_seed(0)
+    model = Reuse()                                      # 4 calls per forward: attn x3, other
+    x = torch.randn(B, T, D)
+    with torch.no_grad(), AttentionRecorder(model) as full:
+        model(x)
+    with torch.no_grad(), AttentionRecorder(model, layers=[-2, 0]) as rec:
+        model(x)
+        assert len(rec._attentions) <= 3                 # call 0 and the last two: never more held
+        assert rec.calls == [0, 2] and rec.names == ["attn", "attn"]
+        for got, want in zip(rec.attentions, [full.attentions[0], full.attentions[2]]):
+            assert torch.equal(got, want)
+        model(x)                                         # 8 calls since the block started
+        assert rec.calls == [0, 6]
+        rec.clear()
+        model(x)
+        assert rec.calls == [0, 2]
+
+
+def test_selected_gradients_are_the_slices_of_the_full_gradients():
+    enc = make_encoder(layers=2).train()
+    x = torch.randn(B, T, D)
+    w = torch.randn(B, T, D)
+    with AttentionRecorder(enc, keep_grad=True, layers=[-1], heads=[2], rows="cls") as rec:
+        (enc(x) * w).sum().backward()
+    ref_out, ref_probs = ref_encoder(enc, x.clone().requires_grad_())
+    ref_grads = torch.autograd.grad((ref_out * w).sum(), ref_probs)
+    assert rec.calls == [1] and rec.gradients[0].shape == (B, 1, 1, T)
+    assert_close(rec.gradients[0], ref_grads[1][:, 2:3, :1], atol=1e-4)
+    assert_close(rec.attentions[0], ref_probs[1].detach()[:, 2:3, :1])
+
+
+def test_selected_norms_are_the_rows_of_the_full_norms():
+    enc = make_encoder(layers=2).eval()
+    x = torch.randn(B, T, D)
+    with torch.no_grad(), AttentionRecorder(enc, keep_norms=True) as full:
+        enc(x)
+    with torch.no_grad(), AttentionRecorder(enc, keep_norms=True, rows=[0, -1], layers=[1]) as rec:
+        enc(x)
+    assert len(rec.norms) == 1 and rec.norms[0].shape == (B, 2, T)
+    assert torch.equal(rec.norms[0], full.norms[1][:, [0, T - 1]])
+
+
+def test_selection_errors_name_the_setting():
+    enc = make_encoder()
+    with pytest.raises(ValueError, match=r"heads='mean' with keep_grad=True"):
+        AttentionRecorder(enc, heads="mean", keep_grad=True)
+    with pytest.raises(ValueError, match=r"heads=\[0\] with keep_norms=True"):
+        AttentionRecorder(enc, heads=[0], keep_norms=True)
+    with pytest.raises(ValueError, match=r"rows='first': expected 'all', 'cls' or a list of indices"):
+        AttentionRecorder(enc, rows="first")
+    with pytest.raises(ValueError, match=r"layers=\[True\]: expected 'all' or a non-empty list"):
+        AttentionRecorder(enc, layers=[True])
+    before = snapshot(enc)
+    with pytest.raises(ValueError, match=r"rows: query row 9 does not exist in entry 'layers.0.self_attn', "
+                                         r"which has 6 rows"):
+        with torch.no_grad(), AttentionRecorder(enc, rows=[9]):
+            enc(torch.randn(B, T, D))
+    assert snapshot(enc) == before                       # restored after the error
+
+
+# ---------------------------------------------------------------- fused kernel (fast path)
+def count_fused(monkeypatch):
+    """Count the calls of torch's fused MHA kernel (the recorder's fast path)."""
+    calls = []
+    kernel = torch._native_multi_head_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[10] if len(args) > 10 else kwargs.get("need_weights"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", counting)
+    return calls
+
+
+def fused_masks(kind, n_batch=B):
+    """(attn_mask, key_padding_mask, is_causal) for a self-attention of length T."""
+    pad = torch.zeros(n_batch, T, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[-1, 1] = True
+    g = torch.Generator().manual_seed(3)
+    causal = nn.Transformer.generate_square_subsequent_mask(T)          # float 0 / -inf
+    if kind == "none":
+        return None, None, False
+    if kind == "kpm_bool":
+        return None, pad, False
+    if kind == "kpm_float":
+        return None, torch.zeros(n_batch, T).masked_fill(pad, float("-inf")), False
+    if kind == "mask_bool":
+        m = torch.rand(T, T, generator=g) < 0.4
+        m.fill_diagonal_(False)
+        return m, None, False
+    if kind == "mask_bool_3d":                                         # [B*H, L, L]
+        m = torch.rand(n_batch * H, T, T, generator=g) < 0.4
+        m[:, :, 0] = False                      # key 0 is never padded: no fully masked row
+        return m, pad, False
+    if kind == "causal":
+        return causal, None, True
+    if kind == "causal_kpm":
+        return causal, pad, True
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind", ["none", "kpm_bool", "kpm_float", "mask_bool", "mask_bool_3d", "causal",
+                                  "causal_kpm"])
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first", "unbatched"])
+def test_fused_kernel_used_and_equal_to_hand_softmax(monkeypatch, layout, kind):
+    """Eval self-attention without grad: the recorder runs torch's fused kernel (once per
+    call, with need_weights), its probabilities are softmax(QKᵀ/√d + mask) recomputed
+    head by head from the weights, and the output is the unrecorded module's."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, H, dropout=0.1, batch_first=(layout == "batch_first")).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    n_batch = 1 if layout == "unbatched" else B
+    attn_mask, kpm, is_causal = fused_masks(kind, n_batch)
+    if layout == "unbatched":
+        x = torch.randn(T, D)
+        kpm = None if kpm is None else kpm[0]
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask[:H]
+    else:
+        x = torch.randn(B, T, D) if layout == "batch_first" else torch.randn(T, B, D)
+    kw = dict(key_padding_mask=kpm, attn_mask=attn_mask, is_causal=is_causal)
+    with torch.no_grad():
+        plain, plain_w = mha(x, x, x, need_weights=True, average_attn_weights=False, **kw)
+        plain_avg_out, _ = mha(x, x, x, need_weights=False, **kw)
+        calls = count_fused(monkeypatch)
+        with AttentionRecorder(mha) as rec:
+            out, w = mha(x, x, x, need_weights=True, average_attn_weights=False, **kw)
+            out2, w2 = mha(x, x, x, **kw)                          # averaged weights
+            out3, w3 = mha(x, x, x, need_weights=False, **kw)
+    assert calls == [True, True, True]                             # the fast path, every call
+    ref, _ = ref_attention(mha, x, x, x, key_padding_mask=kpm, attn_mask=attn_mask)
+    assert len(rec) == 3
+    for att in rec.attentions:
+        assert att.shape == (n_batch, H, T, T)
+        assert_close(att, ref)
+        assert_close(att.sum(-1), torch.ones(n_batch, H, T))
+    if kpm is not None:
+        keep = (kpm == 0 if kpm.dtype != torch.bool else ~kpm).reshape(n_batch, 1, 1, T)
+        assert (rec.attentions[0].masked_select(~keep.expand_as(rec.attentions[0])) == 0).all()
+    if kind.startswith("causal"):
+        assert (rec.attentions[0].triu(1) == 0).all()
+    for o in (out, out2, out3):
+        torch.testing.assert_close(o, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out3, plain_avg_out, rtol=0, atol=1e-5)
+    assert w3 is None
+    assert_close(w, plain_w)
+    assert_close(w2, plain_w.mean(-3))
+
+
+def _fallback_cases():
+    """(name, setup) where the fused kernel cannot give what is asked: each returns
+    (mha, (q, k, v), kwargs, recorder kwargs, grad on)."""
+    def base(heads=H, **kw):
+        torch.manual_seed(0)
+        return nn.MultiheadAttention(D, heads, batch_first=True, **kw).eval()
+
+    x = torch.randn(B, T, D)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1] = True                                                  # a fully masked batch row
+    return {
+        "finite_float_mask": lambda: (base(), (x, x, x), dict(attn_mask=torch.randn(T, T)), {}, False),
+        "fully_masked_row": lambda: (base(), (x, x, x), dict(key_padding_mask=pad), {}, False),
+        "cross_attention": lambda: (base(), (x, x.clone(), x.clone()), {}, {}, False),
+        "keep_grad": lambda: (base(), (x, x, x), {}, dict(keep_grad=True), True),
+        "keep_norms": lambda: (base(), (x, x, x), {}, dict(keep_norms=True), False),
+        "train_dropout": lambda: (base(dropout=0.5).train(), (x, x, x), {}, {}, False),
+        "grad_through_weights": lambda: (base(), (x, x, x), {}, {}, True),
+        "bias_kv": lambda: (base(add_bias_kv=True), (x, x, x), {}, {}, False),
+        "odd_heads": lambda: (base(heads=1), (x, x, x), {}, {}, False),     # as MHA's own fast path
+    }
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_fused_kernel_not_used_where_it_cannot_apply(monkeypatch, case):
+    """Where the fused kernel cannot give the probabilities (or the graph, or the values,
+    or the semantics) the recorder computes explicitly; the maps stay the hand softmax."""
+    mha, (q, k, v), kw, rec_kw, grad = _fallback_cases()[case]()
+    calls = count_fused(monkeypatch)
+    with torch.set_grad_enabled(grad), AttentionRecorder(mha, **rec_kw) as rec:
+        out, _ = mha(q, k, v, **kw)
+    assert calls == []
+    ref, _ = ref_attention(mha, q, k, v, **kw)
+    if case == "fully_masked_row":
+        assert rec.attentions[0][1].isnan().all()                  # as torch's need_weights=True path
+        assert_close(rec.attentions[0][[0, 2]], ref[[0, 2]])
+    else:
+        assert_close(rec.attentions[0], ref)
+
+
+def test_fused_kernel_in_train_mode_without_dropout_and_grad(monkeypatch):
+    """Training mode with dropout 0 under no_grad has nothing the kernel lacks: it is used."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, H, batch_first=True).train()
+    x = torch.randn(B, T, D)
+    calls = count_fused(monkeypatch)
+    with torch.no_grad(), AttentionRecorder(mha) as rec:
+        mha(x, x, x)
+    assert calls == [True]
+    assert_close(rec.attentions[0], ref_attention(mha, x, x, x)[0])

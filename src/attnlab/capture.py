@@ -36,7 +36,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import activation as _torch_activation
 from torch.overrides import TorchFunctionMode
+
+from attnlab.selection import selection_spec
 
 
 class AttentionProbs(nn.Module):
@@ -91,6 +94,29 @@ def _norms(probs_bhqk: torch.Tensor, f_bhke: torch.Tensor) -> torch.Tensor:
         return (tmp_bgqk * a).sum(1).clamp_min(0).sqrt()
 
 
+def take_heads_rows(att: torch.Tensor, heads: str | tuple[int, ...] = "all", rows: str | tuple[int, ...] = "all",
+                    key: str = "attention") -> torch.Tensor:
+    """The kept heads and query rows of attention ``[..., H, Lq, Lk]`` ->
+    ``[..., H', Lq', Lk]``: ``heads`` is ``"all"``, ``"mean"`` (``H' = 1``) or indices;
+    ``rows`` is ``"all"``, ``"cls"`` (row 0) or indices (negative from the end).
+    ``ValueError`` naming ``key`` for an index the entry does not have."""
+    n_heads, lq = att.shape[-3], att.shape[-2]
+    if heads == "mean":
+        att = att.float().mean(-3, keepdim=True)
+    elif heads != "all":
+        bad = [h for h in heads if not -n_heads <= h < n_heads]
+        if bad:
+            raise ValueError(f"heads: head {bad[0]} does not exist in entry {key!r}, which has {n_heads} heads")
+        att = att[..., list(heads), :, :]
+    if rows != "all":
+        picked = [0] if rows == "cls" else list(rows)
+        bad = [r for r in picked if not -lq <= r < lq]
+        if bad:
+            raise ValueError(f"rows: query row {bad[0]} does not exist in entry {key!r}, which has {lq} rows")
+        att = att[..., picked, :]
+    return att
+
+
 _RECORDABLE_NAMES = ("MultiheadAttention", "AttentionProbs")
 _Record = Callable[..., torch.Tensor]     # record(probs, values=None) -> probs to continue with
 
@@ -136,6 +162,18 @@ class AttentionRecorder:
             record; default all of them.
         keep_grad: also capture the gradient of the loss with respect to each entry.
         keep_norms: also record the norm-aware attention ``rec.norms``.
+        layers: keep only these attention calls (indices in call order, counted from
+            the start of the ``with`` block or the last :meth:`clear`; negative from the
+            end), e.g. ``[-1]`` for the last; default all. Calls that cannot be selected
+            are never held (for negative indices, only the last few are held until the
+            end is known). Entering the block again starts afresh.
+        heads: keep only these heads (indices) or ``"mean"``, their mean (``H = 1``;
+            not with ``keep_grad`` nor ``keep_norms``); default all.
+        rows: keep only these query rows (indices, negative from the end of each
+            entry's ``Lq``) or ``"cls"`` (row 0, the class token's); default all.
+            Gradients and norms are kept for the same heads and rows (norms are over
+            every head, as defined, so they take ``rows`` only and no ``heads``).
+            The model computes what it always does: selection affects only what is kept.
 
     Raises:
         ValueError: on entry: ``model`` has no recordable module; a name in ``modules``
@@ -151,17 +189,27 @@ class AttentionRecorder:
             ``modules=None``); a Hugging Face module computes its attention without a
             softmax or SDPA call the recorder sees (e.g. ``flex_attention``), or more
             than one. On exit: nothing was recorded (no recorded module ran).
+            On construction: a bad ``layers``/``heads``/``rows`` setting, or ``heads``
+            with ``keep_norms`` or ``"mean"`` with ``keep_grad``; on the call that has
+            no such head or row, a ``ValueError`` naming the entry.
 
     Inside the block ``torch.backends.mha`` fast path is disabled (globally), because
-    the fused kernels never expose the probabilities, and a torch function mode watches
-    for SDPA calls. Numerically the recorded model equals the plain one to float
-    rounding; dropout draws the same random numbers as torch's own attention, so seeded
-    train-mode runs are reproduced as well (for ``nn.MultiheadAttention`` and eager
-    Hugging Face attention).
+    the fused kernels it picks (``need_weights=False``, whole encoder layers) never
+    expose the probabilities, and a torch function mode watches for SDPA calls. Where it
+    can (eval self-attention without dropout, no ``keep_grad``/``keep_norms`` under
+    autograd, masks that only keep or drop keys and leave each row a key; see
+    :func:`_mha_fused`), ``nn.MultiheadAttention`` runs torch's fused kernel asked for
+    per-head weights, the same call a manual ``need_weights=True`` forward makes;
+    otherwise it is computed explicitly. Numerically the recorded model equals the plain
+    one to float rounding; dropout draws the same random numbers as torch's own
+    attention, so seeded train-mode runs are reproduced as well (for
+    ``nn.MultiheadAttention`` and eager Hugging Face attention).
     """
 
     def __init__(self, model: nn.Module, *, modules: Iterable[str] | str | None = None,
-                 keep_grad: bool = False, keep_norms: bool = False):
+                 keep_grad: bool = False, keep_norms: bool = False,
+                 layers: Iterable[int] | str | None = None, heads: Iterable[int] | str | None = None,
+                 rows: Iterable[int] | str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(keep_grad, bool):
@@ -174,6 +222,15 @@ class AttentionRecorder:
             if not isinstance(modules, tuple) or not all(isinstance(n, str) for n in modules):
                 raise TypeError(f"modules must be a module name or an iterable of names (as in "
                                 f"model.named_modules()), got {modules!r}")
+        self.layers = selection_spec(layers, "layers", ("all",))
+        self.heads = selection_spec(heads, "heads", ("all", "mean"))
+        self.rows = selection_spec(rows, "rows", ("all", "cls"))
+        if self.heads == "mean" and keep_grad:
+            raise ValueError("heads='mean' with keep_grad=True: the mean over heads has no gradient of its own; "
+                             "keep the heads (heads=None or a list) and average their gradients yourself")
+        if self.heads != "all" and keep_norms:
+            raise ValueError(f"heads={heads!r} with keep_norms=True: norms are taken over every head; "
+                             "select heads or record norms, not both")
         self.model = model
         self.keep_grad = keep_grad
         self.keep_norms = keep_norms
@@ -187,10 +244,12 @@ class AttentionRecorder:
                                      "(pass modules=[...] to record only those)")
         # every module of the model, to name the caller of an unrecorded SDPA call
         self._watch = ({id(m): (n, m) for n, m in model.named_modules()} if modules is None else None)
-        self.attentions: list[torch.Tensor] = []
-        self.names: list[str] = []
-        self.norms: list[torch.Tensor] = []    # keep_norms: [B, Lq, Lk] per entry
+        self._attentions: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._norms: list[torch.Tensor] = []   # keep_norms: [B, Lq, Lk] per entry
         self._grad_slots: list[list] = []      # one [grad or None, needs_grad] per entry
+        self._calls: list[int] = []            # call index of each held entry (with a layers selection)
+        self._n_calls = 0                      # attention calls since __enter__ or clear()
         self._restore: list[Callable[[], None]] = []
         self._recorded = 0                     # calls recorded since __enter__ (clear() keeps it)
         self._active = False
@@ -221,6 +280,9 @@ class AttentionRecorder:
             self._undo()
             raise
         self._recorded = 0
+        if self.layers != "all":               # call indices restart: earlier entries would be ambiguous
+            self.clear()
+        self._n_calls = 0
         self._active = True
         return self
 
@@ -248,6 +310,12 @@ class AttentionRecorder:
 
         def forward(query, key, value, key_padding_mask=None, need_weights=True,
                     attn_mask=None, average_attn_weights=True, is_causal=False):
+            # the fused kernel gives the probabilities but no graph through them, nor values
+            if not self.keep_norms and not (self.keep_grad and torch.is_grad_enabled()):
+                fused = _mha_fused(mha, record, query, key, value, key_padding_mask,
+                                   need_weights, attn_mask, average_attn_weights, is_causal)
+                if fused is not None:
+                    return fused
             return _mha_forward(mha, record, query, key, value, key_padding_mask,
                                 need_weights, attn_mask, average_attn_weights, is_causal)
 
@@ -312,30 +380,80 @@ class AttentionRecorder:
         def record(probs: torch.Tensor, values=None) -> torch.Tensor:
             # values: [B, H, Lk, E] head outputs f^h(x_j), or a callable giving them
             # (computed only here, with keep_norms, so recording without it costs nothing)
+            self._recorded += 1
+            call, self._n_calls = self._n_calls, self._n_calls + 1
+            if not self._may_keep(call):
+                return probs
+            take = functools.partial(take_heads_rows, heads=self.heads, rows=self.rows, key=name)
             if self.keep_norms:
                 if callable(values):
                     with torch.no_grad():
                         values = values()
-                self.norms.append(_norms(probs, values))
-            self.attentions.append(probs.detach())
-            self.names.append(name)
-            self._recorded += 1
+                self._norms.append(take_heads_rows(_norms(probs, values).unsqueeze(-3), rows=self.rows,
+                                                   key=name).squeeze(-3))
+            self._attentions.append(take(probs.detach()))
+            self._names.append(name)
+            self._calls.append(call)
             slot = [None, False]
             self._grad_slots.append(slot)
+            self._forget_unselectable()
             if self.keep_grad and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
                 if not probs.requires_grad:      # frozen model: start the graph here
                     probs = probs.detach().requires_grad_()
                 slot[1] = True
 
                 def keep(grad: torch.Tensor) -> None:
-                    slot[0] = grad.detach() if slot[0] is None else slot[0] + grad.detach()
+                    grad = take(grad.detach())
+                    slot[0] = grad if slot[0] is None else slot[0] + grad
 
                 probs.register_hook(keep)
             return probs
 
         return record
 
+    def _may_keep(self, call: int) -> bool:
+        """Whether call ``call`` can be among the selected ``layers`` (a negative index
+        is decided only when the calls end: the last ``max(-i)`` calls are held)."""
+        return self.layers == "all" or call in self.layers or any(i < 0 for i in self.layers)
+
+    def _forget_unselectable(self) -> None:
+        if self.layers == "all":
+            return
+        window = max([-i for i in self.layers if i < 0], default=0)
+        keep = [i for i, c in enumerate(self._calls) if c in self.layers or c >= self._n_calls - window]
+        if len(keep) < len(self._calls):
+            for name in ("_attentions", "_names", "_norms", "_grad_slots", "_calls"):
+                items = getattr(self, name)
+                if items:
+                    setattr(self, name, [items[i] for i in keep])
+
+    def _selected(self, items: list) -> list:
+        """The held entries that the ``layers`` selection keeps, now that the calls so far are known."""
+        if self.layers == "all":
+            return items
+        n = self._n_calls
+        return [item for item, c in zip(items, self._calls) if c in self.layers or c - n in self.layers]
+
     # ------------------------------------------------------------------ results
+    @property
+    def attentions(self) -> list[torch.Tensor]:
+        """``[B, H, Lq, Lk]`` per recorded entry (``H``, ``Lq`` after the heads/rows selection)."""
+        return self._selected(self._attentions)
+
+    @property
+    def names(self) -> list[str]:
+        return self._selected(self._names)
+
+    @property
+    def norms(self) -> list[torch.Tensor]:
+        return self._selected(self._norms)
+
+    @property
+    def calls(self) -> list[int]:
+        """The call index of each entry (its position among every attention call since the
+        block started or the last :meth:`clear`: ``range(len(self))`` without ``layers``)."""
+        return self._selected(self._calls) if self.layers != "all" else list(range(len(self._attentions)))
+
     @property
     def gradients(self) -> list[torch.Tensor]:
         """``d loss / d attentions[i]`` for every entry, after ``backward()``.
@@ -345,15 +463,16 @@ class AttentionRecorder:
         """
         if not self.keep_grad:
             raise RuntimeError("gradients are only kept with AttentionRecorder(..., keep_grad=True)")
-        for i, (name, (_, needs_grad)) in enumerate(zip(self.names, self._grad_slots)):
+        slots = self._selected(self._grad_slots)
+        for i, (name, (_, needs_grad)) in enumerate(zip(self.names, slots)):
             if not needs_grad:
                 raise RuntimeError(f"entry {i} ({name!r}) was recorded with autograd off "
                                    "(torch.no_grad / inference_mode): it has no gradient")
-        if not self._grad_slots or all(g is None for g, _ in self._grad_slots):
+        if not slots or all(g is None for g, _ in slots):
             raise RuntimeError("no gradient yet: call backward() on a loss computed from "
                                "the recorded forward pass first")
         return [torch.zeros_like(a) if g is None else g
-                for a, (g, _) in zip(self.attentions, self._grad_slots)]
+                for a, (g, _) in zip(self.attentions, slots)]
 
     def by_name(self) -> dict[str, list[torch.Tensor]]:
         """``{module name: [attention of each call, in call order]}``."""
@@ -364,10 +483,12 @@ class AttentionRecorder:
 
     def clear(self) -> None:
         """Forget all entries (and gradients, norms), e.g. between batches."""
-        self.attentions = []
-        self.names = []
-        self.norms = []
+        self._attentions = []
+        self._names = []
+        self._norms = []
         self._grad_slots = []
+        self._calls = []
+        self._n_calls = 0
 
     def __len__(self) -> int:
         return len(self.attentions)
@@ -675,6 +796,106 @@ def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,
         return out, None
     weights = dropped_bhls.mean(dim=1) if average_attn_weights else dropped_bhls
     return out, (weights.squeeze(0) if not batched else weights)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_fused_device = _torch_activation._check_arg_device     # the devices MHA's own fast path accepts
+
+
+def _mha_fused(mha: nn.MultiheadAttention, record: _Record, query, key, value, key_padding_mask,
+               need_weights, attn_mask, average_attn_weights, is_causal):
+    """``nn.MultiheadAttention.forward`` through torch's fused inference kernel
+    ``torch._native_multi_head_attention`` (the kernel MHA's own fast path calls), asked
+    for per-head weights: ``[B, H, L, L]`` softmax probabilities (the kernel has no
+    dropout), recorded as they are. Returns what MHA.forward returns, or None when the
+    kernel does not apply and :func:`_mha_forward` must compute it.
+
+    It applies to self-attention (``query is key is value``, batched or not, either
+    layout) without dropout (eval or ``p = 0``), an even number of heads, one packed
+    in-projection and both biases, no ``bias_k``/``add_zero_attn``, float32/float64
+    plain tensors on a device MHA's fast path accepts, no autocast, no autograd through
+    the module (grad off or nothing requiring grad), and masks that are bool or float
+    with only 0 / ``-inf`` (the kernel reads a mask as masked/kept, not additively) and
+    leave every query row at least one key (a fully masked row's result depends on
+    ``need_weights`` in torch; the explicit path keeps those semantics)."""
+    if not (query is key and key is value) or query.dim() not in (2, 3):
+        return None
+    if mha.training and mha.dropout > 0:
+        return None
+    w_in, b_in, w_out, b_out = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias
+    if (w_in is None or b_in is None or b_out is None or mha.bias_k is not None or mha.bias_v is not None
+            or mha.add_zero_attn or not mha._qkv_same_embed_dim):
+        return None
+    tensors = (query, w_in, b_in, w_out, b_out)
+    if (query.dtype not in _FUSED_DTYPES or any(t.dtype != query.dtype for t in tensors)
+            or any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors)
+            or not all(_fused_device(t) and t.device == query.device for t in tensors)
+            or query.is_nested or query.shape[-1] != mha.embed_dim or torch.is_autocast_enabled()
+            or mha.num_heads % 2
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return None
+    if is_causal and attn_mask is None:
+        return None                                     # the explicit path raises torch's error
+    batched = query.dim() == 3
+    x_ble = query if not batched or mha.batch_first else query.transpose(0, 1)
+    if not batched:
+        x_ble = x_ble.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    merged = _fused_mask(mha, attn_mask, key_padding_mask, x_ble)
+    if merged is None:
+        return None
+    mask, mask_type = merged
+    out_ble, probs_bhll = torch._native_multi_head_attention(
+        x_ble, x_ble, x_ble, mha.embed_dim, mha.num_heads, w_in, b_in, w_out, b_out,
+        mask, True, False, mask_type)
+    probs_bhll = record(probs_bhll)
+    if not batched:
+        out = out_ble.squeeze(0)
+    else:
+        out = out_ble if mha.batch_first else out_ble.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    weights = probs_bhll.mean(dim=1) if average_attn_weights else probs_bhll
+    return out, (weights.squeeze(0) if not batched else weights)
+
+
+def _fused_mask(mha: nn.MultiheadAttention, attn_mask, key_padding_mask, x_ble: torch.Tensor):
+    """``(mask, mask_type)`` for ``torch._native_multi_head_attention`` (``(None, None)``;
+    ``key_padding_mask [B, L]`` as type 1; with ``attn_mask`` ``[L, L]`` or ``[B·H, L, L]``
+    both merged into ``[B, H, L, L]``, type 2), as float 0 / ``-inf``; None when the
+    kernel cannot take them: a float mask with other values, a shape the explicit path
+    must judge, or a query row with every key masked."""
+    if attn_mask is None and key_padding_mask is None:
+        return None, None
+    bsz, tgt_len, _ = x_ble.shape
+    masks = []
+    for m in (attn_mask, key_padding_mask):
+        if m is None:
+            masks.append(None)
+            continue
+        if m.dtype == torch.bool:
+            m = _float_mask(m, x_ble.dtype)
+        elif m.dtype != x_ble.dtype or not bool(((m == 0) | torch.isneginf(m)).all()):
+            return None
+        masks.append(m)
+    am, kpm = masks
+    if kpm is not None and tuple(kpm.shape) != (bsz, tgt_len):
+        return None
+    if am is None:
+        if bool(torch.isneginf(kpm).all(dim=-1).any()):
+            return None
+        return kpm, 1
+    if am.dim() == 2 and tuple(am.shape) == (tgt_len, tgt_len):
+        am = am.view(1, 1, tgt_len, tgt_len)
+    elif am.dim() == 3 and tuple(am.shape) == (bsz * mha.num_heads, tgt_len, tgt_len):
+        am = am.view(bsz, mha.num_heads, tgt_len, tgt_len)
+    else:
+        return None
+    merged = am if kpm is None else am + kpm.view(bsz, 1, 1, tgt_len)
+    if bool(torch.isneginf(merged).all(dim=-1).any()):
+        return None
+    return merged.expand(bsz, mha.num_heads, tgt_len, tgt_len), 2
 
 
 def _batch_first(mha: nn.MultiheadAttention, batched: bool, query, key, value, key_padding_mask):

@@ -3,7 +3,7 @@ with Debian's `chromium` and `chromium-driver` (`make test` installs them when m
 root; otherwise these tests skip and say why). The driver path is given explicitly, so
 Selenium Manager never downloads anything. Requests and console errors are read from
 Chrome's DevTools logs (`goog:loggingPrefs`). `scripts/screenshots.py` (`make screenshots`)
-reuses the helpers below for the README's pictures."""
+takes the documentation's pictures in the same browser."""
 from __future__ import annotations
 
 import contextlib
@@ -300,7 +300,8 @@ def test_report_of_a_deep_model_shows_every_page_of_its_layer_by_head_grid(brows
     page = (out / "report.html").as_uri()
     _load_offline(browser, page)
     pages = -(-layers // per_page)
-    grids = browser.find_elements("xpath", "//figure[img[starts-with(@alt, 'heads_')]]")
+    # the report draws the grid of each example sample (the pipeline's report stage); the first sample's pages
+    grids = browser.find_elements("xpath", "//figure[img[starts-with(@alt, 'heads_sample0_')]]")
     captions = [g.find_element("tag name", "figcaption").text for g in grids]
     assert len(grids) == pages and [f"page {p + 1} of {pages}" in c for p, c in enumerate(captions)] == [True] * pages
     for grid in grids:

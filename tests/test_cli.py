@@ -91,6 +91,78 @@ def test_explain_a_users_model_through_the_console_command(user, tmp_path):
     assert main(["report", str(out)]) == 0 and "Is the explanation faithful?" in (out / "report.html").read_text()
 
 
+def _kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-a by a literal loop over pairs (no ties in these AUCs)."""
+    n, score = len(a), 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            score += int(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]))
+    return score / (n * (n - 1) / 2)
+
+
+def test_explain_runs_the_pipelines_evaluation_sanity_road_and_intervals(user, tmp_path):
+    """`attnlab explain` runs the pipeline's own evaluate stage: the deletion AUC equals a
+    literal deletion loop over the stored importance, its interval holds it, ROAD's rank
+    correlation is Kendall's tau of the two AUC tables, and the sanity check's verdicts
+    follow its threshold; the report shows all of them."""
+    d, model = user
+    out = tmp_path / "explained"
+    assert main(["explain", "--model", f"{d / 'my_model.py'}:make_model", "--weights", str(d / "model.pt"),
+                 "--inputs", str(d / "clips.npy"), "--labels", str(d / "labels.npy"), "--out", str(out),
+                 "--batch-size", "4", "--methods", "raw", "rollout", "input_x_gradient"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    faith, imp = metrics["faithfulness"], np.load(out / "importance.npz")
+    clips = torch.from_numpy(np.load(d / "clips.npy"))
+    target = torch.from_numpy(imp["target"])
+    n, n_items = clips.shape[:2]
+    for method in ("raw", "rollout", "input_x_gradient"):
+        aucs = []
+        for b in range(n):                       # remove the most important items first, one at a time
+            order = sorted(range(n_items), key=lambda i: (-float(imp[method][b, i]), i))
+            probs = []
+            for k in range(n_items + 1):
+                x = clips[b:b + 1].clone()
+                x[0, order[:k]] = 0.0            # the external kind's baseline: 0
+                with torch.no_grad():
+                    probs.append(float(model(x).double().softmax(-1)[0, target[b]]))
+            aucs.append(sum((probs[k] + probs[k + 1]) / 2 / n_items for k in range(n_items)))
+        assert faith["deletion_auc"][method] == pytest.approx(float(np.mean(aucs)), abs=1e-6)
+        ci = faith["deletion_auc_ci"][method]
+        assert ci["lo"] <= faith["deletion_auc"][method] <= ci["hi"]
+        assert 0.0 <= faith["deletion_auc_vs_random"][method]["p"] <= 1.0
+
+    road = metrics["road"]                       # float inputs: ROAD's imputation applies
+    methods = list(faith["deletion_auc"])
+    assert set(road["deletion_auc"]) == set(methods) == {"raw", "rollout", "input_x_gradient", "random"}
+    assert road["rank_correlation"] == pytest.approx(
+        _kendall_tau([faith["deletion_auc"][m] for m in methods], [road["deletion_auc"][m] for m in methods]))
+    assert road["same_ranking"] == (sorted(methods, key=faith["deletion_auc"].get) ==
+                                    sorted(methods, key=road["deletion_auc"].get))
+
+    sanity = metrics["sanity"]
+    assert set(sanity["final"]) == {"raw", "rollout", "input_x_gradient"} and sanity["samples"] == n
+    assert sanity["passed"] == {m: v < sanity["threshold"] for m, v in sanity["final"].items()}
+    assert sanity["blocks"] and all(set(v) == set(sanity["blocks"]) for v in sanity["independent"].values())
+
+    html = (out / "report.html").read_text()
+    for heading in ("Is the explanation faithful?", "Does the explanation depend on the model?", "ROAD",
+                    "What the heads do"):
+        assert heading in html, heading
+
+
+def test_explain_without_labels_explains_the_prediction(user, tmp_path):
+    d, model = user
+    out = tmp_path / "explained"
+    assert main(["explain", "--model", f"{d / 'my_model.py'}:make_model", "--weights", str(d / "model.pt"),
+                 "--inputs", str(d / "clips.npy"), "--out", str(out), "--methods", "rollout"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "accuracy" not in metrics and "prob_drop" not in str(metrics["heads"])    # no labels: no ablation
+    with torch.no_grad():
+        pred = model(torch.from_numpy(np.load(d / "clips.npy"))).argmax(-1)
+    assert np.array_equal(np.load(out / "importance.npz")["target"], pred.numpy())
+    assert "No labels were given" in (out / "report.html").read_text()
+
+
 def test_help_is_complete_and_shows_an_example():
     for argv in (["--help"], ["explain", "--help"], ["report", "--help"]):
         proc = subprocess.run([str(BIN / "attnlab"), *argv], capture_output=True, text=True)
@@ -236,15 +308,12 @@ def test_token_text_with_a_vocabulary_gives_the_vocabulary_matrices(tmp_path):
     assert "Which token attends to which (layer0)" in (out / "report.html").read_text()
 
 
-def test_readme_own_model_example_runs_as_written(tmp_path):
-    """The README's 'Use it on your own model' block, run verbatim by bash in a copy of the
-    project layout (its `. .venv/bin/activate` finds this environment)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Use it on your own model"):]
-    block = section[section.index("```bash\n") + len("```bash\n"):section.index("\n```\n")]
-    (tmp_path / ".venv").symlink_to(BIN.parent)
-    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+def test_own_model_example_runs_as_written(tmp_path):
+    """docs/own-model.md's `attnlab explain` block, run verbatim by bash (tests/docblocks.py)
+    in an empty directory whose `.venv` is this environment."""
+    import docblocks
+
+    docblocks.run_bash("own-model-explain", tmp_path)
     out = tmp_path / "byom" / "explained"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_samples"] == 20 and "accuracy" in metrics and "heads" in metrics

@@ -135,8 +135,8 @@ def test_several_instances_of_one_kind_each_with_its_own_section():
      "params.yaml: a.kind: unknown experiment kind 'moton' (did you mean 'motion'?); accepted: motion, tokens, frames, video, fusion"),
     ({"experiments": ["motion", "motion"], "motion": {}}, "experiments: listed twice: 'motion'"),
     ({"experiments": "motion", "motion": {}}, "experiments: expected a list of experiment names"),
-    ({"experiments": ["a"], "b": {"kind": "motion"}}, "experiments[0]: unknown experiment 'a'; accepted: motion, "
-                                                       "tokens, frames, video, fusion, b"),
+    ({"experiments": ["a"], "b": {"kind": "motion"}}, "experiments[0]: unknown experiment 'a'; accepted: "
+                                                       + ", ".join(k for k in EXPERIMENTS if k != "external") + ", b"),
 ])
 def test_instance_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:
@@ -278,3 +278,36 @@ def test_stage_entry_point_stops_before_writing(tmp_path, monkeypatch, capsys, s
     prefix = "" if change is None else "params.yaml: "
     assert capsys.readouterr().err.splitlines() == [f"error: {prefix}{expected}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]     # no data/, mlflow.db, mlartifacts/
+
+
+def test_one_map_of_kinds_each_owning_its_schema_and_report():
+    """Every kind of ``attnlab.experiments.KINDS`` (found in its package, not listed)
+    declares its params schema, the one ``parse_params`` validates its sections with,
+    and draws its own report; the report package keeps no table of kinds."""
+    import inspect
+
+    import attnlab.report
+    from attnlab.experiments import KINDS, Experiment
+
+    assert list(KINDS) == list(EXPERIMENTS)
+    for name, kind in KINDS.items():
+        assert kind.name == name and kind.params is EXPERIMENTS[name]
+        assert kind.write_report is not None and issubclass(kind, Experiment)
+    assert KINDS["tokens"].write_report is not Experiment.write_report          # its own report
+    assert KINDS["fusion"].write_report is not Experiment.write_report
+    source = inspect.getsource(attnlab.report.write_report)
+    assert not any(f'"{k}"' in source for k in [*KINDS, "classifier"])
+
+
+def test_params_validation_does_not_import_torch():
+    """Loading and validating params.yaml (every stage's first step; method names and
+    needs included) imports neither torch nor the heavy libraries."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom attnlab.config import load_params\np = load_params('params.yaml')\n"
+            "[p.experiment(e) for e in p.experiments]\n"
+            "heavy = sorted(m for m in ('torch', 'pandas', 'mlflow', 'h5py', 'sklearn', 'scipy', 'matplotlib',"
+            " 'transformers', 'seaborn', 'networkx') if m in sys.modules)\nprint(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -209,10 +209,10 @@ def test_to_device_moves_nested_batches():
 #: faithfulness, baselines, ground truth, the experiments) must run where its inputs are.
 CPU_ALLOWED = {
     "store.py": "saving attention to HDF5",
-    "workflow.py": "saving the importance arrays",
+    "pipeline/stages.py": "saving the importance arrays",
     "models/__init__.py": "checkpoints of CPU tensors, map_location on load",
     "training.py": "the resume file's map_location",
-    "external.py": "the user's weights' map_location",
+    "models/external.py": "the user's weights' map_location",
     "devices.py": "a model without parameters is on the CPU",
     "explain/flow.py": "max-flow (scipy) runs on the CPU; the result is moved back",
     "evaluate/heads.py": "HeadStats' O(L*H) sums live on the CPU",
@@ -220,6 +220,9 @@ CPU_ALLOWED = {
     "evaluate/summaries.py": "curves to pandas",
     "evaluate/sanity.py": "rank correlations with scipy",
     "evaluate/faithfulness.py": "the curves' step bookkeeping (which inputs are distinct) is done on the CPU",
+    "explain/rollout.py": "a cache-blocked head fusion for CPU tensors; other devices take the plain path",
+    "explain/grad_rollout.py": "a cache-blocked product for CPU tensors; other devices take the plain path",
+    "models/pretrained.py": "the frozen encoder's features, computed once, are kept on the CPU for the head's training",
 }
 #: Tensor factories in the maths without ``device=`` (CPU by design), by file and line text.
 FACTORY_ALLOWED = {
@@ -229,7 +232,7 @@ FACTORY_ALLOWED = {
     ("evaluate/faithfulness.py", "n_valid = torch.full((b,), n)"),                   # step bookkeeping
     ("evaluate/faithfulness.py", "fresh = torch.ones(n_steps, b, dtype=torch.bool)"),  # then .to
 }
-MATHS = ["explain", "capture.py", "attribution.py", "builtin_methods.py", "methods.py", "evaluate/faithfulness.py",
+MATHS = ["explain", "capture.py", "attribution.py", "items.py", "methods", "evaluate/faithfulness.py",
          "evaluate/baselines.py", "evaluate/groundtruth.py", "evaluate/sanity.py", "evaluate/uncertainty.py"]
 
 

@@ -162,8 +162,8 @@ def test_a_users_file_that_cannot_be_used_stops_prepare_writing_nothing(project,
     assert not (project / "data" / "mine").exists() or not any((project / "data" / "mine").iterdir())
 
 
-def test_readme_pipeline_example_runs_as_written(tmp_path):
-    """The README's 'Use it on your own model' blocks, verbatim, in a copy of the project:
+def test_own_model_pipeline_example_runs_as_written(tmp_path):
+    """docs/own-model.md's two blocks, verbatim (tests/docblocks.py), in a copy of the project:
     the command-line example writes byom/, the pipeline example explains it with
     `dvc repro`, and MLflow holds the run with the model logged by reference."""
     import os
@@ -187,13 +187,10 @@ def test_readme_pipeline_example_runs_as_written(tmp_path):
                GIT_COMMITTER_EMAIL="t@example.com")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True)
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Use it on your own model"):readme.index("## Add an explanation method")]
-    blocks = [b.split("\n```\n")[0] for b in section.split("```bash\n")[1:]]
-    assert len(blocks) == 2
-    for block in blocks:                        # each from the project directory
-        proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    import docblocks
+
+    for name in ("own-model-explain", "own-model-pipeline"):     # each from the project directory
+        proc = docblocks.run_bash(name, tmp_path, env)
     assert "Running stage 'external-track@clipnet'" in proc.stdout
     assert "train@" not in proc.stdout                       # only the user's model ran
     evaluated = yaml.safe_load((tmp_path / "data" / "clipnet" / "evaluate" / "metrics.json").read_text())

@@ -30,17 +30,7 @@ FRAMES, SIZE, PATCH = 3, 8, 4
 P = (SIZE // PATCH) ** 2
 
 
-def assert_close(a, b, atol=1e-5):
-    torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
-
-
-def snapshot(model):
-    """Everything a recorder could leave behind (modules, hooks, patched methods, modes)."""
-    return ([(n, type(m), sorted(m.__dict__), len(m._forward_hooks), len(m._forward_pre_hooks),
-              len(m._backward_hooks), len(m._forward_hooks_with_kwargs),
-              len(getattr(m, "_forward_hooks_always_called", {})))
-             for n, m in model.named_modules()],
-            torch.backends.mha.get_fastpath_enabled(), torch._C._len_torch_function_stack())
+from helpers import assert_close, snapshot  # noqa: E402  (shared: tests/helpers.py)
 
 
 # ---------------------------------------------------------------- hand references
@@ -612,19 +602,13 @@ def test_video_pipeline_with_hf_timesformer(tmp_path):
     assert metrics and (root / "report").is_dir()
 
 
-def test_readme_hugging_face_example_runs_as_written():
-    """The README's Hugging Face snippet (the second python block of "## Library"), verbatim;
-    its rollout checked against the dense construction."""
-    import re
-    from pathlib import Path
+def test_hugging_face_example_runs_as_written():
+    """docs/library.md's Hugging Face block, verbatim (tests/docblocks.py); its rollout
+    checked against the dense construction."""
+    import docblocks
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    library = readme[readme.index("## Library"):readme.index("## Use it on your own model")]
-    snippet = re.findall(r"```python\n(.*?)```", library, re.S)[1]
-    assert "TimesformerForVideoClassification" in snippet
     torch.manual_seed(0)
-    namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    namespace = docblocks.run_python("library-hf-timesformer")
     rec, relevance = namespace["rec"], namespace["relevance"]
     assert len(rec) == 4 and relevance.shape == (2, 8, 16)
     torch.testing.assert_close(relevance.double(), dense_rollouts(namespace["space"], namespace["time"]),

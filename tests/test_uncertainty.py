@@ -252,21 +252,14 @@ def test_random_sentence_claims_only_what_the_test_supports():
     assert "with ROAD: a < random < c < b — the ranking CHANGES" in road_paragraph(faith, road)
 
 
-def test_readme_uncertainty_example_runs_as_written():
-    """The README's snippet on intervals and ROAD (the third python block of "## Library")."""
-    import re
-    from pathlib import Path
+def test_faithfulness_example_runs_as_written():
+    """docs/library.md's block on intervals and ROAD, verbatim (tests/docblocks.py): its
+    model is OnlyItem(3), so ranking item 3 first beats random."""
+    import docblocks
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    library = readme[readme.index("## Library"):readme.index("## Use it on your own model")]
-    snippet = re.findall(r"```python\n(.*?)```", library, re.S)[2]
-    assert "road_masker" in snippet
-    x = torch.rand(40, 8, 2, generator=torch.Generator().manual_seed(0)) - 1.0
-    x[:, 3] += 3.0                             # the item that matters stands out from its neighbours
-    importance = torch.zeros(40, 8)
-    importance[:, 3] = 1.0
-    namespace = {"model": OnlyItem(3), "x": x, "importance": importance}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    namespace = docblocks.run_python("library-faithfulness")
+    x = namespace["x"]
+    torch.testing.assert_close(namespace["model"](x), OnlyItem(3)(x))
     lo, hi = bootstrap_ci(namespace["curve"].auc, resamples=1000, seed=0)
     assert lo <= float(namespace["curve"].auc.mean()) <= hi
     assert paired_test(namespace["curve"].auc, namespace["rand"].auc, higher_is_better=False)["better"]

@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = parser().parse_args(argv)
-    from attnlab.external import ExternalError
+    from attnlab.io import ExternalError
 
     try:
         if args.command == "report":
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from attnlab import external
+    import attnlab.external as external
 
     model = external.build(args.model)
     if args.weights:
@@ -92,16 +92,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _report(directory: str) -> int:
-    from pathlib import Path
+    from attnlab.external import write_directory_report
 
-    from attnlab.external import ExternalError
-    from attnlab.report.external import write_external_report
-
-    missing = [f for f in ("metrics.json", "importance.npz", "attention.h5", "deletion.csv")
-               if not (Path(directory) / f).is_file()]
-    if missing:
-        raise ExternalError(f"{directory!r} is not an 'attnlab explain' directory: no {missing[0]}")
-    print(f"wrote {write_external_report(directory)}")
+    print(f"wrote {write_directory_report(directory)}")
     return 0
 
 

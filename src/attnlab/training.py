@@ -24,18 +24,22 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm.auto import tqdm
 
 from attnlab import distributed
-from attnlab.config import Train
 from attnlab.devices import model_device, take_rows, to_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: ``cfg`` below is a params ``train`` section (:class:`attnlab.config.Train`); this module
+#: does not import the params schema (which sits above it).
+Train = Any
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -135,6 +139,8 @@ def predict(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], *, bat
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
     pred = logits.argmax(-1).numpy()
     return {
         "loss": float(nn.functional.cross_entropy(logits, y)),
@@ -198,6 +204,8 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
                      "train_accuracy": int(correct) / len(x_train),
                      **{f"test_{k}": v for k, v in test.items()}})
         loop.save(epoch, rows)
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 
@@ -309,4 +317,6 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
                                                       sharded=True)["accuracy"]
         rows.append(row)
         loop.save(epoch, rows)
+    import pandas as pd
+
     return pd.DataFrame(rows)

@@ -1,11 +1,12 @@
 """Summaries the evaluate stage writes, shared by every experiment: deletion/insertion
 curves of every method, per-head tables, and fusion stream weights.
 
-Pure computations on tensors, data frames and readers; :mod:`attnlab.workflow` writes
+Pure computations on tensors, data frames and readers; :mod:`attnlab.pipeline.stages` writes
 them to files and :mod:`attnlab.report` draws them.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -120,3 +121,24 @@ def perturbation_curves(fn: Any, x: torch.Tensor, importance: dict[str, torch.Te
                 aucs[f"{mode}_auc_ci"], aucs[f"{mode}_auc_vs_random"] = uncertainty(
                     per_sample, higher_is_better=mode == "insertion", resamples=resamples, seed=seed, alpha=alpha)
     return aucs, curves
+
+
+def write_curves(curves: dict[str, pd.DataFrame], directory: str | Path) -> None:
+    """``deletion.csv`` and ``insertion.csv`` in ``directory``, long form (``fraction,
+    method, probability``): DVC's ``method_curves`` template draws a line per method."""
+    for mode, frame in curves.items():
+        frame.melt(id_vars="fraction", var_name="method", value_name="probability").to_csv(
+            Path(directory) / f"{mode}.csv", index=False, float_format="%.6g")
+
+
+def self_attention_only(path: str | Path) -> bool:
+    """Whether every entry of an attention file is square (token x token) and holds
+    every query row and each head; the head diagnostics need it (a fusion's learned
+    query over two stream tokens is not square, nor is a store of the class-token rows
+    only, ``extract.rows: cls``)."""
+    from attnlab.store import AttentionReader
+
+    with AttentionReader(path) as reader:
+        held = reader.selection
+        return held.rows == held.heads == "all" and all(
+            reader.entry(k).shape[-1] == reader.entry(k).shape[-2] for k in reader.keys)

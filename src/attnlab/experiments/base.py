@@ -7,7 +7,7 @@ are removed for the deletion/insertion tests (:meth:`~Experiment.perturbation`) 
 what ground truth exists (the ``evidence`` of :class:`Explained`,
 :meth:`~Experiment.ground_truth`). Everything every experiment does the same way —
 training loops, extraction, aggregation, explanation, evaluation, tracking — lives once
-in :mod:`attnlab.workflow`; the stage files are listed in :mod:`attnlab.layout`.
+in :mod:`attnlab.pipeline.stages`; the stage files are listed in :mod:`attnlab.layout`.
 
 :class:`ClassifierExperiment` is the base of the classification kinds (one label per
 sample; its predicted class is explained); the ``tokens`` kind is an
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnlab.attribution import Items, SequenceItems
+from attnlab.items import Items, SequenceItems
 
 
 @dataclass
@@ -43,7 +43,9 @@ class Explained:
     ``rows`` (a slice into ``x``); ``items`` maps attention and inputs to items (its
     per-sample parts sliced the same way); ``evidence`` marks the items that carry the
     planted evidence, ``valid`` the items that can matter at all (others are ranked last
-    by every method); ``saved`` are arrays stored beside the importance."""
+    by every method); ``saved`` are arrays stored beside the importance; ``rows`` ``[M]``:
+    which test samples are explained, when not all of them are (None: sample ``i`` is test
+    sample ``i``)."""
 
     x: torch.Tensor
     items: Items
@@ -52,6 +54,7 @@ class Explained:
     evidence: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     saved: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -71,9 +74,17 @@ class Perturbation:
 class Experiment:
     """The contract of an experiment kind (see the module docstring)."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""              # the kind's name in params.yaml (kind: <name>)
+    params: ClassVar[type | None] = None  # its params schema (a config.Section subclass)
     item_name: ClassVar[str] = "item"     # what the items are: timestep, frame, patch, stream, token
-    report_kind: ClassVar[str] = "classifier"
+    report_kind: ClassVar[str] = "classifier"   # which report section write_report draws (informative)
+
+    def write_report(self, cfg: Any, lay: Any) -> Any:
+        """The kind's report: ``report.html`` in ``lay.dir("report")`` (the classifier's
+        sections by default: data, model, attention, importance, evaluation)."""
+        from attnlab.report.classifier import write_classifier_report
+
+        return write_classifier_report(self, cfg, lay)
 
     def prepare(self, cfg: Any) -> Prepared:
         raise NotImplementedError
@@ -145,12 +156,7 @@ class ClassifierExperiment(Experiment):
         history = fit_classifier(model, data["x_train"], data["y_train"], data["x_test"], data["y_test"],
                                  cfg.train, forward=self.forward, param_groups=self.param_groups(cfg, model),
                                  progress=progress)
-        final = history.iloc[-1]
-        return history, {"test_accuracy": float(final["test_accuracy"]),
-                         "test_macro_f1": float(final["test_macro_f1"]),
-                         "test_loss": float(final["test_loss"]),
-                         "train_accuracy": float(final["train_accuracy"]),
-                         "epochs": int(final["epoch"])}
+        return history, final_metrics(history)
 
     def param_groups(self, cfg: Any, model: nn.Module) -> list[dict] | None:
         """Optimizer parameter groups for training (None: one group at ``train.lr``)."""
@@ -196,3 +202,11 @@ class ClassifierExperiment(Experiment):
         return figures.importance_bands(importance, title, self.item_name,
                                         x_tf=x if x.ndim == 2 else None, channels=meta.get("channels", ()),
                                         evidence=evidence)
+
+
+def final_metrics(history: Any) -> dict[str, float | int]:
+    """The last epoch's row of a classifier's training history, as ``train/metrics.json`` holds it."""
+    final = history.iloc[-1]
+    return {"test_accuracy": float(final["test_accuracy"]), "test_macro_f1": float(final["test_macro_f1"]),
+            "test_loss": float(final["test_loss"]), "train_accuracy": float(final["train_accuracy"]),
+            "epochs": int(final["epoch"])}

@@ -17,7 +17,7 @@ from torch import nn
 
 from attnlab.config import FramesParams, VideoParams
 from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
-from attnlab.attribution import Items, SpaceTimeItems
+from attnlab.items import Items, SpaceTimeItems
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -34,6 +34,7 @@ def _prepared(train: dict, test: dict, meta: dict[str, Any]) -> Prepared:
 
 class FramesExperiment(ClassifierExperiment):
     name = "frames"
+    params = FramesParams
     item_name = "frame"
 
     def prepare(self, cfg: FramesParams) -> Prepared:
@@ -81,6 +82,7 @@ class VideoExperiment(ClassifierExperiment):
     """Items are the ``F·P`` patches of all frames, frame-major, patches row-major."""
 
     name = "video"
+    params = VideoParams
     item_name = "patch"
 
     def prepare(self, cfg: VideoParams) -> Prepared:

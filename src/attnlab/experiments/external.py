@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnlab.attribution import SequenceItems
+from attnlab.items import SequenceItems
 from attnlab.config import ExternalParams
 from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
 
@@ -38,14 +38,38 @@ def _reference(cfg: ExternalParams) -> dict[str, Any]:
             "weights_sha256": hash_file(hashlib.sha256(), m.weights).hexdigest() if m.weights else None}
 
 
+
+def prepared_inputs(data: Any, n_classes: int, *, source: str, reference: dict[str, Any],
+                    evidence: torch.Tensor | None = None) -> Prepared:
+    """A user's inputs (:class:`~attnlab.data.external.Inputs`) as the pipeline's test set:
+    ``x_test`` (or ``tokens_test`` and ``mask_test`` with a vocabulary), further inputs
+    ``x_test_1``..., ``y_test`` when there are labels, ``evidence_test`` ``[N, items]``."""
+    first, rest = data.arrays[0], data.arrays[1:]
+    arrays: dict[str, np.ndarray] = {} if data.labels is None else {"y_test": data.labels.numpy()}
+    if data.vocab is not None:
+        arrays["tokens_test"] = first.numpy()
+        arrays["mask_test"] = (first != data.vocab.index("<pad>")).numpy()
+    else:
+        arrays["x_test"] = first.numpy()
+    arrays.update({f"x_test_{i}": a.numpy() for i, a in enumerate(rest, start=1)})
+    if evidence is not None:
+        arrays["evidence_test"] = evidence.numpy()
+    meta = {"source": source, "classes": [str(c) for c in range(n_classes)], "n_test": len(data),
+            "n_items": int(first.shape[1]), "inputs": [list(a.shape) for a in data.arrays], "model": reference}
+    if data.vocab is not None:
+        meta["vocab"] = data.vocab
+    return Prepared(arrays, meta)
+
+
 class ExternalExperiment(ClassifierExperiment):
     name = "external"
+    params = ExternalParams
     item_name = "item"
 
     # ------------------------------------------------------------------ the model
     def load_model(self, cfg: ExternalParams, lay: Any) -> nn.Module:
         """The user's factory (declared in params) with the user's weights, in eval mode."""
-        from attnlab.external import build, load_weights
+        from attnlab.models.external import build, load_weights
 
         m = cfg.model
         model = build(m.factory, m.kwargs, flag="model.factory")
@@ -61,32 +85,20 @@ class ExternalExperiment(ClassifierExperiment):
 
     # ------------------------------------------------------------------ the data
     def prepare(self, cfg: ExternalParams) -> Prepared:
-        from attnlab.external import check_model, load_evidence, load_inputs
+        from attnlab.data.external import load_evidence, load_inputs
+        from attnlab.models.external import check_model
 
         p = cfg.prepare
         data = load_inputs(p.inputs, labels=p.labels, tokens=p.tokens, vocab=p.vocab, flags=FLAGS)
         n_classes = check_model(self.load_model(cfg, None), data)
         if int(data.labels.max()) >= n_classes or int(data.labels.min()) < 0:
-            from attnlab.external import ExternalError
+            from attnlab.io import ExternalError
 
             raise ExternalError(f"prepare.labels {p.labels!r}: class ids {int(data.labels.min())}.."
                                 f"{int(data.labels.max())}, but the model gives {n_classes} logits")
-        first, rest = data.arrays[0], data.arrays[1:]
-        arrays: dict[str, np.ndarray] = {"y_test": data.labels.numpy()}
-        if data.vocab is not None:
-            arrays["tokens_test"] = first.numpy()
-            arrays["mask_test"] = (first != data.vocab.index("<pad>")).numpy()
-        else:
-            arrays["x_test"] = first.numpy()
-        arrays.update({f"x_test_{i}": a.numpy() for i, a in enumerate(rest, start=1)})
-        if p.evidence:
-            arrays["evidence_test"] = load_evidence(p.evidence, data, "prepare.evidence").numpy()
-        meta = {"source": f"your files ({', '.join(p.files())})", "classes": [str(c) for c in range(n_classes)],
-                "n_test": len(data), "n_items": int(first.shape[1]),
-                "inputs": [list(a.shape) for a in data.arrays], "model": _reference(cfg)}
-        if data.vocab is not None:
-            meta["vocab"] = data.vocab
-        return Prepared(arrays, meta)
+        evidence = load_evidence(p.evidence, data, "prepare.evidence") if p.evidence else None
+        return prepared_inputs(data, n_classes, source=f"your files ({', '.join(p.files())})",
+                               reference=_reference(cfg), evidence=evidence)
 
     def _rest(self, data: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [data[k] for k in sorted((k for k in data if k.startswith("x_test_")), key=lambda k: int(k[7:]))]
@@ -105,8 +117,8 @@ class ExternalExperiment(ClassifierExperiment):
         from attnlab.training import predict
 
         prob = predict(model, self.test_inputs(data), forward=self.forward).softmax(-1)
-        return {"predictions": {"y": data["y_test"].numpy(), "pred": prob.argmax(-1).numpy(),
-                                "prob": prob.numpy().astype(np.float32)}}
+        labels = {"y": data["y_test"].numpy()} if "y_test" in data else {}     # attnlab explain: optional
+        return {"predictions": {**labels, "pred": prob.argmax(-1).numpy(), "prob": prob.numpy().astype(np.float32)}}
 
     # ------------------------------------------------------------------ explaining it
     def explained(self, cfg, data, meta):
@@ -114,8 +126,9 @@ class ExternalExperiment(ClassifierExperiment):
         x, rest = self._first(data), self._rest(data)
         return Explained(x=x, items=SequenceItems(meta["n_items"], how=cfg.model.readout, token_ids=tokens),
                          forward=lambda model, xb, rows: model(xb, *(r[rows].to(xb.device) for r in rest)),
-                         y=data["y_test"], evidence=data.get("evidence_test"),
-                         valid=data["mask_test"] if tokens else None, saved={"y": data["y_test"].numpy()})
+                         y=data.get("y_test"), evidence=data.get("evidence_test"),
+                         valid=data["mask_test"] if tokens else None,
+                         saved={"y": data["y_test"].numpy()} if "y_test" in data else {})
 
     def baseline(self, cfg, data):
         if "tokens_test" in data:

@@ -21,7 +21,7 @@ from torch import nn
 
 from attnlab.config import FusionParams
 from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
-from attnlab.attribution import Items, StreamItems
+from attnlab.items import Items, StreamItems
 
 STREAMS = ("appearance", "structure")
 CLASSES = [str(d) for d in range(10)]
@@ -34,8 +34,14 @@ def stream_weights(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class FusionExperiment(ClassifierExperiment):
     name = "fusion"
+    params = FusionParams
     item_name = "stream"
     report_kind = "fusion"
+
+    def write_report(self, cfg: Any, lay: Any) -> Any:
+        from attnlab.report.fusion import write_fusion_report
+
+        return write_fusion_report(self, cfg, lay)
 
     def prepare(self, cfg: FusionParams) -> Prepared:
         from attnlab.data.fusion import make_two_stream
@@ -87,7 +93,7 @@ class FusionExperiment(ClassifierExperiment):
     def ground_truth(self, cfg, lay, model, data, meta, explained):
         """The stream weights against the corrupted streams: overall, per class, corrupted
         vs clean, and on the informative stream (``found_informative`` against ``goal``)."""
-        from attnlab import io
+        import attnlab.io as io
         from attnlab.evaluate.summaries import stream_weight_summary
 
         stored = io.load_arrays(lay.stream_weights)

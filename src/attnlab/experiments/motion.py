@@ -10,6 +10,7 @@ from attnlab.experiments.base import ClassifierExperiment, Prepared
 
 class MotionExperiment(ClassifierExperiment):
     name = "motion"
+    params = MotionParams
     item_name = "timestep"
 
     def prepare(self, cfg: MotionParams) -> Prepared:

@@ -11,14 +11,16 @@ diagnostics), report, track.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from attnlab.config import TokensParams
 from attnlab.experiments.base import Experiment, Explained, Perturbation, Prepared
-from attnlab.attribution import SequenceItems
+from attnlab.items import SequenceItems
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FACTORY = "attnlab.models.causal:CausalTransformerLM"
 
@@ -100,8 +102,14 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: to
 
 class TokensExperiment(Experiment):
     name = "tokens"
+    params = TokensParams
     item_name = "token"
     report_kind = "tokens"
+
+    def write_report(self, cfg: Any, lay: Any) -> Any:
+        from attnlab.report.tokens import write_tokens_report
+
+        return write_tokens_report(self, cfg, lay)
 
     def prepare(self, cfg: TokensParams) -> Prepared:
         from attnlab.data.tokens import train_test_split
@@ -170,7 +178,7 @@ class TokensExperiment(Experiment):
 
 
 def planted_recall(cfg: TokensParams, lay: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    from attnlab import io
+    import attnlab.io as io
     from attnlab.aggregate import VocabAttention
 
     a, itos, true = cfg.aggregate, meta["vocab"], meta["true_pairs"]
@@ -180,7 +188,7 @@ def planted_recall(cfg: TokensParams, lay: Any, meta: dict[str, Any]) -> dict[st
     if lay.vocab(view, kind="head_matrices").exists():
         heads = VocabAttention.load(lay.vocab(view, kind="head_matrices"))
         per_head = [recall_at_k(heads.top_pairs(a.top_k, min_count=a.min_count, itos=itos, head=h), true)
-                    for h in range(heads.sum.shape[0])]
+                    for h in range(heads.nhead)]
         out["recall_at_k_per_head"] = {str(h): r for h, r in enumerate(per_head)}
         out["recall_at_k_best_head"] = max(per_head)
     return out

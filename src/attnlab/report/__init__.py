@@ -1,7 +1,10 @@
 """Figures (matplotlib/seaborn) and self-contained HTML reports.
 
-:func:`write_report` writes the report of an experiment kind's ``report_kind``
-(``classifier``, ``tokens`` or ``fusion``) into the layout's report directory.
+Each experiment kind owns its report (:meth:`~attnlab.experiments.Experiment.write_report`):
+the classifier's sections (:mod:`attnlab.report.classifier`) by default, the token and
+fusion kinds their own (:mod:`attnlab.report.tokens`, :mod:`attnlab.report.fusion`).
+:mod:`attnlab.report.figures` and :mod:`attnlab.report.html` are the primitives they draw
+with; :mod:`attnlab.report.index` is the page over every experiment.
 """
 from __future__ import annotations
 
@@ -9,9 +12,5 @@ from typing import Any
 
 
 def write_report(exp: Any, cfg: Any, lay: Any):
-    from attnlab.report.classifier import write_classifier_report
-    from attnlab.report.fusion import write_fusion_report
-    from attnlab.report.tokens import write_tokens_report
-
-    writers = {"classifier": write_classifier_report, "tokens": write_tokens_report, "fusion": write_fusion_report}
-    return writers[exp.report_kind](exp, cfg, lay)
+    """The report of experiment kind ``exp`` (its own :meth:`write_report`)."""
+    return exp.write_report(cfg, lay)

@@ -37,13 +37,15 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
         rep.paragraph(f"Built by {reference['factory']} with {reference['kwargs'] or 'no arguments'}; weights: "
                       f"{reference['weights'] or 'as built'}" +
                       (f" (SHA-256 {reference['weights_sha256']})" if reference["weights"] else "") +
-                      f". Accuracy on these inputs: {float((preds['pred'] == preds['y']).mean()):.3f}.")
+                      (f". Accuracy on these inputs: {float((preds['pred'] == preds['y']).mean()):.3f}." if "y" in preds
+                       else ". No labels were given: the predicted class is explained."))
     else:
         rep.heading("Training")
         rep.table(pd.DataFrame([{"metric": k, "value": v} for k, v in io.read_json(lay.train_metrics).items()]))
         rep.figure(figures.training_curves(pd.read_csv(lay.history)), "training_curves", "Loss and accuracy per epoch.")
 
-    examples = figures.pick_examples(preds["y"], cfg.report.examples)
+    labels = preds["y"] if "y" in preds else preds["pred"]      # attnlab explain without --labels: by prediction
+    examples = figures.pick_examples(labels, cfg.report.examples)
     with AttentionReader(lay.attention) as reader:
         names = list(reader.names)
         samples = {i: [a.numpy() for a in reader.sample(i)] for i in examples}
@@ -54,7 +56,8 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
                   f"attends to the same {item}s. Factorised attention (one map per frame or per patch) "
                   "shows its first map.")
     for i in examples:
-        label = f"sample {i}: true {classes[preds['y'][i]]}, predicted {classes[preds['pred'][i]]}"
+        label = (f"sample {i}: true {classes[preds['y'][i]]}, " if "y" in preds else f"sample {i}: ") + \
+            f"predicted {classes[preds['pred'][i]]}"
         maps = [m[0] if m.ndim == 4 else m for m in samples[i]]
         for shape in dict.fromkeys(m.shape for m in maps):        # entries of one shape share a grid
             group = [k for k, m in enumerate(maps) if m.shape == shape]
@@ -71,7 +74,8 @@ def write_classifier_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
     rep.paragraph(f"Importance of each {item} for the predicted class, by method: "
                   f"{methods_paragraph(methods, item)} Mean ± one standard deviation over the test samples of "
                   f"each class; the dotted line is uniform importance (1/{n_items}).")
-    rep.figure(figures.importance_by_class({m: explained[m] for m in methods}, explained["y"], classes, item),
+    by = explained["y"] if "y" in explained else explained["target"]    # no labels: by predicted class
+    rep.figure(figures.importance_by_class({m: explained[m] for m in methods}, by, classes, item),
                "importance_by_class", "Per-class importance of every method (test set).")
     for png in sorted(lay.explain_figures.glob("*.png"), key=lambda p: int(p.stem[6:])):
         rep.image(png.read_bytes(), f"explain_{png.stem}", f"{png.stem}: every method's importance "

@@ -42,7 +42,7 @@ def write_fusion_report(experiment: Any, cfg: Any, lay: Layout) -> Path:
         rep.paragraph(f"With one stream uninformative, the '{mode}' fusion puts {w['informative']:.2f} of its "
                       f"weight on the informative stream: it {'DID' if found else 'did NOT'} find it "
                       f"(goal ≥ {metrics['goal']:.2f}). Compare the modes side by side with the sweep in "
-                      "the README (one MLflow run per mode).", css="ok" if found else "warn")
+                      "docs/pipeline.md, Sweeps (one MLflow run per mode).", css="ok" if found else "warn")
     stored = io.load_arrays(lay.stream_weights)
     preds = io.load_arrays(lay.predictions)
     rep.figure(figures.stream_weights_by_class(stored["weights"], preds["y"], meta["classes"], meta["streams"]),

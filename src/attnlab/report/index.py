@@ -214,7 +214,7 @@ def _overview(entries: list[Covered], tables: dict[str, tuple[pd.DataFrame, set]
 # --------------------------------------------------------------------------- the page
 def _provenance(rep: HtmlReport, params: Params, root: Path) -> None:
     """Which commit, DVC experiment and device made this state, and where its runs are."""
-    from attnlab import tracking
+    import attnlab.tracking as tracking
 
     tags = tracking.provenance_tags(Path(root), "index")
     commit = tags.get("git.commit")
@@ -234,7 +234,7 @@ def _provenance(rep: HtmlReport, params: Params, root: Path) -> None:
 def _experiment(rep: HtmlReport, params: Params, e: Covered, quality: tuple[pd.DataFrame, set], link: str,
                 root: Path, runs: int) -> None:
     """One experiment's section: its report, methods, MLflow runs and params."""
-    from attnlab import tracking
+    import attnlab.tracking as tracking
 
     table, marked = quality
     best = (best_methods(table, marked) or [None])[0]
@@ -294,7 +294,7 @@ def write_index(params: Params, root: str | Path, *, data: str | Path = "data", 
     log it to the MLflow run of every experiment it covers. Bad input (a missing metrics
     or run file, a run the store does not hold) raises :class:`~attnlab.io.DataError`
     naming the experiment and the file: nothing is written and nothing is logged."""
-    from attnlab import tracking
+    import attnlab.tracking as tracking
 
     root = Path(root)
     entries = covered(params, root / data)

@@ -1,4 +1,4 @@
-"""The registry of explanation methods: one entry per method, one verb per entry.
+"""The registry of explanation methods (:mod:`attnlab.methods`): one entry per method.
 
 An entry says what a method is called, what it needs (``attention``: the recorded
 maps; ``gradients``: their gradients; ``norms``: the norm-aware maps
@@ -27,8 +27,11 @@ Item kinds (an experiment has one):
 
 Installed packages can add methods through the ``attnlab.methods`` entry-point
 group: importing the entry point's module registers them. The built-in methods are in
-:mod:`attnlab.builtin_methods`; the item spaces, :class:`~attnlab.attribution.Batch`
-and :func:`~attnlab.attribution.explain_batch` in :mod:`attnlab.attribution`.
+:mod:`attnlab.methods.builtin`; the item spaces and :class:`~attnlab.items.Batch` in
+:mod:`attnlab.items`; :func:`~attnlab.attribution.explain_batch` in :mod:`attnlab.attribution`.
+
+This module imports neither torch nor the methods' maths: validating params (which
+checks method names and needs) stays cheap. A method's computation runs torch.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from attnlab.attribution import Batch
+    from attnlab.items import Batch
 
 ITEM_KINDS = ("sequence", "tokens", "spacetime", "streams")
 NEEDS = ("attention", "gradients", "reruns", "module", "norms")
@@ -65,7 +68,7 @@ class Method:
         return kind in self.compute
 
     def __call__(self, batch: Batch) -> Tensor:
-        from attnlab.attribution import to_items
+        from attnlab.items import to_items
 
         kind = batch.items.kind
         if kind not in self.compute:
@@ -171,5 +174,3 @@ def check(methods: Sequence[str], kind: str) -> list[str]:
         raise ValueError(f"methods listed twice: {sorted(m for m in set(methods) if list(methods).count(m) > 1)}")
     return list(methods)
 
-
-from attnlab import builtin_methods  # noqa: E402,F401  registers the built-in methods

@@ -1,10 +1,10 @@
-"""Wiring shared by the DVC stage scripts in ``stages/``.
+"""The stage runner: what ``stages/<name>.py`` calls (``run("train")``).
 
 ``run("train")`` parses ``<experiment> [--params FILE] [--data DIR]``, validates the
 whole params file, looks the experiment instance's kind up, sets torch's intra-op threads when
 ``ATTNLAB_NUM_THREADS`` is set (default: torch's, one per core; set it to 1 when
 several stages run at once, e.g. ``dvc queue start -j 2``), and runs the stage's
-function of :mod:`attnlab.workflow` with a :class:`~attnlab.layout.Layout` whose
+function of :mod:`attnlab.pipeline.stages` with a :class:`~attnlab.layout.Layout` whose
 stage directory is a temporary one, renamed to ``data/<experiment>/<stage>/`` only if
 the stage succeeds. A bad params file or experiment name ends the process with one
 line on stderr and exit status 2, before anything is written; so does a damaged input
@@ -19,29 +19,23 @@ hand, or by the stage script itself when ``ATTNLAB_NPROC`` > 1): process 0 owns 
 temporary directory and the others write into it only what process 0 merges
 (:mod:`attnlab.distributed`).
 
-A stage that succeeds records when it ran (:func:`record_timing`, in
-``data/<experiment>/.timings/<stage>.json``: wall-clock start and end, and a digest of
-its outputs, and the processes and threads it ran with); the track stage gives its
-MLflow run the real start and end of the state from these (:func:`stage_records`,
-:func:`stage_times`) and a tag per stage with its time and resources.
+A stage that succeeds records when it ran (:func:`~attnlab.pipeline.timing.record_timing`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
-import hashlib
-import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from attnlab.config import ConfigError, load_params, stage_device
-from attnlab.io import DataError, ServerUnreachable, atomic_dir, hash_file, require_tracking_server
+from attnlab.io import DataError, ServerUnreachable, atomic_dir, require_tracking_server
 from attnlab.layout import STAGES, Layout
+from attnlab.pipeline.timing import now_ms, record_timing
 
 
 @dataclass
@@ -57,7 +51,7 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    start_ms = _now_ms()
+    start_ms = now_ms()
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"attnlab '{name}' stage")
     parser.add_argument("experiment")
     parser.add_argument("--params", default="params.yaml")
@@ -70,7 +64,7 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
         raise SystemExit(2) from None
     import torch
 
-    from attnlab import distributed
+    import attnlab.distributed as distributed
     from attnlab.experiments import get_experiment
 
     if os.environ.get("ATTNLAB_NUM_THREADS"):
@@ -101,7 +95,7 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
             yield StageContext(name, experiment, cfg, Layout(root, writing=(name, out)))
             if parallel:
                 distributed.barrier()          # every process done before the directory is renamed
-        record_timing(Layout(root), name, start_ms, _now_ms(),     # only a stage that succeeded
+        record_timing(Layout(root), name, start_ms, now_ms(),     # only a stage that succeeded
                       processes=distributed.world_size() if parallel else 1)
     else:
         out = Path(distributed.broadcast(None))
@@ -111,8 +105,8 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
 
 def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> None:
     """Run stage ``name`` for the experiment named on the command line (``argv``)."""
-    from attnlab import distributed
-    from attnlab.workflow import STAGE_FUNCTIONS
+    import attnlab.distributed as distributed
+    from attnlab.pipeline.stages import STAGE_FUNCTIONS
 
     with contextlib.ExitStack() as cleanup:
         if name in distributed.STAGES:
@@ -131,59 +125,3 @@ def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> N
                   f"{what} and wrote nothing (its temporary directory was removed); free some space and re-run",
                   file=sys.stderr)
             raise SystemExit(2) from None
-
-
-# --------------------------------------------------------------------------- stage timings
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def outputs_digest(directory: str | Path) -> str:
-    """SHA-256 of every file under ``directory``: relative path and content."""
-    directory = Path(directory)
-    h = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        h.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        hash_file(h, path)
-    return h.hexdigest()
-
-
-def record_timing(lay: Layout, stage: str, start_ms: int, end_ms: int, *, processes: int = 1) -> None:
-    """Write ``lay.timing(stage)`` atomically: the stage's wall-clock start and end (ms
-    since the epoch), the processes and threads per process it ran with, and the digest
-    of the outputs it wrote, which tells later whether the outputs in place are still
-    the ones these times belong to. Not a DVC output."""
-    import torch
-
-    path = lay.timing(stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "start_ms": int(start_ms), "end_ms": int(end_ms), "processes": int(processes),
-              "threads": torch.get_num_threads(), "outputs_sha256": outputs_digest(lay.dir(stage))}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def stage_records(lay: Layout, stages: Iterable[str]) -> dict[str, dict[str, Any] | None]:
-    """The record (:func:`record_timing`) of each of ``stages``, or ``None`` where it is
-    unknown: no record, or one whose outputs digest differs from their outputs now
-    (outputs restored from DVC's cache or checked out from another state)."""
-    out: dict[str, dict[str, Any] | None] = {}
-    for stage in stages:
-        try:
-            record = json.loads(lay.timing(stage).read_text())
-            known = record["outputs_sha256"] == outputs_digest(lay.dir(stage))
-            record["start_ms"], record["end_ms"] = int(record["start_ms"]), int(record["end_ms"])
-        except (OSError, ValueError, KeyError, TypeError):
-            known = False
-        out[stage] = record if known else None
-    return out
-
-
-def stage_times(records: dict[str, dict[str, Any] | None]) -> tuple[int | None, int | None, list[str]]:
-    """``(start, end, unknown)`` of :func:`stage_records`: the earliest start and the
-    latest end (ms since the epoch; ``None`` when none is known), and the stages whose
-    times are unknown."""
-    known = [r for r in records.values() if r is not None]
-    return (min((r["start_ms"] for r in known), default=None), max((r["end_ms"] for r in known), default=None),
-            [stage for stage, r in records.items() if r is None])

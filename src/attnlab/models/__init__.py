@@ -36,6 +36,7 @@ PROJECT_FACTORIES: tuple[str, ...] = (
     "attnlab.models.spacetime:DividedSpaceTimeTransformer",
     "attnlab.models.fusion:TwoStreamClassifier",
     "attnlab.models.hf_timesformer:HFTimesformerClassifier",   # needs transformers (video.model.arch)
+    "attnlab.models.pretrained:PretrainedClassifier",         # needs transformers + the encoder's wheel
 )
 
 

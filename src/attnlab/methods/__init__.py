@@ -30,8 +30,8 @@ divided space-time attention), ``streams`` (the channel groups of a multi-stream
 Importing this package does not import torch (each method imports its maths when it runs).
 """
 from attnlab.methods import builtin  # noqa: F401  registers the built-in methods
-from attnlab.methods.registry import (ITEM_KINDS, NEEDS, RESERVED, Method, check, get, names, register, registry,
-                                      unregister)
+from attnlab.methods.registry import (ITEM_KINDS, NEEDS, RESERVED, Method, check, check_experiment, get, names,
+                                      register, registry, unregister)
 
-__all__ = ["ITEM_KINDS", "NEEDS", "RESERVED", "Method", "check", "get", "names", "register", "registry",
-           "unregister"]
+__all__ = ["ITEM_KINDS", "NEEDS", "RESERVED", "Method", "check", "check_experiment", "get", "names", "register",
+           "registry", "unregister"]

@@ -59,6 +59,8 @@ class Method:
     summary: str
     default: bool = True
     compute: dict[str, Callable[[Batch], Tensor]] = field(default_factory=dict)
+    #: experiment kind -> the one line saying why the method cannot explain its models
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
     def items(self) -> tuple[str, ...]:
@@ -84,13 +86,16 @@ _plugins_loaded = False
 
 def register(name: str, *, items: Iterable[str], needs: Iterable[str] | None = None,
              summary: str | None = None, default: bool | None = None,
-             replace: bool = False) -> Callable[[Callable[[Batch], Tensor]], Callable[[Batch], Tensor]]:
+             unsupported: Mapping[str, str] | None = None, replace: bool = False) -> Callable[[Callable[[Batch], Tensor]], Callable[[Batch], Tensor]]:
     """Decorator: ``fn(batch) -> [B, n_items]`` computes method ``name`` for ``items``.
 
     The first registration of a name sets ``needs`` and ``summary`` (required) and
     ``default`` (whether experiments run it unless their params list methods);
-    later ones add implementations for other item kinds. ``replace`` allows
-    redefining a (name, item kind) pair."""
+    later ones add implementations for other item kinds. ``unsupported`` maps an
+    experiment kind (``motion``, ``pretrained``, ...) whose models the method cannot
+    explain although their item kind is listed to the one line saying why: params that
+    list the method for such an experiment are refused when loaded, and the kind's
+    default methods leave it out. ``replace`` allows redefining a (name, item kind) pair."""
     kinds = tuple(items)
     bad = [k for k in kinds if k not in ITEM_KINDS]
     if bad or not kinds:
@@ -115,6 +120,7 @@ def register(name: str, *, items: Iterable[str], needs: Iterable[str] | None = N
                 raise ValueError(f"register({name!r}): needs={unknown[0]!r}; accepted: {', '.join(NEEDS)}")
             entry = _REGISTRY[name] = Method(name, frozenset(needs), summary,
                                              True if default is None else default)
+        entry.unsupported.update(unsupported or {})
         for kind in kinds:
             if kind in entry.compute and not replace:
                 raise ValueError(f"method {name!r} is already registered for {kind} items")
@@ -156,10 +162,22 @@ def get(name: str) -> Method:
     return methods[name]
 
 
-def names(kind: str | None = None, *, default_only: bool = False) -> list[str]:
-    """The methods defined for item ``kind`` (all when None)."""
+def names(kind: str | None = None, *, default_only: bool = False, experiment: str | None = None) -> list[str]:
+    """The methods defined for item ``kind`` (all when None), leaving out those that
+    cannot explain the models of experiment kind ``experiment`` (when given)."""
     return [m.name for m in registry().values()
-            if (kind is None or m.supports(kind)) and (m.default or not default_only)]
+            if (kind is None or m.supports(kind)) and (m.default or not default_only)
+            and (experiment is None or experiment not in m.unsupported)]
+
+
+def check_experiment(methods: Sequence[str], experiment: str) -> list[str]:
+    """``methods`` if each can explain the models of experiment kind ``experiment``, else
+    a ``ValueError`` naming the first that cannot, and why."""
+    for name in methods:
+        why = get(name).unsupported.get(experiment)
+        if why is not None:
+            raise ValueError(f"method {name!r} cannot explain {experiment} models: {why}")
+    return list(methods)
 
 
 def check(methods: Sequence[str], kind: str) -> list[str]:

@@ -246,7 +246,11 @@ def test_user_text_is_escaped(inside):
     raw = build_index(load_params("params.yaml"), inside)
     page = Page(raw)
     assert set(page.tags) <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "a", "table",
-                              "thead", "tbody", "tr", "th", "td", "span", "details", "summary", "pre"}
+                              "thead", "tbody", "tr", "th", "td", "span", "details", "summary", "pre",
+                              "figure", "img", "figcaption"}
+    import re
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', raw)
+    assert len(sources) == 1 and sources[0].startswith("data:image/png;base64,")   # the ranking, inline
     text = "".join(page.text)
     assert f"corpus/{EVIL}.txt" in text                          # a param value, as text
     assert f"{ODD} (motion)" in [t["heading"] for t in page.tables]     # an instance name
@@ -340,3 +344,43 @@ def test_recent_runs_are_the_last_n_then_the_current_run_and_the_one_before_it(i
     record = tracking.recent_runs("history", 1)[0]
     assert record["run_id"] == ids[newest[0]] and record["metrics"] == {"m": float(starts.index(newest[0]))}
     assert tracking.recent_runs("no such experiment") == []
+
+
+def test_ranking_picture_shows_each_method_best_first_with_its_interval():
+    """The index page's one picture: per experiment, deletion AUC (and evidence AUROC
+    where there is ground truth) of each method with its interval, best first; what is
+    drawn is read back from the figure and compared with the metrics it came from."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from attnlab.report.figures import method_ranking
+
+    def ci(v):
+        return {"lo": v - 0.05, "hi": v + 0.02}
+
+    deletion = {"rollout": 0.30, "raw": 0.20, "alti": 0.25, "random": 0.50}
+    auroc = {"rollout": 0.90, "raw": 0.70, "alti": 0.80, "random": 0.50}
+    metrics = {"motion": {"faithfulness": {"deletion_auc": deletion,
+                                           "deletion_auc_ci": {m: ci(v) for m, v in deletion.items()}}},
+               "frames": {"faithfulness": {"deletion_auc": deletion,
+                                           "deletion_auc_ci": {m: ci(v) for m, v in deletion.items()}},
+                          "evidence": {"auroc": auroc}, "evidence_ci": {"auroc": {m: ci(v) for m, v in auroc.items()}}}}
+    fig = method_ranking(metrics)
+    axes = fig.axes
+    assert len(axes) == 4 and not axes[1].axison            # motion has no ground truth: its right panel is off
+    for ax, values, order in [(axes[0], deletion, ["raw", "alti", "rollout"]),
+                              (axes[2], deletion, ["raw", "alti", "rollout"]),
+                              (axes[3], auroc, ["rollout", "alti", "raw"])]:
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        ticks = list(ax.get_yticks())
+        top_down = [label for _, label in sorted(zip(ticks, labels), reverse=True)]
+        assert top_down == order                            # best first, random not a row
+        line = ax.lines[0]                                  # the points
+        x, y = line.get_xdata(), line.get_ydata()
+        for label, tick in zip(labels, ticks):
+            assert x[list(y).index(tick)] == pytest.approx(values[label])
+        bars = [seg for coll in ax.collections for seg in coll.get_segments()]
+        spans = sorted((round(s[0][0], 6), round(s[1][0], 6)) for s in bars)
+        assert spans == sorted((round(values[m] - 0.05, 6), round(values[m] + 0.02, 6)) for m in order)
+        assert any(np.allclose(ln.get_xdata(), values["random"]) for ln in ax.lines[1:])   # the dashed baseline
+    plt.close(fig)

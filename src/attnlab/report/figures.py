@@ -343,3 +343,38 @@ def stream_weights_by_corruption(weights_bs: np.ndarray, corrupted_bs: np.ndarra
     fig.tight_layout()
     return fig
 
+
+
+def method_ranking(experiments: dict[str, dict]) -> plt.Figure:
+    """Every experiment's methods at a glance: one row per experiment, its deletion AUC
+    (lower is better) and, where the data have ground truth, its evidence AUROC (higher
+    is better), each method a point with its 95% bootstrap interval, best first; the
+    random baseline is a dashed line. ``experiments``: name -> evaluate/metrics.json."""
+    with_truth = any("auroc" in m.get("evidence", {}) for m in experiments.values())
+    columns = 2 if with_truth else 1
+    heights = [0.9 + 0.22 * len(m["faithfulness"]["deletion_auc"]) for m in experiments.values()]
+    fig, axes = plt.subplots(len(experiments), columns, figsize=(5.4 * columns, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for row, (name, metrics) in zip(axes, experiments.items()):
+        panels = [("deletion AUC (lower is better)", metrics["faithfulness"]["deletion_auc"],
+                   metrics["faithfulness"].get("deletion_auc_ci", {}), False)]
+        if "auroc" in metrics.get("evidence", {}):
+            panels.append(("evidence AUROC (higher is better)", metrics["evidence"]["auroc"],
+                           metrics.get("evidence_ci", {}).get("auroc", {}), True))
+        for ax, (title, values, intervals, higher) in zip(row, panels):
+            methods = sorted((m for m in values if m != "random"), key=lambda m: values[m], reverse=higher)
+            y = np.arange(len(methods))[::-1]
+            mid = np.array([values[m] for m in methods])
+            lo = np.array([intervals.get(m, {}).get("lo", values[m]) for m in methods])
+            hi = np.array([intervals.get(m, {}).get("hi", values[m]) for m in methods])
+            ax.errorbar(mid, y, xerr=[mid - lo, hi - mid], fmt="o", ms=4, capsize=3, color="#1f5f99")
+            if "random" in values:
+                ax.axvline(values["random"], color="black", ls="--", lw=1)
+            ax.set_yticks(y, methods, fontsize=8)
+            ax.set_ylim(-0.6, len(methods) - 0.4)
+            ax.set_title(f"{name}: {title}" + (", dashed: random" if "random" in values else ""), fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+        for ax in row[len(panels):]:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -275,6 +275,13 @@ def render(params: Params, entries: list[Covered], root: Path, out: Path, *, run
                   "sanity check, and the MLflow run of this state. The name opens the experiment's report "
                   "(when this file is opened from the project's reports/ directory).")
     rep.table(_overview(entries, quality), links={"experiment": links})
+    from attnlab.report import figures
+
+    rep.figure(figures.method_ranking({e.name: e.metrics for e in entries}), "ranking",
+               "Every method of every experiment, best first: deletion AUC (lower is better) and, where the data "
+               "have planted ground truth, evidence AUROC (higher is better), each with its 95% bootstrap interval "
+               "over the explained samples; the dashed line is the random baseline. Overlapping intervals mean "
+               "the data do not separate those methods.")
     for e, link in zip(entries, links):
         _experiment(rep, params, e, quality[e.name], link, root, runs)
     return rep.html()

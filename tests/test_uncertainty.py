@@ -77,6 +77,32 @@ def test_paired_test_is_the_exact_one_sided_signed_rank_test(higher):
     assert (result["p"] < 0.05) == higher                      # only the right direction is supported
 
 
+@pytest.mark.parametrize("higher", [True, False])
+def test_paired_test_is_exact_with_ties_and_zeros_and_fast(higher):
+    """Tied |differences| (mid-ranks) and zero differences (dropped): the p-value is the
+    literal enumeration's over all 2^n sign patterns (scipy's own test falls back to a
+    permutation test of 9,999 resamples there, seconds per call); beyond EXACT_MAX pairs,
+    scipy's normal approximation."""
+    from attnlab.evaluate.uncertainty import EXACT_MAX
+    from scipy.stats import wilcoxon
+
+    diff = np.array([0.1, -0.1, 0.2, 0.2, 0.2, -0.05, 0.0, 0.3, 0.0, 0.1, -0.3, 0.4, 0.05, 0.25])
+    result = paired_test(diff, np.zeros_like(diff), higher_is_better=higher)
+    d = diff[diff != 0]
+    size = np.abs(d)
+    midranks = [1 + np.sum(size < v) + (np.sum(size == v) - 1) / 2 for v in size]     # ties share their mean rank
+    observed = sum(r for r, x in zip(midranks, d) if x > 0)
+    stats = np.array([sum(r for r, s in zip(midranks, signs) if s)
+                      for signs in itertools.product([0, 1], repeat=len(d))])
+    expected = np.mean(stats >= observed - 1e-9) if higher else np.mean(stats <= observed + 1e-9)
+    assert result["p"] == pytest.approx(expected, rel=1e-12) and result["n"] == diff.size
+    rng = np.random.default_rng(0)
+    many = np.round(rng.normal(0.05, 0.2, size=EXACT_MAX + 30), 2)         # ties and zeros
+    side = "greater" if higher else "less"
+    assert paired_test(many, np.zeros_like(many), higher_is_better=higher)["p"] == pytest.approx(
+        wilcoxon(many, alternative=side, method="approx").pvalue)
+
+
 def test_paired_test_edge_cases():
     assert paired_test([0.3, 0.4], [0.3, 0.4], higher_is_better=True) == {"p": 1.0, "better": False, "n": 2}
     nan = paired_test([np.nan], [0.1], higher_is_better=True)

@@ -13,6 +13,9 @@ MLFLOW_BACKEND_URI ?= sqlite:///$(SERVER_STORE)/mlflow.db
 SERVER_ARTIFACTS ?= $(SERVER_STORE)/artifacts
 
 export MLFLOW_DISABLE_TELEMETRY := true
+# `mlflow server`/`mlflow ui` start no job runner (seven huey processes for MLflow's GenAI
+# jobs, which attnlab never submits): they would only take CPU from the stages.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 # NPROC=N make run: train, extract and aggregate run as N processes under torchrun
 # (docs/pipeline.md, "Several processes"); the stage scripts start torchrun themselves.
 ifdef NPROC

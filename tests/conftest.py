@@ -1,6 +1,12 @@
 """Shared test setup."""
+import os
+
 import pytest
 import torch
+
+# The `mlflow server`s the tests start (subprocesses inherit this) run no job runner: it
+# spawns seven huey consumers for MLflow's GenAI jobs, which take CPU from the other tests.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 @pytest.fixture(autouse=True, scope="session")

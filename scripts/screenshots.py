@@ -10,7 +10,11 @@ Chromium (Debian's chromium + chromedriver, driven by Selenium; nothing is downl
 - docs/index_page.png: the index page over the experiments (``reports/index.html``);
 - docs/mlflow_runs.png: MLflow's UI on its "Model training" view (the Runs table, URL
   ``#/experiments/<id>?workflowType=machine_learning``) with both runs;
-- docs/mlflow_compare.png: MLflow's compare view of the two runs (run details and params).
+- docs/mlflow_compare.png: MLflow's compare view of the two runs (run details and params);
+- docs/mlflow_live.png: the "Model metrics" charts of a third run while its training is still
+  running (the train stage of a longer training, slowed down per epoch with
+  ``ATTNLAB_SLOW_EPOCH``, in a params file and data directory of its own; the run is
+  deleted afterwards, so the store keeps its two runs).
 
 ``--rev REV`` runs the pipeline of a commit instead of the working tree. ``--keep DIR`` keeps the tiny project in DIR (to look at it, or re-take pictures with
 ``--project DIR``). The pictures are reduced to a 256-colour palette to stay small; every
@@ -278,6 +282,64 @@ def take(repo: Path, out: Path) -> None:
     write_provenance(repo, runs, out / "snippets" / "pictures.md")
 
 
+#: the in-progress training of docs/mlflow_live.png: its epochs, seconds per epoch, and how
+#: many epochs are logged when the picture is taken
+LIVE_EPOCHS, LIVE_SLOW, LIVE_SHOT_AT = 60, 0.5, 20
+
+
+def take_live(repo: Path, out: Path) -> None:
+    """docs/mlflow_live.png: MLflow's "Model metrics" tab of a run whose training runs."""
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[EXPERIMENT]["train"].update(epochs=LIVE_EPOCHS, seed=1)
+    (repo / "live.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data = repo / "live-data"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.copytree(repo / "data" / EXPERIMENT / "prepare", data / EXPERIMENT / "prepare")
+    env = {**_env(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "ATTNLAB_ROOT": str(repo),
+           "ATTNLAB_SLOW_EPOCH": str(LIVE_SLOW), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "2"}
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])}
+    print("$ python stages/train.py", EXPERIMENT, "--params live.yaml --data live-data  (in the background)")
+    train = subprocess.Popen([sys.executable, "stages/train.py", EXPERIMENT, "--params", "live.yaml", "--data",
+                              str(data)], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_id = None
+    try:
+        deadline = time.monotonic() + 300
+        while run_id is None or len(client.get_metric_history(run_id, "train_loss")) < LIVE_SHOT_AT:
+            if train.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"error: the live training ended or stalled (status {train.returncode})")
+            runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in before]
+            run_id = runs[0].info.run_id if runs else None
+            time.sleep(0.5)
+        driver = chrome(1400, 900)
+        try:
+            with mlflow_ui(repo) as url:
+                driver.get(f"{url}/#/experiments/{exp.experiment_id}/runs/{run_id}/model-metrics"
+                           "?workflowType=machine_learning")
+                wait(driver, lambda d: "test_accuracy" in _body(d)
+                     and d.find_elements("css selector", ".js-plotly-plot, canvas"))
+                _close_panels(driver)
+                time.sleep(3)
+                if client.get_run(run_id).info.status != "RUNNING":
+                    raise SystemExit("error: the run is no longer RUNNING: the picture would not show a live run")
+                save(driver, out / "mlflow_live.png")
+        finally:
+            driver.quit()
+    finally:
+        if train.poll() is None:
+            train.send_signal(signal.SIGINT)          # its run ends FAILED ("train: KeyboardInterrupt")
+            try:
+                train.wait(60)
+            except subprocess.TimeoutExpired:
+                train.kill()
+                train.wait()
+        if run_id is not None:
+            client.delete_run(run_id)                 # the store keeps the two runs of the other pictures
+
+
 def write_provenance(repo: Path, runs: list, path: Path) -> None:
     """What the pictures show, for docs/results.md (included from ``path``): when they
     were taken, the pipeline's commit, the tiny params and the two runs' numbers."""
@@ -317,12 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.project:
         take(args.project.resolve(), args.out)
+        take_live(args.project.resolve(), args.out)
         return
     with tempfile.TemporaryDirectory(prefix="attnlab-screens-") as tmp:
         repo = args.keep.resolve() if args.keep else Path(tmp)
         repo.mkdir(parents=True, exist_ok=True)
         make_project(repo, args.rev)
         take(repo, args.out)
+        take_live(repo, args.out)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,17 @@
   state key hashes the experiment's params and the content of every output the
   run records, so a changed param yields a new run (MLflow params are immutable)
   and an unchanged state is never logged twice.
-* A run is logged completely or not at all: on any error it is marked FAILED and
-  deleted.
+* The run is live (:class:`LiveRun`): the stage runner opens it when the first stage
+  of a state starts (found again by the *live key*: the params, the code and the
+  prepared data, :func:`live_key`), training streams per-epoch and system metrics
+  into it, each later stage logs its outputs when it finishes, and ``track`` finishes
+  it (FINISHED) under the state key above. A stage that fails marks it FAILED with the
+  error as the tag ``attnlab.error``, a killed one too (:func:`_stage_died`, from a
+  watcher process); re-running the state resumes it. Metrics that a tracking server
+  does not take (it went down) are kept and sent when it answers again; ``track``
+  logs whatever is still missing from the files.
+* :func:`log_pipeline_run` without a live run logs a state completely or not at all:
+  on any error its run is marked FAILED and deleted.
 """
 from __future__ import annotations
 
@@ -19,11 +28,15 @@ import hashlib
 import json
 import logging
 import os
+import contextlib
+import contextvars
 import re
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -36,6 +49,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from attnlab.io import ServerUnreachable, hash_file, require_tracking_server  # noqa: E402
 
 STATE_TAG = "attnlab.state_key"
+#: The live run's key (params, code, prepared data: :func:`live_key`), set when it opens.
+LIVE_TAG = "attnlab.live_key"
+#: A failed run's error: ``<stage>: <first line of the error>``.
+ERROR_TAG = "attnlab.error"
+#: While a stage logs into the run: ``<stage> (pid <pid>)``.
+RUNNING_TAG = "attnlab.running"
+#: ``attnlab.logged.<artifact dir>``: digest of the directory logged there (:func:`dir_digest`).
+LOGGED_TAG = "attnlab.logged."
 #: MLflow 3's experiment kind (the UI's "Machine learning" vs "GenAI apps & agents").
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 #: The UI's own guesses, which an explicit kind replaces (a user's explicit choice stays).
@@ -230,50 +251,97 @@ def log_pipeline_run(experiment: str, *, params: Mapping[str, Any], metrics: Map
     ``files`` are the outputs whose content (with ``params``) identifies the state;
     the times and the dataset do not enter it. Returns ``(run_id, created)``: an
     identical state returns the existing run and logs nothing.
+
+    Inside a stage that has a live run (:func:`current_run`, opened by the stage runner),
+    that run is completed instead of a new one created: it gets the state key and the
+    tags, and only what it does not hold yet (params not logged, history steps missing,
+    metrics whose value differs, artifact directories whose ``attnlab.logged.<dir>``
+    digest differs), then FINISHED; when another run already holds this state, the live
+    run is deleted and that one returned. An error leaves the live run to the runner (FAILED).
     """
     root = project_root(root)
-    client = MlflowClient(tracking_uri(root))
+    live = current_run()
+    if live is not None and live.experiment != experiment:
+        live = None
+    client = live.client if live is not None else MlflowClient(tracking_uri(root))
     files = list(files)
     key = state_key(params, files)
     exp_id = experiment_id(client, experiment, root)
     found = client.search_runs([exp_id], filter_string=f"tags.`{STATE_TAG}` = '{key}'", max_results=10)
     for run in found:
         if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+            if live is not None and live.run_id != run.info.run_id:
+                live.discard()                 # this state was logged before: its live run is a duplicate
             return run.info.run_id, False
-        client.delete_run(run.info.run_id)   # a crashed earlier attempt
+    for run in found:
+        if live is None or run.info.run_id != live.run_id:
+            client.delete_run(run.info.run_id)   # a crashed earlier attempt
 
     tags = {STATE_TAG: key, **provenance_tags(root, experiment), **_timing_tags(start_time, untimed),
             **{f"attnlab.stage.{stage}": _stage_tag(record) for stage, record in (stages or {}).items()}}
     name = run_name(experiment, tags, changed_params(root, experiment, Path.cwd() / "params.yaml"))
-    run = client.create_run(exp_id, start_time=start_time, run_name=name, tags=tags)
-    run_id = run.info.run_id
+    if live is not None:
+        run_id = live.run_id
+        run = client.get_run(run_id)
+        client.update_run(run_id, name=name)
+    else:
+        run = client.create_run(exp_id, start_time=start_time, run_name=name, tags=tags)
+        run_id = run.info.run_id
     try:
         if dataset is not None:
             client.log_inputs(run_id, datasets=[mlflow.entities.DatasetInput(
                 dataset_entity(dataset, dataset_name or Path(dataset).stem),
                 tags=[mlflow.entities.InputTag("mlflow.data.context", "training")])])
+        have = _HaveSteps(client, run_id) if live is not None else None
         metric_rows = _history_metrics(history, history_step) if history is not None else []
+        if have is not None:                   # the epochs that training streamed are not logged twice
+            metric_rows = [m for m in metric_rows if not have.holds(m.key, m.step)]
         now = int(time.time() * 1000)
-        metric_rows += [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        param_rows = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+        metric_rows += [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                        if run.data.metrics.get(k) != float(v)]
+        param_rows = [mlflow.entities.Param(k, str(v)) for k, v in params.items() if k not in run.data.params]
+        tag_rows = [mlflow.entities.RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(tag_rows), 100):
+            client.log_batch(run_id, tags=tag_rows[i:i + 100])
         for i in range(0, len(param_rows), 100):      # log_batch takes <= 100 params, 1000 metrics
             client.log_batch(run_id, params=param_rows[i:i + 100])
         for i in range(0, len(metric_rows), 1000):
             client.log_batch(run_id, metrics=metric_rows[i:i + 1000])
         for art_dir, path in (artifacts or {}).items():
-            path = Path(path)
-            if path.is_dir():
-                client.log_artifacts(run_id, str(path), art_dir)
-            else:
-                client.log_artifact(run_id, str(path), art_dir)
+            if live is None or run.data.tags.get(LOGGED_TAG + art_dir) != dir_digest(path):
+                _log_artifacts(client, run_id, path, art_dir)
         if model is not None:
             _log_model(client, run_id, model, model_example)
-        client.set_terminated(run_id, "FINISHED", end_time=end_time)
+        if live is not None:
+            live.finish(end_time)
+        else:
+            client.set_terminated(run_id, "FINISHED", end_time=end_time)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        client.delete_run(run_id)
-        raise
+        if live is None:
+            client.set_terminated(run_id, "FAILED")
+            client.delete_run(run_id)
+        raise                                  # a live run: the stage runner marks it FAILED, with the error
     return run_id, True
+
+
+def _log_artifacts(client: MlflowClient, run_id: str, path: str | Path, art_dir: str) -> None:
+    path = Path(path)
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), art_dir)
+    else:
+        client.log_artifact(run_id, str(path), art_dir)
+
+
+class _HaveSteps:
+    """The steps a run holds of each metric (read once per metric, when first asked)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id, self.steps = client, run_id, {}
+
+    def holds(self, key: str, step: int) -> bool:
+        if key not in self.steps:
+            self.steps[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return step in self.steps[key]
 
 
 def _timing_tags(start_time: int | None, untimed: Iterable[str]) -> dict[str, str]:
@@ -501,6 +569,427 @@ def log_artifact_to_runs(run_ids: Iterable[str], path: str | Path, artifact_path
         raise NoSuchRun(f"the MLflow store {uri} has no (active) run {', '.join(missing)}", missing)
     for run_id in run_ids:
         client.log_artifact(run_id, str(path), artifact_path)
+
+
+# --------------------------------------------------------------------------- the live run
+def dir_digest(path: str | Path) -> str:
+    """SHA-256 of a file, or of every file under a directory (relative path and content)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" if path.is_dir() else b"")
+        hash_file(h, f)
+    return h.hexdigest()
+
+
+def code_digest(*dirs: str | Path, package: str | Path | None = None) -> str:
+    """SHA-256 of the Python code that runs the stages: every ``*.py`` under attnlab's
+    package directory (``package``: this one) and under ``dirs`` (e.g. ``stages/``) that
+    exist, by relative path and content."""
+    h = hashlib.sha256()
+    for base in [Path(package or Path(__file__).resolve().parent), *(Path(d) for d in dirs)]:
+        if not base.is_dir():
+            continue
+        for f in sorted(base.rglob("*.py")):
+            if "__pycache__" not in f.parts:
+                h.update(f"{base.name}/{f.relative_to(base).as_posix()}".encode() + b"\0")
+                hash_file(h, f)
+    return h.hexdigest()
+
+
+def live_key(params: Mapping[str, Any], code: str, files: Iterable[str | Path]) -> str:
+    """The key that finds a pipeline state's live run from its first stage on, before any
+    output exists: sha256 of ``params``, the ``code`` digest (:func:`code_digest`) and
+    the content of ``files`` (the prepared data), each file by its name, so the same
+    state in another directory (a DVC queue's copy) has the same key."""
+    h = hashlib.sha256(json.dumps([dict(params), code], sort_keys=True, default=str).encode())
+    for path in sorted(Path(p) for p in files):
+        h.update(path.name.encode() + b"\0")
+        hash_file(h, path)
+    return h.hexdigest()
+
+
+_CURRENT: contextvars.ContextVar["LiveRun | None"] = contextvars.ContextVar("attnlab_live_run", default=None)
+
+
+def current_run() -> "LiveRun | None":
+    """The live run the running stage logs into (set by the stage runner), or None."""
+    return _CURRENT.get()
+
+
+def _short(err: BaseException) -> str:
+    """One short line saying why a call to the store failed."""
+    text = str(err)
+    found = re.search(r"is not reachable \((.*?)\)", text)
+    if found:
+        return found.group(1)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}"[:200]
+
+
+class _Sender:
+    """Sends metrics to a run from a thread of its own, so training never waits for the
+    store; what the store does not take (a server that went down) is kept and sent again
+    every ``retry`` seconds, and the first failure is said in one line on stderr."""
+
+    def __init__(self, live: "LiveRun", retry: float = 5.0):
+        self.live, self.retry = live, retry
+        self.pending: list[tuple[Metric, bool]] = []     # (metric, skip if the run holds its step)
+        self.lock = threading.Lock()
+        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.failed_at: float | None = None
+        self.deadline = 0.0
+        self.have: _HaveSteps | None = None
+        self.thread = threading.Thread(target=self._loop, name="attnlab-mlflow-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, metrics: Iterable[Metric], *, once_per_step: bool = False) -> None:
+        with self.lock:
+            self.pending.extend((m, once_per_step) for m in metrics)
+        self.wake.set()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(self.retry if self.failed_at is not None else None)
+            self.wake.clear()
+            self.send()
+        while not self.send(force=True) and time.monotonic() + 1.0 < self.deadline:
+            time.sleep(min(self.retry, 1.0))   # closing: keep trying until the deadline
+
+    def send(self, force: bool = False) -> bool:
+        """Send what is pending; False when something is still pending."""
+        with self.lock:
+            batch = list(self.pending)
+        if not batch:
+            return True
+        if not force and self.failed_at is not None and time.monotonic() - self.failed_at < self.retry:
+            return False
+        live = self.live
+        try:
+            require_tracking_server(live.uri, timeout=2.0)     # a dead server: seconds, not MLflow's retries
+            if self.have is None:
+                self.have = _HaveSteps(live.client, live.run_id)
+            rows = [m for m, once in batch if not (once and self.have.holds(m.key, m.step))]
+            for i in range(0, len(rows), 1000):
+                live.client.log_batch(live.run_id, metrics=rows[i:i + 1000])
+                for m in rows[i:i + 1000]:
+                    self.have.steps.setdefault(m.key, set()).add(m.step)
+        except Exception as err:               # noqa: BLE001 - the store's trouble never stops training
+            self.failed_at = time.monotonic()
+            live.trouble(err)
+            return False
+        with self.lock:
+            del self.pending[:len(batch)]
+            left = bool(self.pending)
+        self.failed_at = None
+        return not left
+
+    def close(self, timeout: float) -> bool:
+        """Stop after one last attempt (within ``timeout`` s); True when everything was sent."""
+        self.deadline = time.monotonic() + timeout
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout + 3.0)
+        with self.lock:
+            return not self.thread.is_alive() and not self.pending
+
+
+class _SystemMetrics:
+    """MLflow's own system-metrics monitors (CPU, memory, disk, network; GPU when
+    ``pynvml`` finds one) sampled every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    seconds (MLflow's variable; default 10), once more when stopped, and sent as
+    ``system/*`` metrics through the run's sender (steps continue the run's)."""
+
+    def __init__(self, live: "LiveRun", interval: float = 10.0):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        self.live = live
+        try:
+            self.monitor = SystemMetricsMonitor(live.run_id, sampling_interval=interval, resume_logging=True,
+                                                tracking_uri=live.uri)
+        except Exception as err:               # noqa: BLE001 - no step to continue from: the store is down
+            live.trouble(err)
+            self.monitor = SystemMetricsMonitor(live.run_id, sampling_interval=interval, tracking_uri=live.uri)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="attnlab-system-metrics", daemon=True)
+        self.thread.start()
+
+    def _clear(self) -> None:
+        for m in self.monitor.monitors:
+            m.clear_metrics()
+
+    def _sample(self) -> None:
+        self.monitor.collect_metrics()
+        values = self.monitor.aggregate_metrics()
+        self._clear()
+        now, step = int(time.time() * 1000), self.monitor._logging_step
+        self.monitor._logging_step += 1
+        self.live.sender.put([Metric(f"system/{k}", float(v), now, step) for k, v in values.items()])
+
+    def _loop(self) -> None:
+        self.monitor.collect_metrics()         # primes psutil's CPU reading (per thread; its first is 0)
+        self._clear()
+        while not self.stop_event.wait(float(self.monitor.sampling_interval)):
+            self._sample()
+        self._sample()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+#: The watcher of a stage process: waits for the stage to say "done" on its stdin; an end
+#: of file without it means the stage died (SIGKILL, out of memory): the run is marked FAILED.
+_WATCHER = """import sys
+if sys.stdin.read() != "done":
+    from attnlab.tracking import _stage_died
+    _stage_died(*sys.argv[1:])
+"""
+
+
+def _stage_died(uri: str, run_id: str, stage: str, pid: str) -> None:
+    """Mark ``run_id`` FAILED if the stage process ``pid`` was still the one logging into it."""
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    if run.info.status == "RUNNING" and run.data.tags.get(RUNNING_TAG) == f"{stage} (pid {pid})":
+        client.set_tag(run_id, ERROR_TAG, f"{stage}: the stage process (pid {pid}) ended without finishing "
+                                          "(killed: SIGKILL, SIGTERM, out of memory...)")
+        client.delete_tag(run_id, RUNNING_TAG)
+        client.set_terminated(run_id, "FAILED")
+
+
+class LiveRun:
+    """A pipeline state's MLflow run as one stage process logs into it (:func:`open_live_run`).
+
+    Metrics go through a sender thread (:meth:`log_metrics`, :meth:`log_epoch`), so a
+    store that is slow or down never stops the stage; artifacts and the end of the
+    stage (:meth:`log_outputs`, :meth:`end_stage`, :meth:`fail`) are best effort: what
+    fails is said once on stderr and left to the track stage, which logs whatever the
+    run does not hold yet."""
+
+    def __init__(self, client: MlflowClient, run_id: str, experiment: str, stage: str):
+        self.client, self.run_id, self.experiment, self.stage = client, run_id, experiment, stage
+        self.uri = client.tracking_uri
+        self.said = False
+        self.closed = False
+        self.sender = _Sender(self, retry=float(os.environ.get("ATTNLAB_LIVE_RETRY", "5")))
+        self.system: _SystemMetrics | None = None
+        self.watcher: subprocess.Popen | None = None
+
+    def trouble(self, err: BaseException) -> None:
+        """Say once, in one line on stderr, that the store is not taking what this stage logs."""
+        if not self.said:
+            from tqdm.auto import tqdm
+
+            self.said = True                   # tqdm.write: on a line of its own, above a progress bar
+            tqdm.write(f"{self.stage}: MLflow ({self.uri}) is not answering ({_short(err)}); {self.stage} goes on, "
+                       "its metrics are kept and sent when it answers again, and the track stage logs "
+                       "whatever is still missing", file=sys.stderr)
+
+    # ---------------------------------------------------------------- metrics
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, timestamp: int | None = None) -> None:
+        now = int(time.time() * 1000) if timestamp is None else timestamp
+        self.sender.put([Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+    def log_epoch(self, row: Mapping[str, Any], step_key: str = "epoch") -> None:
+        """One row of a training history (``{"epoch": 3, "train_loss": ...}``), step = epoch,
+        timestamp = now; a step the run already holds (a resumed training) is not logged again."""
+        now = int(time.time() * 1000)
+        step = int(row[step_key])
+        self.sender.put([Metric(str(k), float(v), now, step) for k, v in row.items()
+                         if k != step_key and isinstance(v, (int, float)) and v == v], once_per_step=True)
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        """While the block runs (training): system metrics are sampled (:meth:`system_metrics`)
+        and a call to a tracking server fails at once when it does not answer, instead of
+        MLflow's retries for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and a 10 s
+        ``MLFLOW_HTTP_REQUEST_TIMEOUT``, unless set): the sender keeps the metrics and
+        tries again every few seconds. Only the sender talks to the store meanwhile."""
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            with self.system_metrics():
+                yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    @contextlib.contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """Sample system metrics while the block runs (default every 10 s; a sample at the end)."""
+        try:
+            self.system = _SystemMetrics(self)
+        except Exception as err:               # noqa: BLE001 - e.g. psutil missing: training goes on
+            print(f"{self.stage}: no system metrics ({_short(err)})", file=sys.stderr)
+            self.system = None
+        try:
+            yield
+        finally:
+            if self.system is not None:
+                self.system.stop()
+                self.system = None
+
+    # ---------------------------------------------------------------- outputs and status
+    def _best_effort(self, what: Callable[[], Any]) -> bool:
+        try:
+            what()
+            return True
+        except Exception as err:               # noqa: BLE001
+            self.trouble(err)
+            return False
+
+    def log_outputs(self, *, metrics: Mapping[str, float] | None = None,
+                    artifacts: Mapping[str, str | Path] | None = None) -> None:
+        """A finished stage's metrics (step 0) and artifact directories (each tagged
+        ``attnlab.logged.<dir>`` with its digest, so track does not upload it again)."""
+        if metrics:
+            self.log_metrics(metrics)
+        for art_dir, path in (artifacts or {}).items():
+            if Path(path).exists():
+                digest = dir_digest(path)
+                if self._best_effort(lambda: _log_artifacts(self.client, self.run_id, path, art_dir)):
+                    self._best_effort(lambda: self.client.set_tag(self.run_id, LOGGED_TAG + art_dir, digest))
+
+    def _flush(self, timeout: float) -> bool:
+        sent = self.sender.close(timeout)
+        if not sent:
+            self.trouble(TimeoutError(f"metrics not sent within {timeout:g} s"))
+        return sent
+
+    def end_stage(self) -> None:
+        """The stage succeeded: send what is pending; the run waits for the state's next
+        stage as SCHEDULED (RUNNING means a stage is running)."""
+        if self.closed:
+            return
+        self._flush(float(os.environ.get("ATTNLAB_LIVE_FLUSH", "20")))
+        self._best_effort(lambda: self.client.delete_tag(self.run_id, RUNNING_TAG))
+        self._best_effort(lambda: self.client.update_run(self.run_id, status="SCHEDULED"))
+        self._close()
+
+    def fail(self, message: str) -> None:
+        """The stage failed: the run is FAILED, with ``<stage>: <message>`` as tag ``attnlab.error``."""
+        if self.closed:
+            return
+        self._flush(5.0)
+        self._best_effort(lambda: self.client.log_batch(self.run_id, tags=[
+            mlflow.entities.RunTag(ERROR_TAG, f"{self.stage}: {message}"[:5000])]))
+        self._best_effort(lambda: self.client.delete_tag(self.run_id, RUNNING_TAG))
+        self._best_effort(lambda: self.client.set_terminated(self.run_id, "FAILED"))
+        self._close()
+
+    def finish(self, end_time: int | None) -> None:
+        """The track stage: the run is complete (FINISHED at ``end_time``)."""
+        if not self._flush(float(os.environ.get("ATTNLAB_LIVE_FLUSH", "20"))):
+            raise RuntimeError(f"MLflow ({self.uri}) did not take the metrics of run {self.run_id}")
+        self.client.delete_tag(self.run_id, RUNNING_TAG)
+        self.client.set_terminated(self.run_id, "FINISHED", end_time=end_time)
+        self._close()
+
+    def discard(self) -> None:
+        """This state was logged before by another run: this one is deleted."""
+        self.sender.close(5.0)
+        self.client.delete_tag(self.run_id, RUNNING_TAG)
+        self.client.set_terminated(self.run_id, "KILLED")
+        self.client.delete_run(self.run_id)
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.watcher is not None and self.watcher.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.watcher.stdin.write(b"done")
+                self.watcher.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.watcher.wait(5)
+
+    def _watch(self) -> None:
+        """Start the watcher process that marks the run FAILED if this process dies."""
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH"))
+                                                           if p)}
+        self.watcher = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, self.uri, self.run_id, self.stage, str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            start_new_session=True)           # a signal to the stage's process group spares it
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["LiveRun"]:
+        """The block's :func:`current_run`."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+
+def _supersede(client: MlflowClient, exp_id: str, exp_name: str, new: str) -> None:
+    """Runs of the same experiment and DVC experiment name (the workspace's, or one queued
+    experiment's) that wait for their next stage (SCHEDULED) will not get it: the state
+    changed (params, code or data edited between stages). They end KILLED, with a tag
+    naming the run that took over; running that state again resumes them."""
+    query = f"attributes.status = 'SCHEDULED' and tags.`dvc.exp_name` = '{exp_name}'"
+    for run in client.search_runs([exp_id], query, max_results=100):
+        if run.info.run_id != new:
+            client.set_tag(run.info.run_id, ERROR_TAG, f"superseded by run {new}: the pipeline state changed "
+                                                       "before this one's track stage")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def open_live_run(experiment: str, *, key: str, params: Mapping[str, Any], stage: str,
+                  start_time: int | Callable[[], int | None] | None = None, params_file: str | Path = "params.yaml",
+                  root: Path | None = None) -> LiveRun | None:
+    """Open the live run of the pipeline state ``key`` (:func:`live_key`) for ``stage``.
+
+    The run of that key is resumed (RUNNING again, its error tag removed) when it is
+    RUNNING or FAILED; else a new run is created RUNNING, with ``start_time`` (ms, or a
+    function giving it, called only then: the state's first stage), the provenance tags, the run name of :func:`run_name` and
+    ``params`` (logged once). None when the state's run is already FINISHED (an unchanged
+    state is not logged twice: the track stage decides). Two processes that create the
+    run of one key at once keep the older run and delete the other."""
+    root = project_root(root)
+    client = MlflowClient(tracking_uri(root))
+    exp_id = experiment_id(client, experiment, root)
+    query = f"tags.`{LIVE_TAG}` = '{key}'"
+
+    def runs() -> list:
+        found = client.search_runs([exp_id], query, max_results=50)
+        return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    found = runs()
+    if any(r.info.status == "FINISHED" for r in found):
+        return None
+    if not found:
+        tags = {LIVE_TAG: key, **provenance_tags(root, experiment)}
+        name = run_name(experiment, tags, changed_params(root, experiment, params_file))
+        start = start_time() if callable(start_time) else start_time
+        mine = client.create_run(exp_id, start_time=start, run_name=name, tags=tags).info.run_id
+        param_rows = [mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(param_rows), 100):
+            client.log_batch(mine, params=param_rows[i:i + 100])
+        found = runs()
+        if not any(r.info.run_id == mine for r in found):
+            found.append(client.get_run(mine))
+        _supersede(client, exp_id, tags["dvc.exp_name"], mine)
+    run, *others = found
+    for other in others:                       # a race (or an older duplicate): one run per state
+        if other.info.status != "FINISHED":
+            client.set_terminated(other.info.run_id, "KILLED")
+            client.delete_run(other.info.run_id)
+    run_id = run.info.run_id
+    if run.info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    if ERROR_TAG in run.data.tags:
+        client.delete_tag(run_id, ERROR_TAG)
+    client.set_tag(run_id, RUNNING_TAG, f"{stage} (pid {os.getpid()})")
+    live = LiveRun(client, run_id, experiment, stage)
+    live._watch()
+    return live
 
 
 def main() -> None:

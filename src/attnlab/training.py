@@ -23,6 +23,7 @@ import contextvars
 import glob
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -50,6 +51,40 @@ def _plain(model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- resuming
 _RESUME: contextvars.ContextVar[tuple[Path, str] | None] = contextvars.ContextVar("attnlab_resume", default=None)
+
+
+# --------------------------------------------------------------------------- live metrics
+_ON_EPOCH: contextvars.ContextVar[Callable[[dict[str, Any]], None] | None] = contextvars.ContextVar(
+    "attnlab_on_epoch", default=None)
+
+
+@contextlib.contextmanager
+def on_epoch(callback: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Inside the block, :func:`fit_classifier` and :func:`fit_lm` call ``callback(row)``
+    with each epoch's history row (``{"epoch": 3, "train_loss": ..., ...}``) as soon as
+    the epoch ends (process 0 only under torchrun), and with the rows of the epochs a
+    resumed training restored first. The stage runner streams them to MLflow."""
+    token = _ON_EPOCH.set(callback)
+    try:
+        yield
+    finally:
+        _ON_EPOCH.reset(token)
+
+
+def _report(rows: list[dict[str, Any]]) -> None:
+    """Hand ``rows`` to the :func:`on_epoch` callback; ``ATTNLAB_SLOW_EPOCH=<seconds>``
+    makes every epoch last at least that long (a demonstration or a test of live metrics
+    on a tiny model; nothing else changes)."""
+    callback = _ON_EPOCH.get()
+    if callback is not None and distributed.is_main():
+        for row in rows:
+            callback(dict(row))
+
+
+def _pace(started: float) -> None:
+    slow = float(os.environ.get("ATTNLAB_SLOW_EPOCH") or 0)
+    if slow > 0:
+        time.sleep(max(0.0, slow - (time.monotonic() - started)))
 
 
 @contextlib.contextmanager
@@ -180,7 +215,9 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_train) // cfg.batch_size))
     loop = _Loop(model, opt, sched, gen)
     done, rows = loop.restore()
+    _report(rows)
     for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not (progress and distributed.is_main())):
+        started = time.monotonic()
         model.train()
         losses, correct = [], 0
         for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
@@ -204,6 +241,8 @@ def fit_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tenso
                      "train_accuracy": int(correct) / len(x_train),
                      **{f"test_{k}": v for k, v in test.items()}})
         loop.save(epoch, rows)
+        _pace(started)
+        _report(rows[-1:])
     import pandas as pd
 
     return pd.DataFrame(rows)
@@ -289,7 +328,9 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
     sched = make_schedule(opt, cfg, steps_per_epoch=-(-len(x_tr) // cfg.batch_size))
     loop = _Loop(model, opt, sched, gen)
     done, rows = loop.restore()
+    _report(rows)
     for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc="train", disable=not (progress and distributed.is_main())):
+        started = time.monotonic()
         model.train()
         seen = {"loss": 0.0, "accuracy": 0.0, "n": 0}
         for idx in torch.randperm(len(x_tr), generator=gen).split(cfg.batch_size):
@@ -317,6 +358,8 @@ def fit_lm(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tup
                                                       sharded=True)["accuracy"]
         rows.append(row)
         loop.save(epoch, rows)
+        _pace(started)
+        _report(rows[-1:])
     import pandas as pd
 
     return pd.DataFrame(rows)

@@ -20,6 +20,14 @@ temporary directory and the others write into it only what process 0 merges
 (:mod:`attnlab.distributed`).
 
 A stage that succeeds records when it ran (:func:`~attnlab.pipeline.timing.record_timing`).
+
+Live MLflow runs (docs/mlflow.md, "Live runs"): every stage after ``prepare`` opens (or
+resumes) its pipeline state's run (:func:`attnlab.tracking.open_live_run`, found by the
+state's live key: params, code, prepared data), on process 0 only under torchrun; train
+streams its epochs and system metrics into it, each stage logs its outputs when it
+succeeds (:data:`LIVE_ARTIFACTS`) and leaves the run SCHEDULED for the next one, a stage
+that fails marks it FAILED with the error line (:func:`error_line`), and track finishes
+it. Live logging never fails a stage: a store that does not answer is said in one line.
 """
 from __future__ import annotations
 
@@ -89,18 +97,131 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
                   file=sys.stderr)
     root = Path(args.data) / args.experiment
     if not parallel or distributed.is_main():  # under torchrun only process 0 writes the outputs
-        with atomic_dir(root / name) as out:
-            if parallel:
-                distributed.broadcast(str(out))
-            yield StageContext(name, experiment, cfg, Layout(root, writing=(name, out)))
-            if parallel:
-                distributed.barrier()          # every process done before the directory is renamed
-        record_timing(Layout(root), name, start_ms, now_ms(),     # only a stage that succeeded
-                      processes=distributed.world_size() if parallel else 1)
+        live = _open_live(name, args.experiment, experiment, cfg, Layout(root), start_ms, args.params)
+        with contextlib.ExitStack() as watching:
+            if live is not None:
+                watching.enter_context(live.active())
+                watching.enter_context(_failing(live))
+                if name == "train":            # per-epoch and system metrics while it trains
+                    from attnlab.training import on_epoch
+
+                    watching.enter_context(on_epoch(live.log_epoch))
+                    watching.enter_context(live.streaming())
+            with atomic_dir(root / name) as out:
+                if parallel:
+                    distributed.broadcast(str(out))
+                yield StageContext(name, experiment, cfg, Layout(root, writing=(name, out)))
+                if parallel:
+                    distributed.barrier()      # every process done before the directory is renamed
+            record_timing(Layout(root), name, start_ms, now_ms(),     # only a stage that succeeded
+                          processes=distributed.world_size() if parallel else 1)
+        if live is not None:
+            _log_stage_outputs(live, name, Layout(root))
     else:
         out = Path(distributed.broadcast(None))
         yield StageContext(name, experiment, cfg, Layout(root, writing=(name, out)))
         distributed.barrier()
+
+
+#: What each stage logs into the live run when it succeeds: artifact directory -> stage
+#: directory (track logs the model, the checkpoint and the dataset, and finishes the run).
+LIVE_ARTIFACTS = {"extract": {"attention": "extract"}, "aggregate": {"aggregate": "aggregate"},
+                  "explain": {"explain": "explain"}, "evaluate": {"evaluate": "evaluate"},
+                  "report": {"report": "report"}}
+
+
+def live_enabled(data_root: Path) -> bool:
+    """Whether stages log into a live MLflow run: not when ``ATTNLAB_LIVE=0``, nor into a
+    SQLite store that does not exist yet (``make store`` creates it once, before stages
+    may run in parallel; until then ``track`` logs each state whole, as it creates the
+    store); with ``MLFLOW_TRACKING_URI`` set, always; with the project's own store, when
+    the data directory is inside the project (a test's data elsewhere never logs into
+    the project's store)."""
+    from attnlab.tracking import _missing_sqlite, project_root, tracking_uri
+
+    if os.environ.get("ATTNLAB_LIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if _missing_sqlite(tracking_uri()):
+        return False
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return True
+    return project_root() in [data_root.resolve(), *data_root.resolve().parents]
+
+
+def _open_live(name: str, instance: str, experiment: Any, cfg: Any, lay: Layout, start_ms: int,
+               params_file: str) -> Any:
+    """The state's live run (:func:`attnlab.tracking.open_live_run`) for every stage after
+    ``prepare`` (whose outputs are part of the state's key), or None: not enabled, no
+    prepared data yet (the stage will say so), the state already logged, or a store that
+    fails (one line on stderr; the track stage logs everything at the end as before)."""
+    if name == "prepare" or not live_enabled(lay.root) or not (lay.dataset.is_file() and lay.meta.is_file()):
+        return None
+    from attnlab.config import flatten
+    from attnlab.pipeline.timing import stage_records, stage_times
+
+    try:
+        import attnlab.tracking as tracking
+
+        params = flatten(cfg) | ({"kind": experiment.name} if experiment.name != instance else {})
+        key = tracking.live_key({**params, "device": str(getattr(cfg, "_device", ""))},
+                                tracking.code_digest(Path("stages")), [lay.dataset, lay.meta])
+
+        def start_time() -> int:               # the state's start: its earliest stage still in place
+            upstream = [s for s in STAGES[:STAGES.index(name)] if lay.dir(s).is_dir()]
+            first, _, _ = stage_times(stage_records(lay, upstream))
+            return min(start_ms, first or start_ms)
+
+        return tracking.open_live_run(instance, key=key, params=params, stage=name, start_time=start_time,
+                                      params_file=params_file)
+    except Exception as err:                   # noqa: BLE001 - live logging never stops a stage
+        line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"{name}: no live MLflow run ({type(err).__name__}: {line[:200]}); the track stage logs the state",
+              file=sys.stderr)
+        return None
+
+
+def error_line(err: BaseException) -> str:
+    """The first line of what ended a stage: ``DataError: ...`` (also behind the
+    ``SystemExit(2)`` that reports it), ``KeyboardInterrupt``, ``exit status 2``."""
+    if isinstance(err, SystemExit) and err.__context__ is not None:
+        err = err.__context__
+    if isinstance(err, SystemExit):
+        return f"exit status {err.code}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _failing(live: Any) -> Iterator[None]:
+    """Mark the live run FAILED, with the error line, when the block raises (or exits)."""
+    try:
+        yield
+    except BaseException as err:
+        live.fail(error_line(err))
+        raise
+
+
+def _log_stage_outputs(live: Any, name: str, lay: Layout) -> None:
+    """A succeeded stage's outputs into the live run: train's final metrics
+    (``final.*``), evaluate's (``evaluate.*``) and the stage directories of
+    :data:`LIVE_ARTIFACTS`; then the run waits for the next stage."""
+    import attnlab.tracking as tracking
+    import attnlab.io as io
+
+    if live.closed:
+        return
+    if name == "track":                        # its body finished the run (or found it logged before)
+        live.fail("the track stage ended without finishing the run")
+        return
+    metrics: dict[str, float] = {}
+    try:
+        if name == "train" and lay.train_metrics.is_file():
+            metrics = tracking.flat_metrics(io.read_json(lay.train_metrics), "final")
+        elif name == "evaluate" and lay.metrics.is_file():
+            metrics = tracking.flat_metrics(io.read_json(lay.metrics), "evaluate")
+        live.log_outputs(metrics=metrics, artifacts={a: lay.dir(s) for a, s in LIVE_ARTIFACTS.get(name, {}).items()})
+    finally:
+        live.end_stage()
 
 
 def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> None:

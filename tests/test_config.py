@@ -181,7 +181,8 @@ BAD_PARAMS = [   # (a change to a valid file, the exact one-line message after "
     ("top_k 0", ("tokens", "aggregate", "top_k", 0), "tokens.aggregate.top_k: Input should be greater than 0 (got 0)"),
     ("unknown method", ("motion", "explain", "methods", ["rolout"]),
      "motion.explain.methods: unknown method 'rolout'; accepted for sequence items: raw, received, rollout, "
-     "grad_rollout, flow, norm, norm_rollout, input_x_gradient, integrated_gradients"),
+     "grad_rollout, flow, norm, norm_rollout, input_x_gradient, integrated_gradients, alti, attnlrp, value_zeroing, "
+     "knockout"),
     ("sanity threshold 0", ("motion", "evaluate", "sanity", {"threshold": 0}),
      "motion.evaluate.sanity.threshold: Input should be greater than 0 (got 0)"),
     ("sanity key misspelt", ("motion", "evaluate", "sanity", {"sample": 4}),

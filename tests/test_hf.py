@@ -584,8 +584,12 @@ def test_video_pipeline_with_hf_timesformer(tmp_path):
     v["prepare"].update(n_train=48, n_test=12, frames=4, size=16, patch=8, scale=1)
     v["model"].update(arch="hf_timesformer", d_model=16, nhead=2)
     v["train"].update(epochs=1, batch_size=16)
+    from attnlab import methods
+
+    refused = [m for m in v["explain"]["methods"] if "video:hf_timesformer" in methods.get(m).unsupported]
+    assert refused == ["alti", "attnlrp", "value_zeroing"]       # no rules for HF's layers (refused by params)
     v["explain"].update(ig_steps=2, examples=1, batch_size=8,     # no norms from HF modules (refused by params)
-                        methods=[m for m in v["explain"]["methods"] if not m.startswith("norm")])
+                        methods=[m for m in v["explain"]["methods"] if not m.startswith("norm") and m not in refused])
     v["evaluate"].update(steps=3)
     v["report"].update(examples=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -114,6 +114,16 @@ def test_a_method_that_cannot_explain_a_kinds_models_is_refused_when_params_load
         methods.unregister("no_conv_rule")
 
 
+def test_methods_without_rules_for_hugging_faces_timesformer_are_refused_for_it():
+    for method in ("alti", "attnlrp"):
+        with pytest.raises(ConfigError, match=rf"video: explain\.methods: method '{method}' cannot explain "
+                                              r"model\.arch 'hf_timesformer': no .* TimeSformer"):
+            parse_params({"experiments": ["video"], "video": {"model": {"arch": "hf_timesformer"},
+                                                              "explain": {"methods": ["rollout", method]}}})
+        divided = parse_params({"experiments": ["video"], "video": {"explain": {"methods": ["rollout", method]}}})
+        assert divided.video.explain.methods == ["rollout", method]
+
+
 def test_default_methods_come_from_the_registry(magnitude):
     cfg = parse_params({"experiments": ["video"], "video": {}}).video
     assert cfg.explain.methods == [m.name for m in methods.registry().values()

@@ -174,6 +174,18 @@ class AttentionRecorder:
             Gradients and norms are kept for the same heads and rows (norms are over
             every head, as defined, so they take ``rows`` only and no ``heads``).
             The model computes what it always does: selection affects only what is kept.
+        edit: an intervention on the probabilities, ``edit(name, call, probs_bhqk) ->
+            probs_bhqk``: called on every attention call (``name`` the module's name,
+            ``call`` its index in call order as in ``layers``; ``probs_bhqk`` the
+            ``[B, H, Lq, Lk]`` softmax probabilities, batch-first as recorded) after they
+            are recorded and before dropout and the product with the values; the module
+            continues with what it returns (same shape). What is recorded is the
+            probabilities before the edit. With an edit, ``nn.MultiheadAttention`` always
+            takes the explicit path (the fused kernel computes its output before the
+            probabilities are seen). This is how interventions are made: value zeroing
+            (a key's column set to 0) or attention knockout (edges removed and rows
+            renormalised), see :mod:`attnlab.explain.interventions`. Default None: the
+            model computes exactly what it computes without it.
 
     Raises:
         ValueError: on entry: ``model`` has no recordable module; a name in ``modules``
@@ -209,7 +221,8 @@ class AttentionRecorder:
     def __init__(self, model: nn.Module, *, modules: Iterable[str] | str | None = None,
                  keep_grad: bool = False, keep_norms: bool = False,
                  layers: Iterable[int] | str | None = None, heads: Iterable[int] | str | None = None,
-                 rows: Iterable[int] | str | None = None):
+                 rows: Iterable[int] | str | None = None,
+                 edit: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(keep_grad, bool):
@@ -231,6 +244,10 @@ class AttentionRecorder:
         if self.heads != "all" and keep_norms:
             raise ValueError(f"heads={heads!r} with keep_norms=True: norms are taken over every head; "
                              "select heads or record norms, not both")
+        if edit is not None and not callable(edit):
+            raise TypeError(f"edit must be None or a callable edit(name, call, probs_bhqk) -> probs_bhqk, "
+                            f"got {type(edit).__name__}")
+        self.edit = edit
         self.model = model
         self.keep_grad = keep_grad
         self.keep_norms = keep_norms
@@ -310,8 +327,9 @@ class AttentionRecorder:
 
         def forward(query, key, value, key_padding_mask=None, need_weights=True,
                     attn_mask=None, average_attn_weights=True, is_causal=False):
-            # the fused kernel gives the probabilities but no graph through them, nor values
-            if not self.keep_norms and not (self.keep_grad and torch.is_grad_enabled()):
+            # the fused kernel gives the probabilities but no graph through them, nor values,
+            # and has computed its output before an edit could change them
+            if self.edit is None and not self.keep_norms and not (self.keep_grad and torch.is_grad_enabled()):
                 fused = _mha_fused(mha, record, query, key, value, key_padding_mask,
                                    need_weights, attn_mask, average_attn_weights, is_causal)
                 if fused is not None:
@@ -382,8 +400,11 @@ class AttentionRecorder:
             # (computed only here, with keep_norms, so recording without it costs nothing)
             self._recorded += 1
             call, self._n_calls = self._n_calls, self._n_calls + 1
-            if not self._may_keep(call):
-                return probs
+            if self._may_keep(call):
+                probs = keep_entry(call, probs, values)
+            return probs if self.edit is None else self._edited(name, call, probs)
+
+        def keep_entry(call: int, probs: torch.Tensor, values) -> torch.Tensor:
             take = functools.partial(take_heads_rows, heads=self.heads, rows=self.rows, key=name)
             if self.keep_norms:
                 if callable(values):
@@ -410,6 +431,14 @@ class AttentionRecorder:
             return probs
 
         return record
+
+    def _edited(self, name: str, call: int, probs: torch.Tensor) -> torch.Tensor:
+        out = self.edit(name, call, probs)
+        if not isinstance(out, torch.Tensor) or out.shape != probs.shape:
+            raise ValueError(f"edit({name!r}, {call}, probs) returned "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}; "
+                             f"expected a tensor shaped like probs {tuple(probs.shape)}")
+        return out
 
     def _may_keep(self, call: int) -> bool:
         """Whether call ``call`` can be among the selected ``layers`` (a negative index

@@ -194,6 +194,20 @@ class Sanity(Section):
     independent: bool = True                   # also randomise each block alone (not only cascading)
 
 
+class Knockout(Section):
+    """The knockout diagnostic (:mod:`attnlab.evaluate.knockout`): per layer and head, the
+    explained rows' attention to the top-``k`` items of ``method`` blocked vs ``k`` random items."""
+
+    samples: int | None = Field(32, ge=0)      # explained samples (spread over them) knocked out (0/null: off)
+    k: int = Field(3, gt=0)                    # items whose incoming edges are blocked
+    method: str | None = None                  # whose top-k (one of explain.methods; null: rollout if listed,
+                                               # else the first listed)
+
+    def chosen(self, methods: list[str]) -> str | None:
+        """``method``, or with none given rollout if among ``methods``, else the first of them."""
+        return self.method or ("rollout" if "rollout" in methods else (methods[0] if methods else None))
+
+
 class Evaluate(Section):
     steps: int | None = Field(None, gt=1)      # fractions on the deletion/insertion curves (None: every item)
     seed: int = 0                              # random-baseline importance
@@ -206,6 +220,7 @@ class Evaluate(Section):
 
 class ClassifierEvaluate(Evaluate):
     ablation: bool = True                      # head importance by zeroing each head
+    knockout: Knockout = Knockout()            # does the attention the explanation points at carry the prediction?
     debiased: bool = True                      # also ROAD deletion (interpolated + noise)
     road_noise: float = Field(0.1, ge=0.0)     # ROAD noise std, as a fraction of the inputs' std
 
@@ -291,6 +306,7 @@ class TokensExplain(MethodsSection, SequenceOptions):
 class TokensEvaluate(Evaluate):
     steps: int | None = Field(9, gt=1)         # points on the curves (None: one per token)
     batch_size: int = Field(256, gt=0)
+    knockout: Knockout = Knockout()            # does the attention the explanation points at carry the prediction?
 
 
 class TokensReport(Report):
@@ -380,6 +396,11 @@ class VideoParams(ClassifierParams):
             raise ValueError(f"explain.methods: {needs_norms[0]!r} needs norm-aware attention, which the recorder "
                              "does not take from Hugging Face's TimeSformer (only from nn.MultiheadAttention and "
                              "AttentionProbs markers); remove it or use model.arch 'divided'")
+        for m in self.explain.methods:          # a method's refusal of one architecture: "video:<arch>"
+            why = method_registry.get(m).unsupported.get(f"video:{self.model.arch}")
+            if why is not None:
+                raise ValueError(f"explain.methods: method {m!r} cannot explain model.arch "
+                                 f"{self.model.arch!r}: {why}; remove it or use model.arch 'divided'")
         return self
 
 
@@ -687,7 +708,23 @@ def _instance(name: str, data: Any) -> tuple[str, Section]:
         else:                                  # the defaults: those that can explain this kind's models
             kept = [m for m in explain.methods if kind not in method_registry.get(m).unsupported]
             section = section.model_copy(update={"explain": explain.model_copy(update={"methods": kept})})
+        section = _knockout_method(name, section)
     return kind, section
+
+
+def _knockout_method(name: str, section: Section) -> Section:
+    """``evaluate.knockout.method`` resolved (null: rollout if listed, else the first of
+    ``explain.methods``) and checked to be one of ``explain.methods``."""
+    evaluate, explain = getattr(section, "evaluate", None), getattr(section, "explain", None)
+    knockout = getattr(evaluate, "knockout", None)
+    if knockout is None or not isinstance(explain, MethodsSection) or not explain.methods:
+        return section
+    method = knockout.chosen(explain.methods)
+    if method not in explain.methods:
+        raise ValueError(f"{name}.evaluate.knockout.method: {method!r} is not among {name}.explain.methods "
+                         f"({', '.join(explain.methods)}); pick one of them or set knockout.samples: 0")
+    knockout = knockout.model_copy(update={"method": method})
+    return section.model_copy(update={"evaluate": evaluate.model_copy(update={"knockout": knockout})})
 
 
 def _one_line(err: ValidationError, prefix: str = "") -> str:

@@ -30,6 +30,9 @@ divided space-time attention), ``streams`` (the channel groups of a multi-stream
 Importing this package does not import torch (each method imports its maths when it runs).
 """
 from attnlab.methods import builtin  # noqa: F401  registers the built-in methods
+from attnlab.methods import alti  # noqa: F401  registers alti (Ferrando et al., 2022)
+from attnlab.methods import lrp  # noqa: F401  registers attnlrp (Achtibat et al., 2024)
+from attnlab.methods import interventions  # noqa: F401  registers value_zeroing and knockout
 from attnlab.methods.registry import (ITEM_KINDS, NEEDS, RESERVED, Method, check, check_experiment, get, names,
                                       register, registry, unregister)
 

@@ -95,7 +95,9 @@ def register(name: str, *, items: Iterable[str], needs: Iterable[str] | None = N
     experiment kind (``motion``, ``pretrained``, ...) whose models the method cannot
     explain although their item kind is listed to the one line saying why: params that
     list the method for such an experiment are refused when loaded, and the kind's
-    default methods leave it out. ``replace`` allows redefining a (name, item kind) pair."""
+    default methods leave it out; a key ``"<kind>:<variant>"`` refuses one model variant
+    of a kind (``"video:hf_timesformer"``, checked by that kind's params). ``replace``
+    allows redefining a (name, item kind) pair."""
     kinds = tuple(items)
     bad = [k for k in kinds if k not in ITEM_KINDS]
     if bad or not kinds:

@@ -225,8 +225,10 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     and pointing game where the data have planted evidence (each with bootstrap intervals
     over samples and a paired test against random), deletion and insertion again with
     the ROAD masker where ``evaluate.debiased``, the randomisation sanity check of every
-    method (``evaluate.sanity``), the kind's ground truth, and per-head diagnostics
-    (entropy, sink score, locality, ablation) of the stored attention."""
+    method (``evaluate.sanity``), the knockout diagnostic (``evaluate.knockout``: does the
+    attention to a method's top-k items carry the prediction, per layer and head?), the
+    kind's ground truth, and per-head diagnostics (entropy, sink score, locality, ablation)
+    of the stored attention."""
     from attnlab.evaluate import random_importance
     from attnlab.evaluate.summaries import perturbation_curves, self_attention_only, write_curves
     from attnlab.report import figures
@@ -270,6 +272,9 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     if ev.sanity.samples:
         metrics["sanity"] = _sanity(exp, cfg, model, data, ex, stored, target)
         save_figure(figures.sanity_curves(metrics["sanity"]), res / "figures" / "sanity.png")
+    knockout = getattr(ev, "knockout", None)
+    if knockout is not None and knockout.samples and ex.items.kind != "streams" and _has_attention(model):
+        metrics["knockout"] = _knockout(cfg, lay, model, ex, importance, target)
     _merge(metrics, exp.ground_truth(cfg, lay, model, data, meta, ex))
     if lay.attention.exists() and self_attention_only(lay.attention):
         metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, progress=progress)
@@ -349,6 +354,49 @@ def _road(pert: Any, importance: dict[str, torch.Tensor], constant: dict[str, An
     return out
 
 
+def _knockout(cfg: Any, lay: Layout, model: torch.nn.Module, ex: Any, importance: dict[str, torch.Tensor],
+              target: torch.Tensor) -> dict[str, Any]:
+    """The knockout diagnostic (:mod:`attnlab.evaluate.knockout`) on ``evaluate.knockout.samples``
+    explained samples spread evenly over them: per layer and head, the drop of the explained
+    logit when the explained rows' attention to the top-``k`` items of ``evaluate.knockout.method``
+    is blocked, against ``k`` random items; ``knockout.csv`` (every unit) and a summary of the
+    all-heads units for metrics.json."""
+    from attnlab.evaluate.knockout import knockout_drops, knockout_table, knockout_units, random_items, top_items
+
+    ev = cfg.evaluate
+    kn = ev.knockout
+    method = kn.chosen(list(cfg.explain.methods))
+    if method not in cfg.explain.methods:
+        raise ValueError(f"evaluate.knockout.method: {method!r} is not among explain.methods "
+                         f"({', '.join(cfg.explain.methods)})")
+    picked = torch.linspace(0, len(ex) - 1, min(kn.samples, len(ex))).round().long().unique()
+    top = top_items(importance[method][picked], kn.k)
+    rand = random_items(len(picked), ex.items.n_items, kn.k, seed=ev.seed,
+                        valid=None if ex.valid is None else ex.valid[picked])
+    spacetime = ex.items.kind == "spacetime"
+    device = model_device(model)
+    units, tops, rands = None, [], []
+    for start in range(0, len(picked), ev.batch_size):
+        rows = picked[start:start + ev.batch_size]
+        xb = to_device(take_rows(ex.x, rows), device)
+        run = lambda xb=xb, rows=rows: ex.forward(model, xb, rows)  # noqa: E731
+        found, base = knockout_units(model, run, spacetime=spacetime)
+        units = units or found
+        how = None if spacetime else ex.items.rows(rows).how
+        for items, out in ((top, tops), (rand, rands)):
+            out.append(knockout_drops(model, run, target[rows], items[start:start + len(rows)], units, rows=how,
+                                      n_items=ex.items.n_items, base=base, spacetime=spacetime).cpu())
+    table = knockout_table(units, torch.cat(tops, 1), torch.cat(rands, 1), resamples=ev.resamples, seed=ev.seed,
+                           alpha=ev.alpha)
+    table.to_csv(lay.results / "knockout.csv", index=False, float_format="%.6g")
+    layers = table[table["head"] == "all"]
+    keep = ["topk", "topk_lo", "topk_hi", "random", "random_lo", "random_hi", "p", "carries"]
+    return {"method": method, "k": kn.k, "samples": len(picked),
+            "units_carrying": int(table["carries"].sum()), "units": len(table),
+            "layers": {str(r["layer"]): {c: bool(r[c]) if c == "carries" else float(r[c]) for c in keep}
+                       for r in layers.to_dict("records")}}
+
+
 def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
     for key, value in more.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -410,7 +458,9 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
     The run starts and ends when the stages of this state did (their recorded timings;
     each stage's time, processes and threads are tags ``attnlab.stage.<stage>``),
     has the prepared data as its training dataset, and the model a signature and an
-    input example (one test sample)."""
+    input example (one test sample). The state's live run, which the earlier stages
+    logged into as they ran (:mod:`attnlab.pipeline.runner`), is the run finished here,
+    with only what it does not hold yet."""
     import pandas as pd
 
     import attnlab.tracking as tracking

@@ -225,6 +225,34 @@ def add_sanity(rep: HtmlReport, lay: Layout, sanity: dict[str, Any], item: str) 
               "one block at a time (right); dashed: the pass threshold.")
 
 
+def knockout_table(knockout: dict[str, Any]) -> pd.DataFrame:
+    """Per layer (all heads): the mean drop of the explained logit with the top-k / random
+    edges blocked, with 95% intervals, and the paired test's p."""
+    rows = []
+    for layer, r in knockout["layers"].items():
+        rows.append({"layer": layer, f"top-{knockout['k']} drop": f"{r['topk']:.3f} [{r['topk_lo']:.3f}, {r['topk_hi']:.3f}]",
+                     "random drop": f"{r['random']:.3f} [{r['random_lo']:.3f}, {r['random_hi']:.3f}]",
+                     "p (top-k > random)": "n/a" if r["p"] != r["p"] else f"{r['p']:.3g}",
+                     "carries": "yes" if r["carries"] else "no"})
+    return pd.DataFrame(rows)
+
+
+def add_knockout(rep: HtmlReport, knockout: dict[str, Any], item: str) -> None:
+    rep.heading("Does the attention the explanation points at carry the prediction?")
+    carrying = [l for l, r in knockout["layers"].items() if r["carries"]]
+    rep.paragraph(f"Attention knockout (Geva et al., 2023) as a check of {knockout['method']}: in one layer at a time, "
+                  f"the explained output's attention to the {knockout['k']} {item}s {knockout['method']} ranks highest "
+                  f"is blocked (their scores set to -inf before the softmax), and the explained logit's drop is "
+                  f"compared with blocking {knockout['k']} random {item}s, on {knockout['samples']} samples "
+                  "(95% bootstrap intervals; p: one-sided paired Wilcoxon test). "
+                  + (f"Layers where the top-k attention carries more of the prediction than random: "
+                     f"{', '.join(carrying)}." if carrying else
+                     "In no layer does blocking the top-k attention lower the logit more than random edges.")
+                  + f" Per head: knockout.csv ({knockout['units_carrying']} of {knockout['units']} units carry).",
+                  css="ok" if carrying else "warn")
+    rep.table(knockout_table(knockout))
+
+
 def heads_paragraph(heads: dict[str, Any]) -> str:
     v, d = heads["strongest_sink"], heads["most_diffuse"]
     text = (f"The head with the strongest sink is {v['module']} head {v['head']}: on average its queries put "
@@ -280,6 +308,8 @@ def add_faithfulness(rep: HtmlReport, lay: Layout, metrics: dict[str, Any], item
                               .replace("random baseline", "random baseline under ROAD"))
     if "sanity" in metrics:
         add_sanity(rep, lay, metrics["sanity"], item)
+    if "knockout" in metrics:
+        add_knockout(rep, metrics["knockout"], item)
     if "evidence" in metrics:
         rep.paragraph("Evidence AUROC: how well each method's importance separates the items that carry the "
                       "planted evidence from the others (0.5 = chance); pointing game: how often the top item "

@@ -99,6 +99,7 @@ def project(tmp_path_factory):
         params[name]["train"].update(epochs=1)
         params[name]["explain"].update(ig_steps=2, examples=1)
         params[name]["evaluate"].update(steps=3)
+        params[name]["evaluate"]["sanity"]["samples"] = 4    # every method explained again per randomised block
     params["fusion"]["train"].update(epochs=1)
     params["fusion"]["explain"].update(ig_steps=2)
     params["tokens"]["prepare"].update(n=300, max_len=16)

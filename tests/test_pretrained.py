@@ -98,7 +98,7 @@ TINY = {"kind": "pretrained",
         "extract": {"batch_size": 8},
         "aggregate": {"layers": [0, -1], "heads": True, "top_k": 5, "min_count": 1, "batch_size": 8,
                       "exclude": "special"},
-        "explain": {"methods": ["raw", "rollout", "grad_rollout"], "batch_size": 8, "examples": 1, "samples": 7},
+        "explain": {"methods": ["raw", "rollout", "grad_rollout", "alti", "attnlrp"], "batch_size": 8, "examples": 1, "samples": 7},
         "evaluate": {"steps": 3, "resamples": 50, "batch_size": 16,
                      "sanity": {"samples": 2, "threshold": 0.5, "independent": False}},
         "report": {"examples": 1}}
@@ -229,15 +229,15 @@ def test_every_stage_wrote_its_outputs_and_mlflow_holds_the_run(tiny):
     meta = json.loads((tiny / "prepare" / "meta.json").read_text())
     assert len(meta["vocab"]) == 30522 and meta["vocab"][101] == "[CLS]"
     explained = np.load(tiny / "explain" / "importance.npz")
-    assert set(explained.files) >= {"raw", "rollout", "grad_rollout", "target"}
+    assert set(explained.files) >= {"raw", "rollout", "grad_rollout", "alti", "attnlrp", "target"}
     evaluated = json.loads((tiny / "evaluate" / "metrics.json").read_text())
     for mode in ("deletion_auc", "insertion_auc"):
-        assert set(evaluated["faithfulness"][mode]) == {"raw", "rollout", "grad_rollout", "random"}
+        assert set(evaluated["faithfulness"][mode]) == {"raw", "rollout", "grad_rollout", "alti", "attnlrp", "random"}
         assert set(evaluated["faithfulness"][f"{mode}_ci"]["rollout"]) == {"lo", "hi"}
     sanity = evaluated["sanity"]        # the randomisation blocks: embeddings, the 6 BERT layers, the head
     assert sanity["blocks"] == ["encoder.embeddings", *(f"encoder.encoder.layer.{i}" for i in range(6)),
                                 "encoder/head"]
-    assert set(sanity["cascading"]) == {"raw", "rollout", "grad_rollout"}
+    assert set(sanity["cascading"]) == {"raw", "rollout", "grad_rollout", "alti", "attnlrp"}
     assert "evidence" not in evaluated           # no token-level ground truth: none is claimed
     assert (tiny / "report" / "report.html").stat().st_size > 10_000
     run = json.loads((tiny / "track" / "run.json").read_text())
@@ -267,7 +267,7 @@ def test_explain_and_evaluate_see_only_the_capped_evenly_spread_sentences(tiny):
     gaps = np.diff(rows)
     assert (gaps > 0).all() and gaps.max() - gaps.min() <= 1          # evenly spread
     assert np.array_equal(explained["y"], data["y_test"].numpy()[rows])
-    assert all(len(explained[m]) == 7 for m in ("raw", "rollout", "grad_rollout", "target"))
+    assert all(len(explained[m]) == 7 for m in ("raw", "rollout", "grad_rollout", "alti", "attnlrp", "target"))
     evaluated = json.loads((tiny / "evaluate" / "metrics.json").read_text())
     assert evaluated["n_samples"] == 7
     assert evaluated["faithfulness"]["deletion_auc_vs_random"]["rollout"]["n"] == 7
@@ -277,8 +277,8 @@ def test_explain_and_evaluate_see_only_the_capped_evenly_spread_sentences(tiny):
     expected = np.mean([preds["prob"][r, preds["pred"][r]] for r in rows])
     deletion = pd.read_csv(tiny / "evaluate" / "deletion.csv")            # long form: fraction, method, probability
     start = deletion[deletion["fraction"] == 0.0].set_index("method")["probability"]
-    assert set(start.index) == {"raw", "rollout", "grad_rollout", "random"}
-    assert start.to_numpy() == pytest.approx(np.full(4, expected), abs=1e-5)   # 6 significant digits stored
+    assert set(start.index) == {"raw", "rollout", "grad_rollout", "alti", "attnlrp", "random"}
+    assert start.to_numpy() == pytest.approx(np.full(6, expected), abs=1e-5)   # 6 significant digits stored
     figures = [int(p.stem[6:]) for p in (tiny / "explain" / "figures").glob("sample*.png")]
     assert figures and set(figures) <= set(rows.tolist())
 

@@ -373,8 +373,8 @@ def test_registered_for_every_attention_item_kind_with_reruns_and_module():
     from attnlab import methods
 
     m = methods.get("alti")
-    assert m.needs == {"reruns", "module"} and m.default
-    assert set(m.items) == {"sequence", "tokens", "spacetime"} and m.unsupported == {}
+    assert m.needs == {"reruns", "module"} and not m.default          # listed by the experiments that run it
+    assert set(m.items) == {"sequence", "tokens", "spacetime"} and set(m.unsupported) == {"video:hf_timesformer"}
     assert m.summary.endswith("cost: one forward re-run + B·N²·D·H per layer")
     for kind in ("motion", "frames", "tokens", "video", "pretrained", "external"):
         assert methods.check_experiment(["alti"], kind) == ["alti"]

@@ -224,7 +224,9 @@ def test_index_page_is_self_contained_shows_every_experiment_and_links_to_its_re
         assert main([]) == 0
     page = (tmp_path / "reports" / "index.html").as_uri()
     _load_offline(browser, page)
-    assert browser.execute_script("return document.images.length") == 0
+    # one picture, the methods' ranking, inline and drawn (offline: nothing else is requested)
+    images = browser.execute_script("return Array.from(document.images).map(i => [i.src.slice(0, 22), i.naturalWidth])")
+    assert len(images) == 1 and images[0][0] == "data:image/png;base64," and images[0][1] > 0
 
     # the headline of each experiment, as metrics.json has it
     overview = _cells(browser.find_element("xpath", "//table[.//th[text()='best method (deletion AUC)']]"))

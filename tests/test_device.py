@@ -223,6 +223,7 @@ CPU_ALLOWED = {
     "explain/rollout.py": "a cache-blocked head fusion for CPU tensors; other devices take the plain path",
     "explain/grad_rollout.py": "a cache-blocked product for CPU tensors; other devices take the plain path",
     "models/pretrained.py": "the frozen encoder's features, computed once, are kept on the CPU for the head's training",
+    "evaluate/knockout.py": "the random items are drawn by a seeded CPU generator (the same draws on every device)",
 }
 #: Tensor factories in the maths without ``device=`` (CPU by design), by file and line text.
 FACTORY_ALLOWED = {

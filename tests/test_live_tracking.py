@@ -292,8 +292,9 @@ def test_killed_and_interrupted_stages_leave_their_runs_failed_and_a_rerun_resum
     uri = project["uri"]
     killed_params, killed_data = _state(project, "killed", epochs=10, lr=0.004)
     stopped_params, stopped_data = _state(project, "interrupted", epochs=40, lr=0.005)
-    killed = _train(project, killed_params, killed_data, slow=0.5)
-    stopped = _train(project, stopped_params, stopped_data, slow=0.3)
+    # slow epochs (>= 1 s): neither training may end before its signal, even on a loaded machine
+    killed = _train(project, killed_params, killed_data, slow=1.0)
+    stopped = _train(project, stopped_params, stopped_data, slow=1.0)
     try:
         killed_id, _ = _watch(killed, uri, killed_params, epochs=2)
         os.kill(killed.pid, signal.SIGKILL)                   # nothing runs in the stage after this

@@ -167,7 +167,8 @@ def test_repro_produces_every_output(project):
     assert shapes == [(40, 2, 100, 100)] and len(list(data.glob("extract/attention.h5"))) == 1
     assert {str(d) for d in dtypes} == {"float16"}
     explained = np.load(data / "explain" / "importance.npz")
-    methods = {"raw", "received", "rollout", "grad_rollout", "flow", "input_x_gradient", "integrated_gradients"}
+    methods = {"raw", "received", "rollout", "grad_rollout", "flow", "alti", "attnlrp", "value_zeroing", "knockout",
+               "input_x_gradient", "integrated_gradients"}
     assert set(explained.files) == methods | {"target", "y"}
     for m in methods:
         assert explained[m].shape == (40, 100)

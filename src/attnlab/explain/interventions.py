@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.capture import AttentionRecorder, recordable_modules
+from attnlab.devices import model_device
 
 __all__ = ["block_edges", "zero_keys", "find_blocks", "value_zeroing_maps", "value_zeroing",
            "knockout_importance", "MEMORY_BUDGET"]
@@ -241,7 +242,7 @@ def value_zeroing_maps(model: nn.Module, run: Run, *, memory: int = MEMORY_BUDGE
         replays = _capture_blocks(model, run)
         maps = []
         for rp in replays:
-            ref = rp.run(torch.ones(1, 1, device=_device(model)).expand(1, _n_tokens(rp)))[0]   # [B, N, D]
+            ref = rp.run(torch.ones(1, 1, device=model_device(model)).expand(1, _n_tokens(rp)))[0]   # [B, N, D]
             n_tok = ref.shape[1]
             per_copy = ref.numel() * 16 + _attention_numel(rp) * 4
             chunk = max(1, min(n_tok, memory // max(per_copy, 1)))
@@ -259,11 +260,6 @@ def value_zeroing_maps(model: nn.Module, run: Run, *, memory: int = MEMORY_BUDGE
         return maps
     finally:
         model.train(was_training)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _n_tokens(rp: _Replay) -> int:

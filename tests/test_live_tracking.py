@@ -94,8 +94,11 @@ def _train(project: dict, params: Path, data: Path, *, slow: float, uri: str | N
     env = {**project["env"], "ATTNLAB_SLOW_EPOCH": str(slow), **(extra or {})}
     if uri:
         env["MLFLOW_TRACKING_URI"] = uri
+    # Ctrl-C's default: a test run in the background (make test from a script, CI) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt in the stage
     return subprocess.Popen([sys.executable, "stages/train.py", EXP, "--params", str(params), "--data", str(data)],
-                            cwd=project["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=project["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stages(project: dict, stages: list[str], params: Path, data: Path) -> None:

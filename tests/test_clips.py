@@ -230,3 +230,28 @@ def test_frames_perturbation_on_cached_embeddings_equals_masked_clips(baseline):
     expected = deletion_curve(model, clips["x"], importance, sequence_masker(fill), batch_size=4)
     got = deletion_curve(fn, h, importance, masker, batch_size=4)
     torch.testing.assert_close(got.probs, expected.probs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["frames", "video", "motion"])
+def test_explain_samples_picks_evenly_spread_test_samples(kind):
+    """``explain.samples: k`` explains k test samples spread over the test set (first and last
+    included), with their labels, evidence and test-set indices; without it, all of them."""
+    from attnlab.config import load_params
+    from attnlab.experiments import get_experiment
+
+    params = load_params("params.yaml")
+    exp = get_experiment(params.kind(kind))
+    n = 23
+    data = {"x_test": torch.arange(n).float()[:, None, None].expand(n, 4, 3).clone(),
+            "y_test": torch.arange(n) % 3, "evidence_test": torch.arange(n * 4).reshape(n, 4) % 2 == 0}
+    meta = {"n_items": 4, "frames": 2, "patch": 1, "patches": 2, "size": 2, "channels": ["a", "b", "c"]}
+    for k, want in ((5, [0, 6, 11, 16, 22]), (None, list(range(n))), (n + 4, list(range(n)))):
+        cfg = params.experiment(kind).model_copy(update={"explain": params.experiment(kind).explain.model_copy(
+            update={"samples": k})})
+        ex = exp.explained(cfg, data, meta)
+        assert ex.x[:, 0, 0].long().tolist() == want
+        assert ex.y.tolist() == [i % 3 for i in want]
+        assert torch.equal(ex.evidence, data["evidence_test"][want].flatten(1))
+        assert (ex.rows is None) == (k != 5) and ("rows" in ex.saved) == (k == 5)
+        if k == 5:
+            assert ex.rows.tolist() == want == ex.saved["rows"].tolist()

@@ -269,6 +269,9 @@ def test_knockout_equals_hand_masked_forward(pooling):
             want[:, j] = logits.gather(1, target[:, None])[:, 0] - out.gather(1, target[:, None])[:, 0]
     got = knockout_importance(model, lambda: model(x), target)
     assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for memory in (1, 1 << 26):          # copies of the batch, one token per copy: 1, then all tokens at once
+        assert_close(knockout_importance(model, lambda: model(x), target, run_rows=lambda idx: model(x[idx]),
+                                         memory=memory), want, atol=1e-5, rtol=1e-4)
     from attnlab.methods import get
 
     assert_close(get("knockout")(_batch(model, x, "sequence", pooling, target)),
@@ -299,7 +302,35 @@ def test_knockout_causal_equals_hand_masked_forward():
             out = lm.head(lm.encoder(h, mask=mask))[torch.arange(4), pos]
             want[:, j] = base.gather(1, target[:, None])[:, 0] - out.gather(1, target[:, None])[:, 0]
     assert_close(knockout_importance(lm, run, target), want, atol=1e-5, rtol=1e-4)
+    # copies of the batch: each copy's rows read their own explained position
+    run_rows = lambda idx: lm(tok[idx])[torch.arange(len(idx)), pos[idx]]  # noqa: E731
+    assert_close(knockout_importance(lm, run, target, run_rows=run_rows), want, atol=1e-5, rtol=1e-4)
     assert (want[torch.arange(6)[None] > pos[:, None]] == 0).all()       # after the explained row: no effect
+
+
+def test_explain_batch_runs_knockout_on_copies_only_through_forward_rows():
+    """A forward reading per-row data (the explained position) gives the same knockout through
+    ``forward_rows`` (copies of the batch at once) as one forward per token without it."""
+    from attnlab.attribution import explain_batch
+    from attnlab.items import SequenceItems
+
+    torch.manual_seed(3)
+    lm = CausalTransformerLM(11, d_model=16, nhead=2, max_len=6, dim_feedforward=16).eval()
+    tok = torch.randint(0, 11, (4, 6))
+    pos = torch.tensor([5, 2, 4, 1])
+    forward = lambda m, xb: m(xb)[torch.arange(len(xb)), pos]  # noqa: E731
+    calls = []
+
+    def forward_rows(m, xb, idx):
+        calls.append(len(idx))
+        return m(xb)[torch.arange(len(xb)), pos[idx]]
+
+    items = SequenceItems(6, how=pos, token_ids=True)
+    looped, batch = explain_batch(["knockout"], lm, tok, items, None, forward=forward)
+    assert batch.rows_logits is None                     # a custom forward alone: no copies
+    copied, _ = explain_batch(["knockout"], lm, tok, items, None, forward=forward, forward_rows=forward_rows)
+    assert calls == [4 * 6]                              # every token's copy of the batch in one forward
+    assert_close(copied["knockout"], looped["knockout"], atol=1e-6, rtol=1e-5)
 
 
 def test_knockout_spacetime_equals_hand_masked_forward():
@@ -315,6 +346,9 @@ def test_knockout_spacetime_equals_hand_masked_forward():
             out = model.forward_head(model.norm(torch.cat([cls, xe.flatten(1, 2)], 1)))
             want[:, item] = logits.gather(1, target[:, None])[:, 0] - out.gather(1, target[:, None])[:, 0]
     assert_close(knockout_importance(model, lambda: model(x), target, spacetime=True), want, atol=1e-5, rtol=1e-4)
+    for memory in (1, 1 << 26):
+        assert_close(knockout_importance(model, lambda: model(x), target, spacetime=True, memory=memory,
+                                         run_rows=lambda idx: model(x[idx])), want, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- models it refuses
@@ -501,6 +535,8 @@ def test_value_zeroing_hugging_face_bert_equals_literal_loop(impl):
                 h = _bert_layer_masked(layer, h, pad, blocked)
             want[:, j] = base.gather(1, target[:, None])[:, 0] - h[:, 0].gather(1, target[:, None])[:, 0]
     assert_close(knockout_importance(model, run, target), want, atol=1e-5, rtol=1e-4)
+    run_rows = lambda idx: model(input_ids=ids[idx], attention_mask=attention_mask[idx]).last_hidden_state[:, 0]  # noqa: E731
+    assert_close(knockout_importance(model, run, target, run_rows=run_rows), want, atol=1e-5, rtol=1e-4)
 
 
 def _bert_layer_masked(layer, h, pad, blocked):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.capture import AttentionRecorder
-from attnlab.devices import model_device, to_device
+from attnlab.devices import model_device, take_rows, to_device
 from attnlab.items import (Batch, Items, SequenceItems, SpaceTimeItems, StreamItems,  # noqa: F401  (old names)
                            attention_received, to_items)
 
@@ -57,6 +57,7 @@ def record_target(model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | N
 def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items, options: Any, *,
                   forward: Callable[[nn.Module, Any], Tensor] | None = None,
                   target: Tensor | None = None, baseline: float | Tensor = 0.0,
+                  forward_rows: Callable[[nn.Module, Any, Tensor], Tensor] | None = None,
                   ) -> tuple[dict[str, Tensor], Batch]:
     """Every method's importance ``{name: [B, n_items]}`` for the ``target`` logit
     (default: the model's prediction), and the :class:`Batch` they were computed from.
@@ -66,14 +67,22 @@ def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items
     re-runs happen only inside methods that need them. Parameters are frozen and the
     mode restored meanwhile (see :func:`~attnlab.attribution.record_target`).
     ``x``, ``target`` and a tensor ``baseline`` are moved to the model's device, where
-    the methods run and the importance is returned."""
+    the methods run and the importance is returned.
+
+    ``forward_rows(model, inputs, idx)`` runs the model on ``inputs``, rows ``idx`` (int64
+    ``[R]``, repeats allowed) of ``x``, for a ``forward`` that reads per-row data besides
+    its inputs (a mask, an explained position); methods that re-run the model many times
+    (knockout) then run several copies of the batch at once. By default only the default
+    ``forward`` (``model(inputs)``) is run that way."""
     from attnlab.methods import check, get
 
     device = model_device(model)
     x, target, baseline = (to_device(t, device) for t in (x, target, baseline))
     entries = [get(m) for m in check(methods, items.kind)]
     needs = frozenset().union(*(m.needs for m in entries))
-    forward = forward or (lambda m, xb: m(xb))
+    if forward is None:
+        forward = lambda m, xb: m(xb)                          # noqa: E731
+        forward_rows = forward_rows or (lambda m, xb, idx: m(xb))
     atts = grads = norms = None
     if needs & {"attention", "gradients", "norms"}:
         atts, grads, target, *rest = record_target(model, x, target=target, forward=forward,
@@ -89,7 +98,8 @@ def explain_batch(methods: Sequence[str], model: nn.Module, x: Any, items: Items
             model.train(was_training)
     batch = Batch(x=x, target=target, items=items, logits=lambda inputs: forward(model, inputs),
                   options=options, model=model, attentions=atts, gradients=grads, baseline=baseline,
-                  norms=norms)
+                  norms=norms, rows_logits=None if forward_rows is None else
+                  (lambda idx: forward_rows(model, take_rows(x, idx), idx)))
     return {m.name: m(batch) for m in entries}, batch
 
 

@@ -176,11 +176,16 @@ class InputOptions(Section):
                                               # deletion/insertion tests ("mean": training mean per feature)
 
 
-class Explain(MethodsSection, SequenceOptions, InputOptions):
+class SampleCap(Section):
+    samples: int | None = Field(None, gt=0)    # explain and evaluate only this many test samples, evenly
+                                               # spread (None: all); extract and aggregate still read all
+
+
+class Explain(MethodsSection, SequenceOptions, InputOptions, SampleCap):
     examples: int = Field(4, gt=0)                      # samples drawn with every method's importance
 
 
-class SpaceTimeExplain(MethodsSection, HeadOptions, InputOptions):
+class SpaceTimeExplain(MethodsSection, HeadOptions, InputOptions, SampleCap):
     ITEMS: ClassVar[str] = "spacetime"
     examples: int = Field(4, gt=0)
 
@@ -468,11 +473,9 @@ class PretrainedModel(Section):
     pooling: Literal["cls", "mean"] = "cls"    # the head reads [CLS] (explained at row 0) or the real-token mean
 
 
-class PretrainedExplain(TokensExplain):
+class PretrainedExplain(TokensExplain, SampleCap):
     batch_size: int = Field(32, gt=0)
     examples: int = Field(4, gt=0)             # sentences drawn with every method's importance
-    samples: int | None = Field(None, gt=0)    # explain and evaluate only this many test sentences, evenly
-                                               # spread (None: all); extract and aggregate still read all
 
 
 class PretrainedParams(Section):

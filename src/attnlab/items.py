@@ -121,7 +121,10 @@ class Batch:
     is the experiment's explain params section (``head_fusion``, ``residual``, ...);
     ``baseline`` is what a removed input value becomes (integrated gradients);
     ``norms`` are the recorder's norm-aware maps ``[B, Lq, Lk]`` per entry (when a
-    method needs ``"norms"``)."""
+    method needs ``"norms"``). ``rows_logits(idx) -> [R, C]`` runs the model on the
+    batch's rows ``idx`` (int64 ``[R]``, repeats allowed) as one batch, so a method that
+    re-runs the model many times can run several copies of the batch at once; None when
+    the forward cannot take other rows than the batch's own."""
 
     x: Any
     target: Tensor
@@ -133,3 +136,4 @@ class Batch:
     gradients: list[Tensor] | None = None
     baseline: float | Tensor = 0.0
     norms: list[Tensor] | None = None
+    rows_logits: Callable[[Tensor], Tensor] | None = None

@@ -177,10 +177,14 @@ class ClassifierExperiment(Experiment):
         return SequenceItems(meta["n_items"], how=getattr(cfg.model, "pooling", "mean"))
 
     def explained(self, cfg, data, meta):
-        return Explained(x=data["x_test"], items=self.items(cfg, meta),
-                         forward=lambda model, xb, rows: self.forward(model, xb), y=data["y_test"],
-                         evidence=data["evidence_test"].flatten(1) if "evidence_test" in data else None,
-                         saved={"y": data["y_test"].numpy()})
+        """The test samples, or ``explain.samples`` of them evenly spread (:func:`spread_rows`)."""
+        rows = spread_rows(len(data["x_test"]), getattr(cfg.explain, "samples", None))
+        picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
+        y = picked(data["y_test"])
+        return Explained(x=picked(data["x_test"]), items=self.items(cfg, meta),
+                         forward=lambda model, xb, rows: self.forward(model, xb), y=y,
+                         evidence=picked(data["evidence_test"]).flatten(1) if "evidence_test" in data else None,
+                         saved={"y": y.numpy()} if rows is None else {"y": y.numpy(), "rows": rows}, rows=rows)
 
     def baseline(self, cfg, data):
         if cfg.explain.baseline == "mean":
@@ -202,6 +206,18 @@ class ClassifierExperiment(Experiment):
         return figures.importance_bands(importance, title, self.item_name,
                                         x_tf=x if x.ndim == 2 else None, channels=meta.get("channels", ()),
                                         evidence=evidence)
+
+
+def spread_rows(n_test: int, samples: int | None) -> np.ndarray | None:
+    """The test samples explained and evaluated under ``explain.samples``: ``samples`` of the
+    ``n_test`` evenly spread (test sets are often ordered by class or condition), or None
+    (all of them) when ``samples`` is None or not below ``n_test``. Deletion/insertion re-run
+    the model (methods + random) × 2 × ``evaluate.steps`` times per sample and the costly
+    methods (value zeroing, knockout) once per item, hence the cap; extract and aggregate
+    still read every test sample."""
+    if samples is None or samples >= n_test:
+        return None
+    return np.unique(np.linspace(0, n_test - 1, samples).round().astype(np.int64))
 
 
 def final_metrics(history: Any) -> dict[str, float | int]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from attnlab.items import SequenceItems
 from attnlab.config import ExternalParams
-from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
+from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared, spread_rows
 
 
 #: The names the messages about the data files give them: their params keys.
@@ -123,12 +123,16 @@ class ExternalExperiment(ClassifierExperiment):
     # ------------------------------------------------------------------ explaining it
     def explained(self, cfg, data, meta):
         tokens = "tokens_test" in data
-        x, rest = self._first(data), self._rest(data)
+        x = self._first(data)
+        rows = spread_rows(len(x), cfg.explain.samples)
+        picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
+        x, rest = picked(x), [picked(r) for r in self._rest(data)]
+        y = picked(data["y_test"]) if "y_test" in data else None
+        saved = ({} if y is None else {"y": y.numpy()}) | ({} if rows is None else {"rows": rows})
         return Explained(x=x, items=SequenceItems(meta["n_items"], how=cfg.model.readout, token_ids=tokens),
                          forward=lambda model, xb, rows: model(xb, *(r[rows].to(xb.device) for r in rest)),
-                         y=data.get("y_test"), evidence=data.get("evidence_test"),
-                         valid=data["mask_test"] if tokens else None,
-                         saved={"y": data["y_test"].numpy()} if "y_test" in data else {})
+                         y=y, evidence=picked(data["evidence_test"]) if "evidence_test" in data else None,
+                         valid=picked(data["mask_test"]) if tokens else None, saved=saved, rows=rows)
 
     def baseline(self, cfg, data):
         if "tokens_test" in data:

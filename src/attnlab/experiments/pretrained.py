@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from attnlab.config import PretrainedParams
-from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared, final_metrics
+from attnlab.experiments.base import (ClassifierExperiment, Explained, Perturbation, Prepared, final_metrics,
+                                      spread_rows)
 from attnlab.items import SequenceItems
 
 FACTORY = "attnlab.models.pretrained:PretrainedClassifier"
@@ -103,20 +104,8 @@ class PretrainedExperiment(ClassifierExperiment):
         special = torch.tensor([meta["vocab"].index(s) for s in SPECIALS])
         return data["mask_test"] & ~torch.isin(data["tokens_test"], special)
 
-    @staticmethod
-    def explained_rows(cfg: PretrainedParams, n_test: int) -> np.ndarray | None:
-        """The test sentences explained and evaluated: ``explain.samples`` of the
-        ``n_test``, evenly spread (the test set follows the help topics' order), or None
-        (all of them). Deletion/insertion re-run the encoder (methods + random) × 2 ×
-        ``evaluate.steps`` times per sentence, hence the cap; extract and aggregate read
-        every sentence."""
-        n = cfg.explain.samples
-        if n is None or n >= n_test:
-            return None
-        return np.unique(np.linspace(0, n_test - 1, n).round().astype(np.int64))
-
     def explained(self, cfg, data, meta):
-        rows = self.explained_rows(cfg, len(data["tokens_test"]))
+        rows = spread_rows(len(data["tokens_test"]), cfg.explain.samples)
         picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
         tokens, mask, y = (picked(data[k]) for k in ("tokens_test", "mask_test", "y_test"))
         how = "cls" if cfg.model.pooling == "cls" else "mean"

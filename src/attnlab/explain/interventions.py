@@ -294,12 +294,16 @@ def value_zeroing(model: nn.Module, run: Run, how: str | int | Tensor, *, memory
 
 
 # --------------------------------------------------------------------------- knockout
+RunRows = Callable[[Tensor], Tensor]
+
+
 @torch.no_grad()
-def knockout_importance(model: nn.Module, run: Run, target: Tensor, *, spacetime: bool = False) -> Tensor:
-    """Attention knockout of every token: ``[B, N]`` (``[B, F·P]`` with ``spacetime``), the drop of the explained logit ``run()[b, target[b]]`` when every attention
-    edge into token ``j`` from another query is blocked in every layer (and head), each
-    query's own diagonal edge kept (:func:`block_edges`). Negative drops (blocking raises
-    the logit) are returned as they are.
+def knockout_importance(model: nn.Module, run: Run, target: Tensor, *, spacetime: bool = False,
+                        run_rows: RunRows | None = None, memory: int = MEMORY_BUDGET) -> Tensor:
+    """Attention knockout of every token: ``[B, N]`` (``[B, F·P]`` with ``spacetime``), the drop of the explained
+    logit ``run()[b, target[b]]`` when every attention edge into token ``j`` from another query is blocked in
+    every layer (and head), each query's own diagonal edge kept (:func:`block_edges`). Negative drops
+    (blocking raises the logit) are returned as they are.
 
     Sequence models: every recorded call must be self-attention over the same ``N``
     tokens. Divided space-time models (calls alternate time ``[B·P, H, F, F]`` and space
@@ -307,64 +311,83 @@ def knockout_importance(model: nn.Module, run: Run, target: Tensor, *, spacetime
     ``(f, p)`` loses its key frame ``f`` in patch ``p``'s time attention and its key
     ``1 + p`` in frame ``f``'s space attention (the class token's copies included).
 
-    Cost: ``N`` (or ``F·P``) forwards of the batch; one token at a time for the whole batch.
-    The model runs in eval mode (restored afterwards)."""
+    ``run_rows(idx)``: the logits of the batch's rows ``idx`` (int64 ``[R]``, repeats
+    allowed) run as one batch of ``R`` inputs, e.g. ``lambda idx: model(x[idx])``. With
+    it, ``C`` tokens are knocked out at once on ``C`` copies of the batch (copy ``c``
+    blocks its own token; ``C`` keeps about ``memory`` float elements of attention alive);
+    without it, one forward of the batch per token.
+
+    Cost: ``N`` (or ``F·P``) forwards of the batch. The model runs in eval mode (restored afterwards)."""
     was_training = model.training
     model.eval()
     try:
         with AttentionRecorder(model) as rec:
             base = run()
         target = target.to(base.device)
+        b = base.shape[0]
         base = base.gather(1, target[:, None])[:, 0]
         shapes = [a.shape for a in rec.attentions]
+        del rec
         if not spacetime:
             n_tok = shapes[0][-1]
             bad = [s for s in shapes if s[-1] != n_tok or s[-2] != n_tok]
             if bad:
                 raise ValueError(f"knockout: attention calls of shapes {sorted({tuple(s) for s in shapes})}; "
                                  "expected self-attention over the same tokens in every call")
-            items = n_tok
+            items, grid = n_tok, None
         else:
             if len(shapes) % 2:
                 raise ValueError(f"knockout: {len(shapes)} attention calls; a divided space-time model makes "
                                  "two per block (time, then space)")
-            frames, patches = shapes[0][-1], shapes[1][-1] - 1     # time [B·P, H, F, F], space [B·F, H, 1+P, 1+P]
-            items = frames * patches
+            grid = shapes[0][-1], shapes[1][-1] - 1     # frames, patches: time [B·P, H, F, F], space [B·F, H, 1+P, 1+P]
+            items = grid[0] * grid[1]
+        per_copy = 4 * sum(int(torch.Size(s).numel()) for s in shapes)
+        chunk = 1 if run_rows is None else max(1, min(items, memory // max(per_copy, 1)))
+        rows = torch.arange(b, device=base.device)
         drops = []
-        for j in range(items):
-            edit = _knockout_edit(j, (frames, patches) if spacetime else None)
-            with AttentionRecorder(model, layers=[0], edit=edit):
-                out = run()
-            drops.append(base - out.gather(1, target[:, None])[:, 0])
-        return torch.stack(drops, dim=1)
+        for start in range(0, items, chunk):
+            tokens = torch.arange(start, min(start + chunk, items), device=base.device)
+            with AttentionRecorder(model, layers=[0], edit=_knockout_edit(tokens, b, grid)):
+                out = run() if run_rows is None else run_rows(rows.repeat(len(tokens)))   # copy-major
+            kept = out.gather(1, target.repeat(len(tokens))[:, None])[:, 0].reshape(len(tokens), b)
+            drops.append(base[None] - kept)
+        return torch.cat(drops).T.contiguous()
     finally:
         model.train(was_training)
 
 
-def _knockout_edit(j: int, spacetime: tuple[int, int] | None) -> Callable[[str, int, Tensor], Tensor]:
-    """The edit blocking every edge into token ``j`` except its own diagonal one."""
-    def sequence(name: str, call: int, probs: Tensor) -> Tensor:
-        n = probs.shape[-1]
-        blocked = torch.zeros(n, n, dtype=torch.bool, device=probs.device)
-        blocked[:, j] = True
-        blocked[j, j] = False
-        return block_edges(probs, blocked)
+def _knockout_edit(tokens: Tensor, batch: int, grid: tuple[int, int] | None) -> Callable[[str, int, Tensor], Tensor]:
+    """The edit blocking, in copy ``c`` of the batch (``len(tokens)`` copies, copy-major), every edge into
+    token ``tokens[c]`` except its own diagonal one."""
+    copies = len(tokens)
+    c = torch.arange(copies)
 
-    if spacetime is None:
+    def blocked_of(n: int, groups: int, group: Tensor, key: Tensor, device) -> Tensor:
+        """``[C, 1, groups, 1, n, n]``: in copy ``c``, group ``group[c]``'s column ``key[c]`` (not its diagonal)."""
+        m = torch.zeros(copies, groups, n, n, dtype=torch.bool)
+        m[c, group, :, key] = True
+        m[c, group, key, key] = False
+        return m[:, None, :, None].to(device)
+
+    if grid is None:
+        tok = tokens.cpu()
+
+        def sequence(name: str, call: int, probs: Tensor) -> Tensor:
+            n = probs.shape[-1]
+            shaped = probs.reshape(copies, batch, 1, *probs.shape[1:])             # [C, B, 1, H, n, n]
+            blocked = blocked_of(n, 1, torch.zeros_like(tok), tok, probs.device)
+            return block_edges(shaped, blocked).reshape(probs.shape)
         return sequence
-    frames, patches = spacetime
-    f, p = divmod(j, patches)
+    frames, patches = grid
+    f, p = (tokens // patches).cpu(), (tokens % patches).cpu()
 
     def divided(name: str, call: int, probs: Tensor) -> Tensor:
-        if call % 2 == 0:                                       # time [B·P, H, F, F]: patch p, key frame f
+        if call % 2 == 0:                                       # time [C·B·P, H, F, F]: patch p, key frame f
             groups, group, key = patches, p, f
-        else:                                                   # space [B·F, H, 1+P, 1+P]: frame f, key 1+p
+        else:                                                   # space [C·B·F, H, 1+P, 1+P]: frame f, key 1+p
             groups, group, key = frames, f, 1 + p
         n = probs.shape[-1]
-        blocked = torch.zeros(groups, 1, n, n, dtype=torch.bool, device=probs.device)
-        blocked[group, 0, :, key] = True
-        blocked[group, 0, key, key] = False
-        shaped = probs.reshape(-1, groups, *probs.shape[1:])    # [B, groups, H, n, n]
-        return block_edges(shaped, blocked).reshape(probs.shape)
+        shaped = probs.reshape(copies, batch, groups, *probs.shape[1:])            # [C, B, groups, H, n, n]
+        return block_edges(shaped, blocked_of(n, groups, group, key, probs.device)).reshape(probs.shape)
 
     return divided

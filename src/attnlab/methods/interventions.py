@@ -49,9 +49,9 @@ def _value_zeroing_spacetime(batch: Batch) -> Tensor:
           summary="attention knockout (Geva et al., 2023): the drop of the explained logit when every attention "
                   "edge into the item is blocked in every layer and head (each query keeps its own diagonal "
                   "edge), clamped at 0 (items whose blocking raises the logit get 0); cost: one forward of the "
-                  "batch per item")
+                  "batch per item, several items' copies of the batch at once")
 def _knockout(batch: Batch) -> Tensor:
     from attnlab.explain.interventions import knockout_importance
 
-    return knockout_importance(batch.model, _run(batch), batch.target,
-                               spacetime=batch.items.kind == "spacetime").clamp_min(0)
+    return knockout_importance(batch.model, _run(batch), batch.target, spacetime=batch.items.kind == "spacetime",
+                               run_rows=batch.rows_logits).clamp_min(0)

@@ -189,9 +189,11 @@ def _explain_rows(e: Any, model: torch.nn.Module, ex: Any, batches: list[slice |
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
     targets = []
     for picked in tqdm(batches, desc="explain", disable=not progress):
+        index = torch.arange(len(ex))[picked]               # the explained samples of this batch
         imp, batch = explain_batch(e.methods, model, take_rows(ex.x, picked), ex.items.rows(picked), e,
                                    baseline=baseline, target=None if target is None else target[picked],
-                                   forward=lambda m, xb, picked=picked: ex.forward(m, xb, picked))
+                                   forward=lambda m, xb, picked=picked: ex.forward(m, xb, picked),
+                                   forward_rows=lambda m, xb, idx, index=index: ex.forward(m, xb, index[idx.cpu()]))
         for m in e.methods:
             parts[m].append(imp[m])
         targets.append(batch.target)

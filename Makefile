@@ -77,13 +77,14 @@ run-pretrained: store $(VENV)/.pretrained-installed
 	cp pretrained/pipeline.yaml pretrained/dvc.yaml
 	HF_HUB_OFFLINE=1 dvc repro pretrained/dvc.yaml
 
-# Two pytest workers (pytest-xdist, a file per worker at a time): the end-to-end file
-# (tests/test_pipeline.py, about 12 minutes of DVC stages in subprocesses) starts first
-# on one, while the other runs every other file (mostly one thread each).
+# Two pytest workers (pytest-xdist, a file per worker at a time): the two halves of the
+# end-to-end test (tests/test_pipeline.py and tests/test_pipeline_more.py, each a tiny DVC
+# project run in subprocesses) start first, one on each worker; every other file follows
+# on whichever worker is free.
 TEST_WORKERS ?= 2
 # ... then the quick benchmarks (bench-quick): a speed regression fails `make test` too.
 test: $(VENV)/.test-installed postgresql chromium
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/test_pipeline.py tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/test_pipeline.py tests/test_pipeline_more.py tests
 	$(PY) benchmarks/run.py --quick
 
 # tests/test_server.py runs an MLflow server on a real PostgreSQL: Debian's packages,

@@ -787,13 +787,27 @@ def _select_targets(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
 
 
 # ---------------------------------------------------------------------- MHA maths
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, allowed_true: bool = False
+                  ) -> torch.Tensor | None:
+    """A mask as scores to add, in ``dtype``: bool ``True`` = masked (torch's polarity), or
+    with ``allowed_true`` ``True`` = may attend (SDPA's and Hugging Face's), becomes
+    ``-inf``/0; a float mask is additive already; None stays None."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        masked = ~mask if allowed_true else mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(masked, float("-inf"))
+    return mask.to(dtype)
+
+
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Bool masks (True = masked) become additive ``-inf`` masks, as torch does."""
+    """Bool masks (True = masked) become additive ``-inf`` masks, as torch does; a float
+    mask is kept in its own dtype (torch adds it as it is)."""
     if mask is None or torch.is_floating_point(mask):
         return mask
     if mask.dtype != torch.bool:
         raise TypeError(f"only bool and floating masks are supported, got {mask.dtype}")
-    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return additive_mask(mask, dtype)
 
 
 def _mha_forward(mha: nn.MultiheadAttention, record: _Record, query, key, value,

@@ -56,6 +56,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from attnlab.capture import additive_mask
+
 __all__ = ["BlockWeights", "block_weights", "attention_probs", "transformed_vectors", "contributions", "alti_rollout",
            "block_contributions", "alti_layers", "SUPPORTED"]
 
@@ -330,28 +332,17 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return blocks
 
 
-def _additive(mask: Tensor | None, dtype: torch.dtype, allowed_true: bool = False) -> Tensor | None:
-    """A mask as scores to add: bool ``True`` = masked (torch's polarity), or with
-    ``allowed_true`` ``True`` = attended (SDPA's polarity); a float mask is additive."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        masked = ~mask if allowed_true else mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(masked, float("-inf"))
-    return mask.to(dtype)
-
-
 def _encoder_mask(layer: nn.TransformerEncoderLayer, b: int, n: int, src_mask, padding, is_causal,
                   device) -> Tensor | None:
     """The scores' mask ``[B or 1, H or 1, N, N]`` of one ``nn.TransformerEncoderLayer`` call."""
     heads = layer.self_attn.num_heads
     total = None
-    attn = _additive(src_mask, torch.float32)
+    attn = additive_mask(src_mask, torch.float32)
     if attn is None and is_causal:
         attn = torch.full((n, n), float("-inf"), device=device).triu(1)
     if attn is not None:
         total = attn[None, None] if attn.dim() == 2 else attn.reshape(b, heads, n, n)
-    pad = _additive(padding, torch.float32)
+    pad = additive_mask(padding, torch.float32)
     if pad is not None:
         pad = pad[:, None, None, :]
         total = pad if total is None else total + pad
@@ -362,7 +353,7 @@ def _bert_mask(attn: nn.Module, mask, n: int, device) -> Tensor | None:
     if mask is not None and not isinstance(mask, Tensor):
         raise ValueError(f"alti: a Hugging Face attention mask of type {type(mask).__name__} (flex attention?) "
                          "is not supported; use attn_implementation 'sdpa' or 'eager'")
-    total = _additive(mask, torch.float32, allowed_true=True)
+    total = additive_mask(mask, torch.float32, allowed_true=True)
     if total is not None and total.dim() == 2:                     # [B, N] of 1/0 kept as given
         total = total[:, None, None, :]
     if getattr(attn.self, "is_causal", False) and mask is None:

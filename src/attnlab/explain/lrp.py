@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.capture import additive_mask
+
 __all__ = ["attnlrp", "linear", "add", "product", "matmul", "softmax", "identity_rule", "layer_norm", "rms_norm",
            "mha_block", "multihead_attention", "encoder_layer", "bert_layer", "divided_block", "SUPPORTED", "EPS"]
 
@@ -172,17 +174,6 @@ def rms_norm(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, norm_eps:
 
 
 # ============================================================================ blocks
-def _additive(mask: Tensor | None, dtype: torch.dtype, *, keep_true: bool) -> Tensor | None:
-    """A boolean mask (``keep_true``: True = may attend; else True = masked) or an additive
-    float mask -> an additive float mask (``-inf`` where masked); None stays None."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        masked = ~mask if keep_true else mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(masked, float("-inf"))
-    return mask.to(dtype)
-
-
 def _attention(q_bhld: Tensor, k_bhsd: Tensor, v_bhsd: Tensor, scale: float, mask: Tensor | None,
                eps: float) -> Tensor:
     """``softmax(q kᵀ · scale + mask) v`` ``[B, H, L, hd]`` with the uniform rule on both products."""
@@ -217,10 +208,10 @@ def mha_block(mha: nn.MultiheadAttention, q_bld: Tensor, attn_mask: Tensor | Non
         q, k, v = linear(q_bld, w_q, b_q, eps), linear(k_bsd, w_k, b_k, eps), linear(v_bsd, w_v, b_v, eps)
     split = lambda t: t.reshape(b, t.shape[1], h, hd).transpose(1, 2)       # noqa: E731  [B, H, ·, hd]
     mask = None
-    am = _additive(attn_mask, q_bld.dtype, keep_true=False)
+    am = additive_mask(attn_mask, q_bld.dtype)
     if am is not None:
         mask = am.view(b, h, length, s_len) if am.dim() == 3 else am
-    kpm = _additive(key_padding_mask, q_bld.dtype, keep_true=False)
+    kpm = additive_mask(key_padding_mask, q_bld.dtype)
     if kpm is not None:
         kpm = kpm.view(b, 1, 1, s_len)
         mask = kpm if mask is None else mask + kpm
@@ -333,7 +324,7 @@ def bert_layer(layer: nn.Module, x_bld: Tensor, attention_mask: Tensor | None, e
     q = split(linear(x_bld, att.query.weight, att.query.bias, eps))
     k = split(linear(x_bld, att.key.weight, att.key.bias, eps))
     v = split(linear(x_bld, att.value.weight, att.value.bias, eps))
-    mask = _additive(attention_mask, x_bld.dtype, keep_true=True)
+    mask = additive_mask(attention_mask, x_bld.dtype, allowed_true=True)
     ctx = _attention(q, k, v, att.scaling, mask, eps).transpose(1, 2).reshape(b, length, h * hd)
     ln1 = sa_out.LayerNorm
     a = linear(ctx, sa_out.dense.weight, sa_out.dense.bias, eps)

@@ -30,6 +30,27 @@ class ServerUnreachable(ConnectionError):
     exits with status 2 before doing any work."""
 
 
+def project_root(start: str | Path | None = None) -> Path:
+    """The project directory, seen through DVC's temporary experiment copies."""
+    if os.environ.get("ATTNLAB_ROOT"):
+        return Path(os.environ["ATTNLAB_ROOT"]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for parent in [here, *here.parents]:
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            return parent.parent.parent.parent
+    return here
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the project's SQLite store ``sqlite:///<root>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def missing_sqlite(uri: str) -> bool:
+    """A SQLite store whose file does not exist (MLflow's client would create it)."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
 def require_tracking_server(uri: str | None = None, *, timeout: float = 3.0) -> None:
     """Raise :class:`ServerUnreachable` unless the http(s) tracking server at ``uri``
     (default: ``MLFLOW_TRACKING_URI``) answers one GET of ``<uri>/health`` within

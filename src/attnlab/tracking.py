@@ -46,7 +46,9 @@ import yaml  # noqa: E402
 from mlflow.entities import Metric, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from attnlab.io import ServerUnreachable, hash_file, require_tracking_server  # noqa: E402
+from attnlab.io import (ServerUnreachable, hash_file, project_root, require_tracking_server,  # noqa: E402,F401
+                        tracking_uri)
+from attnlab.io import missing_sqlite as _missing_sqlite  # noqa: E402
 
 STATE_TAG = "attnlab.state_key"
 #: The live run's key (params, code, prepared data: :func:`live_key`), set when it opens.
@@ -61,21 +63,6 @@ LOGGED_TAG = "attnlab.logged."
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 #: The UI's own guesses, which an explicit kind replaces (a user's explicit choice stays).
 _INFERRED_KINDS = ("", "no_inferred_type", "custom_model_development_inferred", "genai_development_inferred")
-
-
-def project_root(start: str | Path | None = None) -> Path:
-    """The project directory, seen through DVC's temporary experiment copies."""
-    if os.environ.get("ATTNLAB_ROOT"):
-        return Path(os.environ["ATTNLAB_ROOT"]).resolve()
-    here = Path(start or Path.cwd()).resolve()
-    for parent in [here, *here.parents]:
-        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
-            return parent.parent.parent.parent
-    return here
-
-
-def tracking_uri(root: str | Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
 def init_store(uri: str | None = None) -> str:
@@ -493,11 +480,6 @@ def find_runs(experiment: str, root: Path | None = None) -> pd.DataFrame:
 
 #: The error codes of a run id that the store does not hold (or that cannot be one).
 _NO_SUCH_RUN = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
-def _missing_sqlite(uri: str) -> bool:
-    """A SQLite store whose file does not exist (MLflow's client would create it)."""
-    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def _run_record(run: Any) -> dict[str, Any]:

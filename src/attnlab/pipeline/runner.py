@@ -36,9 +36,10 @@ import contextlib
 import errno
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from attnlab.config import ConfigError, load_params, stage_device
 from attnlab.io import DataError, ServerUnreachable, atomic_dir, require_tracking_server
@@ -97,9 +98,15 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
                   file=sys.stderr)
     root = Path(args.data) / args.experiment
     if not parallel or distributed.is_main():  # under torchrun only process 0 writes the outputs
-        live = _open_live(name, args.experiment, experiment, cfg, Layout(root), start_ms, args.params)
+        opening = (lambda: _open_live(name, args.experiment, experiment, cfg, Layout(root), start_ms, args.params))
+        # train logs into the run while it runs, track finishes it: they open it first; the
+        # other stages only log their outputs at the end, so their run opens in a thread
+        # (importing MLflow and a few store queries: about a second) while they work
+        live = opening() if name in ("train", "track") else _Opening(opening)
         with contextlib.ExitStack() as watching:
-            if live is not None:
+            if isinstance(live, _Opening):
+                watching.enter_context(_failing(live))
+            elif live is not None:
                 watching.enter_context(live.active())
                 watching.enter_context(_failing(live))
                 if name == "train":            # per-epoch and system metrics while it trains
@@ -115,6 +122,8 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
                     distributed.barrier()      # every process done before the directory is renamed
             record_timing(Layout(root), name, start_ms, now_ms(),     # only a stage that succeeded
                           processes=distributed.world_size() if parallel else 1)
+        if isinstance(live, _Opening):
+            live = live.result()
         if live is not None:
             _log_stage_outputs(live, name, Layout(root))
     else:
@@ -137,11 +146,11 @@ def live_enabled(data_root: Path) -> bool:
     store); with ``MLFLOW_TRACKING_URI`` set, always; with the project's own store, when
     the data directory is inside the project (a test's data elsewhere never logs into
     the project's store)."""
-    from attnlab.tracking import _missing_sqlite, project_root, tracking_uri
+    from attnlab.io import missing_sqlite, project_root, tracking_uri     # not mlflow: decided before importing it
 
     if os.environ.get("ATTNLAB_LIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if _missing_sqlite(tracking_uri()):
+    if missing_sqlite(tracking_uri()):
         return False
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return True
@@ -189,6 +198,28 @@ def error_line(err: BaseException) -> str:
         return f"exit status {err.code}"
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+class _Opening:
+    """A live run being opened in a background thread (:func:`_open_live`)."""
+
+    def __init__(self, open_run: Callable[[], Any]):
+        self._live: Any = None
+        self._thread = threading.Thread(target=self._open, args=(open_run,), name="attnlab-live-open", daemon=True)
+        self._thread.start()
+
+    def _open(self, open_run: Callable[[], Any]) -> None:
+        self._live = open_run()                # never raises: a failing store is one line on stderr
+
+    def result(self) -> Any:
+        """The live run (or None), once it is open."""
+        self._thread.join()
+        return self._live
+
+    def fail(self, message: str) -> None:
+        live = self.result()
+        if live is not None:
+            live.fail(message)
 
 
 @contextlib.contextmanager

@@ -279,7 +279,7 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
         metrics["knockout"] = _knockout(cfg, lay, model, ex, importance, target)
     _merge(metrics, exp.ground_truth(cfg, lay, model, data, meta, ex))
     if lay.attention.exists() and self_attention_only(lay.attention):
-        metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, progress=progress)
+        metrics["heads"] = _heads(exp, cfg, lay, model, data, pert, ex.y, progress=progress)
     io.write_json(lay.metrics, metrics)
 
 
@@ -408,8 +408,10 @@ def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
 
 
 def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data: dict[str, torch.Tensor],
-           pert: Any, *, progress: bool) -> dict[str, Any]:
-    """``heads.csv`` (one row per recorded head), its figure, and the summary for metrics.json."""
+           pert: Any, y: torch.Tensor | None, *, progress: bool) -> dict[str, Any]:
+    """``heads.csv`` (one row per recorded head), its figure, and the summary for metrics.json:
+    the stored attention's head statistics over every test sample; head ablation over the
+    explained samples (``pert.x``, labels ``y``)."""
     import pandas as pd
 
     from attnlab.evaluate import head_importance
@@ -426,8 +428,8 @@ def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data:
     # head ablation zeroes a head's slice of out_proj: the recorded module (an
     # nn.MultiheadAttention) or the attention module holding a recorded AttentionProbs
     ablatable = {n: a for n in dict.fromkeys(names) if (a := ablation_module(model, n)) is not None}
-    if getattr(ev, "ablation", False) and ablatable:
-        y, more = data["y_test"], pert.forward_kwargs or {}
+    if getattr(ev, "ablation", False) and ablatable and y is not None:
+        more = pert.forward_kwargs or {}
         batches = [((pert.x[i:i + ev.batch_size], {k: v[i:i + ev.batch_size] for k, v in more.items()}),
                     y[i:i + ev.batch_size]) for i in range(0, len(y), ev.batch_size)]
         ablated = head_importance(model, batches, list(ablatable.values()),

@@ -88,8 +88,10 @@ def importance_by_class(importance: dict[str, np.ndarray], y: np.ndarray, classe
     """Mean (± one standard deviation) importance per item position: one row per
     method, one column per class; the dotted line is uniform importance."""
     methods = list(importance)
+    # not sharex=True: with methods x classes axes sharing one x axis, every artist added
+    # re-autoscales all of them (13 x 10 axes: 10 s); every method has the same items anyway
     fig, axes = plt.subplots(len(methods), len(classes), figsize=(2.6 * len(classes), 1.9 * len(methods)),
-                             sharex=True, squeeze=False)
+                             squeeze=False)
     palette = sns.color_palette()
     for r, method in enumerate(methods):
         imp = np.asarray(importance[method])
@@ -101,12 +103,15 @@ def importance_by_class(importance: dict[str, np.ndarray], y: np.ndarray, classe
                 ax.plot(t, mean, color=palette[c % 10], lw=1)
                 ax.fill_between(t, mean - std, mean + std, alpha=0.25, color=palette[c % 10])
             ax.axhline(1.0 / imp.shape[1], color="grey", lw=0.8, ls=":")
+            ax.set_xlim(-0.5, imp.shape[1] - 0.5)
             if r == 0:
                 ax.set_title(f"{classes[c]} (n={len(rows)})", fontsize=9)
             if c == 0:
                 ax.set_ylabel(method, fontsize=9)
             if r == len(methods) - 1:
                 ax.set_xlabel(item)
+            else:
+                ax.tick_params(labelbottom=False)
     fig.tight_layout()
     return fig
 

@@ -79,12 +79,13 @@ run-pretrained: store $(VENV)/.pretrained-installed
 
 # Two pytest workers (pytest-xdist, a file per worker at a time): the two halves of the
 # end-to-end test (tests/test_pipeline.py and tests/test_pipeline_more.py, each a tiny DVC
-# project run in subprocesses) start first, one on each worker; every other file follows
+# project run in subprocesses) start first, one on each worker (in the order given: xdist
+# would otherwise start the files with the most tests first); every other file follows
 # on whichever worker is free.
 TEST_WORKERS ?= 2
 # ... then the quick benchmarks (bench-quick): a speed regression fails `make test` too.
 test: $(VENV)/.test-installed postgresql chromium
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests/test_pipeline.py tests/test_pipeline_more.py tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests/test_pipeline.py tests/test_pipeline_more.py tests
 	$(PY) benchmarks/run.py --quick
 
 # tests/test_server.py runs an MLflow server on a real PostgreSQL: Debian's packages,

@@ -84,7 +84,7 @@ def _write_external_models(repo: Path) -> dict:
                                  "labels": "tokennet/labels.npy"}, **copy.deepcopy(stages)}}
 
 
-def run(cmd, cwd, env, check=True):
+def run_command(cmd, cwd, env, check=True):
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -145,14 +145,14 @@ def make_project(tmp_path_factory, experiments: list[str], externals: list[str] 
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("ATTNLAB_ROOT", None)
     env["PYTHONPATH"] = str(repo / "src")     # the copy's code, not the editable install's
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "tiny project"], repo, env)
-    run([sys.executable, "-c", "from attnlab.tracking import init_store; init_store()"], repo, env)
+    run_command(["git", "init", "-q", "-b", "main"], repo, env)
+    run_command(["git", "add", "-A"], repo, env)
+    run_command(["git", "commit", "-qm", "tiny project"], repo, env)
+    run_command([sys.executable, "-c", "from attnlab.tracking import init_store; init_store()"], repo, env)
     # the first repro runs every stage under the tracer (tests/stagetrace): what each
     # reads and runs is checked against its deps by check_every_stage_declares_what_it_uses
     traces = tmp_path_factory.mktemp("traces")
-    run(["dvc", "repro"], repo, tracer_env(traces, src=repo / "src", base=env))
+    run_command(["dvc", "repro"], repo, tracer_env(traces, src=repo / "src", base=env))
     return repo, env, traces
 
 
@@ -165,7 +165,7 @@ def mlflow_runs(repo, experiment="motion"):
 
 def stale_stages(repo, env):
     """The stages `dvc status` lists as changed."""
-    status = run(["dvc", "status"], repo, env).stdout
+    status = run_command(["dvc", "status"], repo, env).stdout
     return {line.rstrip(":").strip() for line in status.splitlines() if line.rstrip().endswith(":")
             and not line.startswith("\t")}, status
 
@@ -199,12 +199,12 @@ def check_index_page(project) -> None:
         assert [a.path for a in client.list_artifacts(run_id, "index")] == ["index/index.html"], name
         assert run_id in page
     assert not list((repo / "data").glob("*/.timings/index.json")) and not (repo / "data" / "index").exists()
-    assert "up to date" in run(["dvc", "status"], repo, env).stdout
+    assert "up to date" in run_command(["dvc", "status"], repo, env).stdout
 
 
 def check_second_repro_does_nothing(project) -> None:
     repo, env, _ = project
-    assert "Running stage" not in run(["dvc", "repro"], repo, env).stdout
+    assert "Running stage" not in run_command(["dvc", "repro"], repo, env).stdout
 
 
 def check_planted_evidence(project, name: str) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 from pipeline_project import (check_every_stage_declares_what_it_uses, check_index_page, check_planted_evidence,
-                              check_second_repro_does_nothing, make_project, mlflow_runs, run, stale_stages)
+                              check_second_repro_does_nothing, make_project, mlflow_runs, run_command,
+                              stale_stages)
 
 # the fixture runs its half of the tiny pipeline (under the stage tracer) before the first test
 pytestmark = pytest.mark.timeout(1800)
@@ -66,7 +67,7 @@ def test_repro_produces_every_output(project):
     assert "Is the explanation faithful?" in html and "the strongest sink" in html
     assert html.count("data:image/png;base64,") >= 4
     assert "http://" not in html and "https://" not in html        # opens offline
-    status = run(["dvc", "status"], repo, env).stdout
+    status = run_command(["dvc", "status"], repo, env).stdout
     assert "up to date" in status
 
 
@@ -84,7 +85,7 @@ def test_editing_library_code_makes_its_stages_stale(project):
         path.write_text(original)
     assert "aggregate@tokens" in stale, status
     assert not any(s.startswith(("train@", "prepare@", "explain@")) for s in stale), status
-    assert "up to date" in run(["dvc", "status"], repo, env).stdout
+    assert "up to date" in run_command(["dvc", "status"], repo, env).stdout
 
 
 def test_two_instances_of_one_kind_run_side_by_side(project):
@@ -141,7 +142,7 @@ def test_same_params_and_seed_give_identical_outputs(project):
     before = outs()
     assert len(before) >= 8
     run = json.loads((repo / "data/motion/track/run.json").read_text())
-    out = run(["dvc", "repro", "--force", "track@motion"], repo, env).stdout
+    out = run_command(["dvc", "repro", "--force", "track@motion"], repo, env).stdout
     assert "Running stage 'train@motion'" in out
     assert outs() == before
     assert json.loads((repo / "data/motion/track/run.json").read_text()) == run      # the same state: not logged again
@@ -166,7 +167,7 @@ def test_mlflow_run_holds_params_metrics_model_attention(project):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert type(model) is EncoderClassifier
-    head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    head = run_command(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert run.data.tags["git.commit"] == head
     assert run.data.tags["dvc.exp_name"] == "workspace"
     assert {"dvc.lock.prepare", "dvc.lock.train", "dvc.lock.extract"} <= set(run.data.tags)
@@ -178,7 +179,7 @@ def test_exp_run_with_changed_param_makes_second_run(project):
     """`dvc exp run -S` with an evaluate param changed: only evaluate, report and track run
     again, and the new state is a second MLflow run (train's metrics in both)."""
     repo, env, _ = project
-    out = run(["dvc", "exp", "run", "-S", "motion.evaluate.steps=4", "--name", "coarser"], repo, env).stdout
+    out = run_command(["dvc", "exp", "run", "-S", "motion.evaluate.steps=4", "--name", "coarser"], repo, env).stdout
     assert "Running stage 'evaluate@motion'" in out and "Running stage 'train@motion'" not in out
     client, runs = mlflow_runs(repo)
     assert len(runs) == 2

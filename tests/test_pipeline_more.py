@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 from pipeline_project import (BIN, check_every_stage_declares_what_it_uses, check_index_page, check_planted_evidence,
-                              check_second_repro_does_nothing, make_project, mlflow_runs, run, stale_stages)
+                              check_second_repro_does_nothing, make_project, mlflow_runs, run_command,
+                              stale_stages)
 from user_models import CLIP_MODEL
 
 # the fixture runs its half of the tiny pipeline (under the stage tracer) before the first test
@@ -116,7 +117,7 @@ def test_editing_a_users_file_makes_only_its_stages_stale(project):
         path.write_bytes(original)
     assert stale == {f"external-{s}@clipnet" for s in ("prepare", "extract", "explain", "evaluate", "report",
                                                         "track")}, status
-    assert "up to date" in run(["dvc", "status"], repo, env).stdout
+    assert "up to date" in run_command(["dvc", "status"], repo, env).stdout
 
 
 def test_fusion_outputs_and_queued_sweep_over_modes(project):
@@ -138,9 +139,9 @@ def test_fusion_outputs_and_queued_sweep_over_modes(project):
     # the README's `make sweep`: 2 param sets queued, run by 2 workers sharing the cores
     # (-o: the environment is the test's own venv; it is not rebuilt in the copy)
     venv = BIN.parent
-    run(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "sweep", "PARAM=fusion.model.fusion",
+    run_command(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "sweep", "PARAM=fusion.model.fusion",
           "VALUES=sum scalar", "EXPERIMENTS=fusion", "JOBS=2"], repo, env)
-    status = run(["dvc", "queue", "status"], repo, env).stdout
+    status = run_command(["dvc", "queue", "status"], repo, env).stdout
     assert status.count("Success") == 2 and "Failed" not in status, status
     client, runs = mlflow_runs(repo, "fusion")
     by_mode = {r.data.params["model.fusion"]: r for r in runs}

@@ -360,34 +360,31 @@ def _knockout_edit(tokens: Tensor, batch: int, grid: tuple[int, int] | None) -> 
     """The edit blocking, in copy ``c`` of the batch (``len(tokens)`` copies, copy-major), every edge into
     token ``tokens[c]`` except its own diagonal one."""
     copies = len(tokens)
-    c = torch.arange(copies)
 
-    def blocked_of(n: int, groups: int, group: Tensor, key: Tensor, device) -> Tensor:
+    def blocked_of(probs: Tensor, groups: int, group: Tensor, key: Tensor) -> Tensor:
         """``[C, 1, groups, 1, n, n]``: in copy ``c``, group ``group[c]``'s column ``key[c]`` (not its diagonal)."""
-        m = torch.zeros(copies, groups, n, n, dtype=torch.bool)
+        n = probs.shape[-1]
+        c = torch.arange(copies, device=probs.device)
+        group, key = group.to(probs.device), key.to(probs.device)
+        m = torch.zeros(copies, groups, n, n, dtype=torch.bool, device=probs.device)
         m[c, group, :, key] = True
         m[c, group, key, key] = False
-        return m[:, None, :, None].to(device)
+        return m[:, None, :, None]
 
     if grid is None:
-        tok = tokens.cpu()
-
         def sequence(name: str, call: int, probs: Tensor) -> Tensor:
-            n = probs.shape[-1]
             shaped = probs.reshape(copies, batch, 1, *probs.shape[1:])             # [C, B, 1, H, n, n]
-            blocked = blocked_of(n, 1, torch.zeros_like(tok), tok, probs.device)
-            return block_edges(shaped, blocked).reshape(probs.shape)
+            return block_edges(shaped, blocked_of(probs, 1, torch.zeros_like(tokens), tokens)).reshape(probs.shape)
         return sequence
     frames, patches = grid
-    f, p = (tokens // patches).cpu(), (tokens % patches).cpu()
+    f, p = tokens // patches, tokens % patches
 
     def divided(name: str, call: int, probs: Tensor) -> Tensor:
         if call % 2 == 0:                                       # time [C·B·P, H, F, F]: patch p, key frame f
             groups, group, key = patches, p, f
         else:                                                   # space [C·B·F, H, 1+P, 1+P]: frame f, key 1+p
             groups, group, key = frames, f, 1 + p
-        n = probs.shape[-1]
         shaped = probs.reshape(copies, batch, groups, *probs.shape[1:])            # [C, B, groups, H, n, n]
-        return block_edges(shaped, blocked_of(n, groups, group, key, probs.device)).reshape(probs.shape)
+        return block_edges(shaped, blocked_of(probs, groups, group, key)).reshape(probs.shape)
 
     return divided

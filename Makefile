@@ -78,14 +78,16 @@ run-pretrained: store $(VENV)/.pretrained-installed
 	HF_HUB_OFFLINE=1 dvc repro pretrained/dvc.yaml
 
 # Two pytest workers (pytest-xdist, a file per worker at a time): the two halves of the
-# end-to-end test (tests/test_pipeline.py and tests/test_pipeline_more.py, each a tiny DVC
-# project run in subprocesses) start first, one on each worker (in the order given: xdist
-# would otherwise start the files with the most tests first); every other file follows
-# on whichever worker is free.
+# end-to-end test (each a tiny DVC project run in subprocesses, the longest files) start
+# first, one on each worker; every other file follows on whichever worker is free. The
+# files are named one by one (pytest sorts a directory's files by name) and xdist keeps
+# their order (--no-loadscope-reorder; by default it starts the files with most tests).
 TEST_WORKERS ?= 2
+E2E := tests/test_pipeline.py tests/test_pipeline_more.py
 # ... then the quick benchmarks (bench-quick): a speed regression fails `make test` too.
 test: $(VENV)/.test-installed postgresql chromium
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests/test_pipeline.py tests/test_pipeline_more.py tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 \
+	  $(E2E) $(filter-out $(E2E),$(sort $(wildcard tests/test_*.py)))
 	$(PY) benchmarks/run.py --quick
 
 # tests/test_server.py runs an MLflow server on a real PostgreSQL: Debian's packages,

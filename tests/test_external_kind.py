@@ -1,6 +1,6 @@
 """The `external` experiment kind: its params are checked when params.yaml is loaded,
 and a user's file that cannot be used stops the stage with one line, writing nothing.
-(The kind's full run through dvc.yaml is in test_pipeline.py.)"""
+(The kind's full run through dvc.yaml is in test_pipeline_more.py.)"""
 import copy
 import re
 

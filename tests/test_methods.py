@@ -32,7 +32,7 @@ def test_a_registered_method_runs_through_explain_evaluate_and_report(magnitude,
     motion = params["motion"]
     motion["model"].update(d_model=16, nhead=2, num_layers=1, dim_feedforward=32)
     motion["train"].update(epochs=2, batch_size=20)
-    motion["explain"].update(methods=["rollout", "magnitude"], examples=1)
+    motion["explain"].update(methods=["rollout", "magnitude"], examples=1, samples=None)   # every test sample
     motion["evaluate"].update(steps=5, ablation=False)
     motion["report"]["examples"] = 1
     path = tmp_path / "params.yaml"

@@ -14,8 +14,8 @@ import its own layer and the ones below, never one above:
    attention ``store`` (and what it keeps: ``selection``), MLflow ``tracking`` (the track stage's adapter, as ``store`` is
    extract's), and the figure and HTML primitives every report draws with;
 2. items and the method registry — ``items``, ``methods``, ``attribution``;
-3. experiments — the params schema (``config``), the kinds, their data, models,
-   training and report sections;
+3. experiments — the params schema (``config`` over the kinds' schemas, built from the
+   shared sections of ``schema``), the kinds, their data, models, training and report sections;
 4. pipeline — the runner, the stage bodies, the timing records;
 5. command line and cross-experiment reports — ``cli``, ``external`` (``attnlab explain``),
    the index page, the command line's report.
@@ -37,8 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                              "attnlab.report.figures",
                              "attnlab.report.html")),
     ("items and methods", ("attnlab.items", "attnlab.methods", "attnlab.attribution", "attnlab.builtin_methods")),
-    ("experiments", ("attnlab.config", "attnlab.experiments", "attnlab.data", "attnlab.models", "attnlab.training",
-                     "attnlab.report")),
+    ("experiments", ("attnlab.config", "attnlab.schema", "attnlab.experiments", "attnlab.data", "attnlab.models",
+                     "attnlab.training", "attnlab.report")),
     ("pipeline", ("attnlab.pipeline", "attnlab.workflow")),
     ("command line and reports", ("attnlab.cli", "attnlab.external", "attnlab.report.index",
                                   "attnlab.report.external")),

@@ -22,11 +22,11 @@ from typing import Any, Literal, Sequence
 
 from torch import nn
 
-from attnlab.config import Aggregate, ClassifierEvaluate, Extract, Report, Section
-from attnlab.config import ExternalExplain as Explain
 from attnlab.data.external import (CLI_FLAGS, Inputs, encode_tokens, load_evidence, load_inputs,  # noqa: F401
                                    load_vocab)
 from attnlab.experiments.external import ExternalExperiment, prepared_inputs
+from attnlab.experiments.external import ExternalExplain as Explain
+from attnlab.schema import Aggregate, ClassifierEvaluate, Extract, Report, Section
 from attnlab.io import DataError, ExternalError  # noqa: F401
 from attnlab.models.external import build, check_model, load_weights, resolve_factory  # noqa: F401
 

@@ -1,24 +1,30 @@
 """Experiment kinds: what differs between the experiments named in params.yaml.
 
-A kind is one module of this package defining an :class:`Experiment` subclass that
-names itself (``name``), its params schema (``params``), its data, model, items,
-ground truth and report (``write_report``). :data:`KINDS` is found here, not listed:
-every module of the package is imported and its kinds collected, so adding a kind is
-adding its module (and its data/model code). The stages in ``stages/`` are the same for
-every experiment; they look the kind up here and run :mod:`attnlab.pipeline.stages` with it.
+A kind is one module of this package defining its params schema (a
+:class:`attnlab.schema.Section` subclass, built from the shared sections of
+:mod:`attnlab.schema` and its own ``prepare``/``model`` sections) and an
+:class:`Experiment` subclass that names itself (``name``), its schema (``params``), its
+place in the list of kinds (``order``), its data, model, items, ground truth and report
+(``write_report``). :data:`KINDS` is found here, not listed: every module of the package
+is imported and its kinds collected, so adding a kind is adding its module (and its
+data/model code); :mod:`attnlab.config` validates ``params.yaml`` against
+``{name: kind.params}``. The stages in ``stages/`` are the same for every experiment;
+they look the kind up here and run :mod:`attnlab.pipeline.stages` with it.
+
+Importing this package (and so validating params) does not import torch: the kind
+modules import it, and their data and model code, inside the methods that use them.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from attnlab.config import EXPERIMENTS
 from attnlab.experiments.base import ClassifierExperiment, Experiment, Explained, Perturbation, Prepared
 
 
 def _kinds() -> dict[str, type[Experiment]]:
-    """Every named :class:`Experiment` subclass defined in a module of this package, in the
-    order of the params schemas (``config.EXPERIMENTS``), then by name."""
+    """Every named :class:`Experiment` subclass defined in a module of this package, by
+    its ``order``, then by name."""
     found: dict[str, type[Experiment]] = {}
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_") or info.name == "base":
@@ -32,8 +38,7 @@ def _kinds() -> dict[str, type[Experiment]]:
                                        f"{found[obj.name].__module__} and {module.__name__}")
                 found[obj.name] = obj
                 globals()[obj.__name__] = obj  # from attnlab.experiments import MotionExperiment
-    order = list(EXPERIMENTS)
-    return dict(sorted(found.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+    return dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 
 KINDS: dict[str, type[Experiment]] = _kinds()

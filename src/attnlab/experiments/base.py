@@ -16,13 +16,15 @@ sample; its predicted class is explained); the ``tokens`` kind is an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
-from attnlab.items import Items, SequenceItems
+if TYPE_CHECKING:                      # torch, the items and the models load when a stage needs them:
+    import torch                       # validating params (which imports every kind) does not
+    from torch import nn
+
+    from attnlab.items import Items
 
 
 @dataclass
@@ -75,7 +77,8 @@ class Experiment:
     """The contract of an experiment kind (see the module docstring)."""
 
     name: ClassVar[str] = ""              # the kind's name in params.yaml (kind: <name>)
-    params: ClassVar[type | None] = None  # its params schema (a config.Section subclass)
+    params: ClassVar[type | None] = None  # its params schema (a schema.Section subclass, defined in its module)
+    order: ClassVar[int] = 1000           # where it comes in KINDS (and error messages): lowest first, then by name
     item_name: ClassVar[str] = "item"     # what the items are: timestep, frame, patch, stream, token
     report_kind: ClassVar[str] = "classifier"   # which report section write_report draws (informative)
 
@@ -174,10 +177,14 @@ class ClassifierExperiment(Experiment):
 
     def items(self, cfg: Any, meta: dict[str, Any]) -> Items:
         """How attention and input attributions become per-item importance."""
+        from attnlab.items import SequenceItems
+
         return SequenceItems(meta["n_items"], how=getattr(cfg.model, "pooling", "mean"))
 
     def explained(self, cfg, data, meta):
         """The test samples, or ``explain.samples`` of them evenly spread (:func:`spread_rows`)."""
+        import torch
+
         rows = spread_rows(len(data["x_test"]), getattr(cfg.explain, "samples", None))
         picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
         y = picked(data["y_test"])

@@ -9,19 +9,102 @@ with :func:`~attnlab.explain.spacetime_rollout` over frames x patches.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
-from torch import nn
+from pydantic import Field, model_validator
 
-from attnlab.config import FramesParams, VideoParams
+from attnlab import methods as method_registry
 from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
-from attnlab.items import Items, SpaceTimeItems
+from attnlab.schema import (ClassifierParams, EncoderModel, HeadOptions, HeadsDivideWidth, InputOptions, MethodsSection,
+                            SampleCap, Section)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from attnlab.items import Items
 
 CLASSES = [str(d) for d in range(10)]
 
 
+# --------------------------------------------------------------------------- params
+class FramesPrepare(Section):
+    n_train: int = Field(1500, gt=0)
+    n_test: int = Field(300, gt=0)
+    frames: int = Field(24, gt=1)
+    size: int = Field(32, gt=7)
+    n_key: int = Field(3, gt=0)                # key frames showing the clip's class
+    distractor: Literal["digits", "noise", "none"] = "digits"
+    noise: float = Field(0.2, ge=0.0)
+    scale: int = Field(2, gt=0)                # digits are 8x8, upsampled to 8*scale pixels
+    seed: int = 0
+
+
+class VideoPrepare(Section):
+    n_train: int = Field(1500, gt=0)
+    n_test: int = Field(300, gt=0)
+    frames: int = Field(8, gt=1)
+    size: int = Field(32, gt=7)
+    patch: int = Field(8, gt=0)
+    noise: float = Field(0.2, ge=0.0)
+    clutter: int = Field(0, ge=0)              # static scrambled digits in every frame
+    max_speed: int = Field(2, gt=0)
+    scale: int = Field(2, gt=0)                # digits are 8x8, upsampled to 8*scale pixels
+    seed: int = 0
+
+
+class SpaceTimeModel(HeadsDivideWidth):
+    # divided: the project's DividedSpaceTimeTransformer; hf_timesformer: Hugging Face's
+    # TimesformerForVideoClassification (divided space-time) of the same sizes, from scratch
+    arch: Literal["divided", "hf_timesformer"] = "divided"
+    d_model: int = Field(48, gt=0)
+    nhead: int = Field(4, gt=0)
+    num_layers: int = Field(2, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _transformers_installed(self) -> "SpaceTimeModel":
+        import importlib.util
+
+        if self.arch == "hf_timesformer" and importlib.util.find_spec("transformers") is None:
+            raise ValueError("arch 'hf_timesformer' needs the transformers package, which is not installed "
+                             "(pip install -r requirements-test.txt); or use arch 'divided'")
+        return self
+
+
+class SpaceTimeExplain(MethodsSection, HeadOptions, InputOptions, SampleCap):
+    ITEMS: ClassVar[str] = "spacetime"
+    examples: int = Field(4, gt=0)
+
+
+class FramesParams(ClassifierParams):
+    prepare: FramesPrepare = FramesPrepare()
+    model: EncoderModel = EncoderModel()
+
+
+class VideoParams(ClassifierParams):
+    prepare: VideoPrepare = VideoPrepare()
+    model: SpaceTimeModel = SpaceTimeModel()
+    explain: SpaceTimeExplain = SpaceTimeExplain()
+
+    @model_validator(mode="after")
+    def _norms_recordable(self) -> "VideoParams":
+        needs_norms = [m for m in self.explain.methods if "norms" in method_registry.get(m).needs]
+        if self.model.arch == "hf_timesformer" and needs_norms:
+            raise ValueError(f"explain.methods: {needs_norms[0]!r} needs norm-aware attention, which the recorder "
+                             "does not take from Hugging Face's TimeSformer (only from nn.MultiheadAttention and "
+                             "AttentionProbs markers); remove it or use model.arch 'divided'")
+        for m in self.explain.methods:          # a method's refusal of one architecture: "video:<arch>"
+            why = method_registry.get(m).unsupported.get(f"video:{self.model.arch}")
+            if why is not None:
+                raise ValueError(f"explain.methods: method {m!r} cannot explain model.arch "
+                                 f"{self.model.arch!r}: {why}; remove it or use model.arch 'divided'")
+        return self
+
+
+# --------------------------------------------------------------------------- the kinds
 def _prepared(train: dict, test: dict, meta: dict[str, Any]) -> Prepared:
     # pixels in [0, 1] plus Gaussian noise: float16 (loaded as float32) halves the file,
     # and zlib would spend seconds on incompressible noise
@@ -35,6 +118,7 @@ def _prepared(train: dict, test: dict, meta: dict[str, Any]) -> Prepared:
 class FramesExperiment(ClassifierExperiment):
     name = "frames"
     params = FramesParams
+    order = 30
     item_name = "frame"
 
     def prepare(self, cfg: FramesParams) -> Prepared:
@@ -59,9 +143,10 @@ class FramesExperiment(ClassifierExperiment):
         and the baseline frame's embedding elsewhere. The tests therefore perturb cached
         embeddings ``[N, T, D]`` and run only the encoder: the same logits, with the CNN
         run once per test frame instead of once per perturbed clip."""
-        from attnlab.evaluate import sequence_masker
+        import torch
 
         from attnlab.devices import model_device
+        from attnlab.evaluate import sequence_masker
 
         model.eval()
         x, device = explained.x, model_device(model)
@@ -83,6 +168,7 @@ class VideoExperiment(ClassifierExperiment):
 
     name = "video"
     params = VideoParams
+    order = 40
     item_name = "patch"
 
     def prepare(self, cfg: VideoParams) -> Prepared:
@@ -115,6 +201,7 @@ class VideoExperiment(ClassifierExperiment):
         from functools import partial
 
         from attnlab.explain import split_spacetime
+        from attnlab.items import SpaceTimeItems
 
         return SpaceTimeItems(meta["n_items"], patch=meta["patch"], split=partial(
             split_spacetime, blocks=cfg.model.num_layers, frames=meta["frames"], patches=meta["patches"]))

@@ -14,17 +14,96 @@ Items are along dim 1 of the first input (``[N, T, C]``, ``[N, T, C, H, W]``, to
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
+from pydantic import Field, model_validator
 
-from attnlab.items import SequenceItems
-from attnlab.config import ExternalParams
+from attnlab import methods as method_registry
 from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared, spread_rows
+from attnlab.schema import Aggregate, ClassifierEvaluate, Explain, Extract, Report, Section, aggregate_fits_store
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
+# --------------------------------------------------------------------------- params
+class ExternalPrepare(Section):
+    """The user's data files (paths relative to the project root, inside the instance's
+    directory of ``externals``). The inputs are test data only: nothing is trained."""
+
+    inputs: list[str] = []                     # .npy, one per model argument, batch first; items along
+                                               # dim 1 of the first ([N, T, C], [N, T, C, H, W], ...)
+    tokens: str | None = None                  # or: token sequences, one per line (with vocab)
+    vocab: str | None = None                   # one token per line, line i = id i; needs <pad>, <unk>
+    labels: str                                # .npy of integer class ids [N]
+    evidence: str | None = None                # .npy bool [N, items]: the items carrying the evidence
+
+    @model_validator(mode="after")
+    def _one_kind_of_input(self) -> "ExternalPrepare":
+        if bool(self.inputs) == bool(self.tokens):
+            raise ValueError("give the inputs as 'inputs' (.npy files) or as 'tokens' (a text file with "
+                             "'vocab'), not both and not neither")
+        if self.tokens and not self.vocab:
+            raise ValueError("'tokens' needs 'vocab' (a text file, one token per line)")
+        return self
+
+    def files(self) -> list[str]:
+        return [*self.inputs, *(f for f in (self.tokens, self.vocab, self.labels, self.evidence) if f)]
+
+
+class ExternalModel(Section):
+    factory: str                               # FILE.py:FACTORY or package.module:FACTORY -> the nn.Module
+    kwargs: dict[str, Any] = {}                # passed to the factory
+    weights: str | None = None                 # its state dict: torch.save (loaded weights_only) or .safetensors
+    readout: Literal["mean", "cls"] | int = "mean"   # which attention rows explain the prediction
+    causal: bool = False                       # queries see only earlier positions (head diagnostics, aggregation)
+
+    def files(self) -> list[str]:
+        where = self.factory.rpartition(":")[0]
+        code = [where] if where.endswith(".py") or "/" in where else []
+        return code + ([self.weights] if self.weights else [])
+
+
+class ExternalExplain(Explain):
+    batch_size: int = Field(32, gt=0)
+
+
+class ExternalParams(Section):
+    """A model trained elsewhere (``kind: external``): no prepare of data nor training of
+    its own; its files are watched through the directory ``externals`` names for it."""
+
+    prepare: ExternalPrepare
+    model: ExternalModel
+    extract: Extract = Extract()
+    aggregate: Aggregate = Aggregate()         # token inputs with a vocabulary only
+    explain: ExternalExplain = ExternalExplain()
+    evaluate: ClassifierEvaluate = ClassifierEvaluate()
+    report: Report = Report()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_methods(cls, data: Any) -> Any:
+        """Token ids have no input gradients: their default methods are the token kind's."""
+        if isinstance(data, dict) and isinstance(data.get("prepare"), dict) and data["prepare"].get("tokens"):
+            explain = data.get("explain") or {}
+            if isinstance(explain, dict) and "methods" not in explain:
+                data = {**data, "explain": {**explain, "methods": method_registry.names("tokens", default_only=True)}}
+        return data
+
+    @model_validator(mode="after")
+    def _methods_for_tokens(self) -> "ExternalParams":
+        if self.prepare.tokens:
+            try:
+                method_registry.check(self.explain.methods, "tokens")
+            except ValueError as err:
+                raise ValueError(f"explain.methods: {err} (the inputs are token ids)") from None
+            aggregate_fits_store(self.aggregate, self.extract)     # tokens with a vocabulary are aggregated
+        return self
+
+
+# --------------------------------------------------------------------------- the kind
 #: The names the messages about the data files give them: their params keys.
 FLAGS = {key: f"prepare.{key}" for key in ("inputs", "labels", "tokens", "vocab")}
 
@@ -64,6 +143,7 @@ def prepared_inputs(data: Any, n_classes: int, *, source: str, reference: dict[s
 class ExternalExperiment(ClassifierExperiment):
     name = "external"
     params = ExternalParams
+    order = 60
     item_name = "item"
 
     # ------------------------------------------------------------------ the model
@@ -124,6 +204,10 @@ class ExternalExperiment(ClassifierExperiment):
     def explained(self, cfg, data, meta):
         tokens = "tokens_test" in data
         x = self._first(data)
+        import torch
+
+        from attnlab.items import SequenceItems
+
         rows = spread_rows(len(x), cfg.explain.samples)
         picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
         x, rest = picked(x), [picked(r) for r in self._rest(data)]

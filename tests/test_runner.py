@@ -11,7 +11,7 @@ import pytest
 from attnlab.layout import STAGES, Layout
 from attnlab.pipeline import stage_records, stage_times
 from attnlab.pipeline.timing import outputs_digest
-from helpers import run_stages, tiny_params, write_params
+from helpers import ROOT, run_stages, tiny_params, write_params
 
 UNTRACKED = [s for s in STAGES if s != "track"]
 
@@ -91,3 +91,61 @@ def test_stage_rejects_an_unknown_stage_before_anything():
 
     with pytest.raises(ValueError, match="unknown stage 'trian'; stages: prepare, train"):
         run("trian", ["tokens"])
+
+
+def test_exit_now_does_what_exit_does_that_matters(tmp_path):
+    """A stage script ends with exit_now: a thread that is not a daemon finishes, the atexit
+    handlers run (a tracer's trace, MLflow's), buffered stdout and stderr arrive, the status
+    is kept — checked against a plain interpreter exit of the same script."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import atexit, sys, threading, time\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    open(sys.argv[1] + '.thread', 'w').write('finished')\n"
+        "threading.Thread(target=late).start()\n"
+        "atexit.register(lambda: open(sys.argv[1] + '.atexit', 'w').write('ran'))\n"
+        "sys.stdout.write('buffered out')\n"
+        "sys.stderr.write('buffered err')\n"
+        "if sys.argv[2] == 'fast':\n"
+        "    from attnlab.pipeline.runner import exit_now\n"
+        "    exit_now(3)\n"
+        "sys.exit(3)\n")
+    outcome = {}
+    for how in ("plain", "fast"):
+        base = tmp_path / how
+        done = subprocess.run([sys.executable, str(script), str(base), how], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=120)
+        outcome[how] = (done.returncode, done.stdout, done.stderr,
+                        (tmp_path / f"{how}.thread").read_text(), (tmp_path / f"{how}.atexit").read_text())
+    assert outcome["fast"] == outcome["plain"] == (3, "buffered out", "buffered err", "finished", "ran")
+
+
+def test_stages_without_a_model_never_import_torch(tmp_path):
+    """Prepare of motion (sktime's BasicMotions) and aggregate of an experiment without a
+    vocabulary run as scripts, the way DVC runs them, without importing torch (about 1.2 s
+    of every such stage); their timing records then carry no thread count. Checked from an
+    atexit handler of the stage process itself (exit_now runs them)."""
+    import os
+    import subprocess
+    import sys
+
+    params = write_params(tmp_path / "params.yaml", tiny_params(["motion"]))
+    probe = ("import atexit, runpy, sys\n"
+             "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules))\n"
+             "sys.argv = sys.argv[1:]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, "ATTNLAB_LIVE": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for stage in ("prepare", "aggregate"):
+        done = subprocess.run([sys.executable, "-c", probe, str(ROOT / "stages" / f"{stage}.py"), "motion",
+                               "--params", str(params), "--data", str(tmp_path / "data")],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("torch imported: False"), (stage, done.stdout)
+        record = json.loads((tmp_path / "data" / "motion" / ".timings" / f"{stage}.json").read_text())
+        assert "threads" not in record and record["processes"] == 1
+    summary = json.loads((tmp_path / "data" / "motion" / "aggregate" / "summary.json").read_text())
+    assert summary["vocabulary"] is False

@@ -32,30 +32,40 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 #: The stages that can run in several processes.
 STAGES = ("train", "extract", "aggregate")
 
 
+def _dist() -> Any:
+    """``torch.distributed``, imported when first needed: a stage that never joins a
+    process group (report, or any stage without torchrun) need not import torch for it."""
+    import torch.distributed as dist
+
+    return dist
+
+
 def active() -> bool:
-    """True inside a process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one process (never before torch.distributed
+    is imported: a group cannot exist yet)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return _dist().get_rank() if active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return _dist().get_world_size() if active() else 1
 
 
 def backend() -> str | None:
-    return str(dist.get_backend()) if active() else None
+    return str(_dist().get_backend()) if active() else None
 
 
 def is_main() -> bool:
@@ -97,6 +107,8 @@ def relaunch(stage: str, argv: list[str]) -> None:
 def local_device(device: torch.device) -> torch.device:
     """This process's device: ``cuda:LOCAL_RANK`` under torchrun for a CUDA ``device``."""
     if launched() and device.type == "cuda":
+        import torch
+
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
@@ -106,7 +118,12 @@ def init(device: torch.device) -> None:
     (nothing otherwise): gloo for a CPU ``device``, NCCL for CUDA. A SIGTERM (torchrun
     stopping the others when one process fails) then raises ``SystemExit``, so the
     temporary outputs are removed on the way out."""
-    if not launched() or int(os.environ["WORLD_SIZE"]) == 1 or dist.is_initialized():
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
+        return
+    import torch
+
+    dist = _dist()
+    if dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(local_device(device))
@@ -115,13 +132,14 @@ def init(device: torch.device) -> None:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 def broadcast(obj: Any) -> Any:
@@ -129,7 +147,7 @@ def broadcast(obj: Any) -> Any:
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -138,13 +156,14 @@ def all_gather(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    _dist().all_gather_object(out, obj)
     return out
 
 
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the processes, in place."""
     if active():
+        dist = _dist()
         shared = tensor.cuda() if dist.get_backend() == "nccl" else tensor     # NCCL reduces CUDA tensors only
         dist.all_reduce(shared)
         if shared is not tensor:
@@ -174,6 +193,9 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     rows ``r, r + N, ...``), in their order, on every process."""
     if not active():
         return local
+    import torch
+
+    dist = _dist()
     w = world_size()
     rows = -(-n // w)
     padded = local.new_zeros((rows, *local.shape[1:]))

@@ -14,22 +14,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from attnlab import distributed, io
 from attnlab.config import stage_device
-from attnlab.devices import model_device, take_rows, to_device
 from attnlab.experiments.base import Experiment
 from attnlab.layout import Layout
-from attnlab.models import build_model, save_checkpoint
 from attnlab.pipeline.timing import stage_records, stage_times
+
+if TYPE_CHECKING:          # torch is imported by the stages that run a model, not by a report's
+    import torch
 
 
 def load_dataset(lay: Layout) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The prepared arrays as tensors (float16 storage loaded as float32) and the meta."""
+    import torch
+
     arrays = io.load_arrays(lay.dataset)
     data = {k: torch.from_numpy(v) for k, v in arrays.items()}
     data = {k: v.float() if v.dtype == torch.float16 else v for k, v in data.items()}
@@ -44,6 +46,9 @@ def prepare(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
 
 
 def train(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> None:
+    import torch
+
+    from attnlab.models import build_model, save_checkpoint
     from attnlab.training import resumable
 
     data, meta = load_dataset(lay)
@@ -80,6 +85,7 @@ def extract(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -
     """The attention of the test samples (streamed to disk; every layer, head and query
     row unless ``extract.layers/heads/rows/dtype`` choose less), and the kind's other
     per-sample outputs (predictions, fusion weights)."""
+    from attnlab.devices import take_rows
     from attnlab.store import extract_attention, merge_attention
 
     data, _ = load_dataset(lay)
@@ -120,16 +126,17 @@ def aggregate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False)
     """``VocabAttention`` of the stored attention (no model run), one aggregation per
     view (a layer, the layer mean or the rollout), head mean and per head; kinds without
     a vocabulary write only ``summary.json`` saying so."""
+    meta = io.read_json(lay.meta)
+    if "vocab" not in meta:                    # said without loading the data (nor torch)
+        if distributed.is_main():
+            io.write_json(lay.aggregate_summary, {"vocabulary": False,
+                                                  "reason": f"{lay.root.name}'s inputs have no token vocabulary"})
+        return
     import pandas as pd
 
     from attnlab.aggregate_views import aggregate_views
 
     data, meta = load_dataset(lay)
-    if "vocab" not in meta:
-        if distributed.is_main():
-            io.write_json(lay.aggregate_summary, {"vocabulary": False,
-                                                  "reason": f"{lay.root.name}'s inputs have no token vocabulary"})
-        return
     a = cfg.aggregate
     itos = meta["vocab"]
     causal, real = exp.head_masks(cfg, data)
@@ -182,9 +189,11 @@ def _explain_rows(e: Any, model: torch.nn.Module, ex: Any, batches: list[slice |
     """Every method of ``e.methods`` on the explained samples of ``batches`` (slices or
     index tensors into ``ex``), one :func:`~attnlab.attribution.explain_batch` each, for
     ``target`` (default: the model's predictions): ``({method: [M, n_items]}, target [M])``."""
+    import torch
     from tqdm.auto import tqdm
 
     from attnlab.attribution import explain_batch
+    from attnlab.devices import take_rows
 
     parts: dict[str, list[torch.Tensor]] = {m: [] for m in e.methods}
     targets = []
@@ -231,6 +240,9 @@ def evaluate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) 
     attention to a method's top-k items carry the prediction, per layer and head?), the
     kind's ground truth, and per-head diagnostics (entropy, sink score, locality, ablation)
     of the stored attention."""
+    import torch
+
+    from attnlab.devices import to_device
     from attnlab.evaluate import random_importance
     from attnlab.evaluate.summaries import perturbation_curves, self_attention_only, write_curves
     from attnlab.report import figures
@@ -310,6 +322,9 @@ def _sanity(exp: Experiment, cfg: Any, model: torch.nn.Module, data: dict[str, t
     explain method on ``evaluate.sanity.samples`` explained samples spread evenly over
     them (test sets are often ordered by class or condition), explained again, for the
     same targets, exactly as the explain stage does."""
+    import torch
+
+    from attnlab.devices import model_device, take_rows, to_device
     from attnlab.evaluate.sanity import sanity_check
 
     e, s = cfg.explain, cfg.evaluate.sanity
@@ -331,6 +346,7 @@ def _road(pert: Any, importance: dict[str, torch.Tensor], constant: dict[str, An
     AUC is the same as with the constant baseline (``same_ranking``;
     ``rank_correlation``: Kendall's tau between the two; ``*_insertion``: the same for
     insertion). None where the items cannot be interpolated (token ids, fusion streams)."""
+    import torch
     from scipy.stats import kendalltau
 
     from attnlab.evaluate import road_like
@@ -363,6 +379,9 @@ def _knockout(cfg: Any, lay: Layout, model: torch.nn.Module, ex: Any, importance
     logit when the explained rows' attention to the top-``k`` items of ``evaluate.knockout.method``
     is blocked, against ``k`` random items; ``knockout.csv`` (every unit) and a summary of the
     all-heads units for metrics.json."""
+    import torch
+
+    from attnlab.devices import model_device, take_rows, to_device
     from attnlab.evaluate.knockout import knockout_drops, knockout_table, knockout_units, random_items, top_items
 
     ev = cfg.evaluate
@@ -469,6 +488,7 @@ def track(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False) -> 
 
     import attnlab.tracking as tracking
     from attnlab.config import flatten
+    from attnlab.devices import take_rows
     from attnlab.layout import STAGES
 
     stage_dirs = {name: lay.dir(name) for name in ("train", "extract", "aggregate", "explain", "evaluate", "report")}

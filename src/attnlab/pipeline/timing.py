@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,13 +39,15 @@ def record_timing(lay: Layout, stage: str, start_ms: int, end_ms: int, *, proces
     """Write ``lay.timing(stage)`` atomically: the stage's wall-clock start and end (ms
     since the epoch), the processes and threads per process it ran with, and the digest
     of the outputs it wrote, which tells later whether the outputs in place are still
-    the ones these times belong to. Not a DVC output."""
-    import torch
-
+    the ones these times belong to (a stage that never imported torch, e.g. a report,
+    has no thread count). Not a DVC output."""
+    torch = sys.modules.get("torch")
     path = lay.timing(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "start_ms": int(start_ms), "end_ms": int(end_ms), "processes": int(processes),
-              "threads": torch.get_num_threads(), "outputs_sha256": outputs_digest(lay.dir(stage))}
+              "outputs_sha256": outputs_digest(lay.dir(stage))}
+    if torch is not None:
+        record["threads"] = torch.get_num_threads()
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -27,7 +27,10 @@ state's live key: params, code, prepared data), on process 0 only under torchrun
 streams its epochs and system metrics into it, each stage logs its outputs when it
 succeeds (:data:`LIVE_ARTIFACTS`) and leaves the run SCHEDULED for the next one, a stage
 that fails marks it FAILED with the error line (:func:`error_line`), and track finishes
-it. Live logging never fails a stage: a store that does not answer is said in one line.
+it. The other stages open the run only after running ``ATTNLAB_LIVE_AFTER`` seconds
+(:func:`live_after`; opening costs about 2 s of CPU): the outputs of a quicker one are
+logged by the next stage that opens it, or by track. Live logging never fails a stage: a
+store that does not answer is said in one line.
 """
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
         else:                                  # what torch reads when the stage imports it (if it does)
             os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
+        after = live_after()
         params = load_params(args.params)
         cfg = params.experiment(args.experiment)
         experiment = get_experiment(params.kind(args.experiment))
@@ -103,8 +107,10 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
         opening = (lambda: _open_live(name, args.experiment, experiment, cfg, Layout(root), start_ms, args.params))
         # train logs into the run while it runs, track finishes it: they open it first; the
         # other stages only log their outputs at the end, so their run opens in a thread
-        # (importing MLflow and a few store queries: about a second) while they work
-        live = opening() if name in ("train", "track") else _Opening(opening)
+        # while they work (importing MLflow and a few store queries: about 2 s of CPU), and
+        # only once they have run for ATTNLAB_LIVE_AFTER seconds (a quicker stage's outputs
+        # are logged by the next stage that opens the run, or by track)
+        live = opening() if name in ("train", "track") else _Opening(opening, after)
         with contextlib.ExitStack() as watching:
             if isinstance(live, _Opening):
                 watching.enter_context(_failing(live))
@@ -202,26 +208,57 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-class _Opening:
-    """A live run being opened in a background thread (:func:`_open_live`)."""
+def live_after() -> float:
+    """``ATTNLAB_LIVE_AFTER``: seconds a stage other than train and track runs before it
+    opens its live run (default 5; 0: at once). Opening imports MLflow and queries the
+    store, about 2 s of CPU: a stage that ends sooner (an aggregate without a vocabulary:
+    0.4 s) leaves its outputs to the next stage that opens the run, or to track."""
+    value = os.environ.get("ATTNLAB_LIVE_AFTER", "").strip() or "5"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ConfigError(f"ATTNLAB_LIVE_AFTER={value!r}: expected a number of seconds >= 0")
+    return seconds
 
-    def __init__(self, open_run: Callable[[], Any]):
+
+class _Opening:
+    """A live run opened in a background thread (:func:`_open_live`) once the stage has run
+    ``after`` seconds: a stage that succeeds sooner never opens it (:meth:`result` is None);
+    one that fails opens it at once, to mark it FAILED (:meth:`fail`)."""
+
+    def __init__(self, open_run: Callable[[], Any], after: float = 0.0):
         self._live: Any = None
-        self._thread = threading.Thread(target=self._open, args=(open_run,), name="attnlab-live-open", daemon=True)
+        self._now = threading.Event()          # open now (a failure), or never (a success)
+        self._lock = threading.Lock()
+        self._cancelled = self._started = False
+        self._thread = threading.Thread(target=self._open, args=(open_run, after), name="attnlab-live-open",
+                                        daemon=True)
         self._thread.start()
 
-    def _open(self, open_run: Callable[[], Any]) -> None:
+    def _open(self, open_run: Callable[[], Any], after: float) -> None:
+        self._now.wait(after)
+        with self._lock:
+            if self._cancelled:
+                return
+            self._started = True
         self._live = open_run()                # never raises: a failing store is one line on stderr
 
     def result(self) -> Any:
-        """The live run (or None), once it is open."""
+        """The live run once it is open, or None: not opened yet (the stage was quick), or
+        it could not be."""
+        with self._lock:
+            self._cancelled = not self._started
+        self._now.set()
         self._thread.join()
         return self._live
 
     def fail(self, message: str) -> None:
-        live = self.result()
-        if live is not None:
-            live.fail(message)
+        self._now.set()                        # open it now, if it is not open yet
+        self._thread.join()
+        if self._live is not None:
+            self._live.fail(message)
 
 
 @contextlib.contextmanager
@@ -237,7 +274,8 @@ def _failing(live: Any) -> Iterator[None]:
 def _log_stage_outputs(live: Any, name: str, lay: Layout) -> None:
     """A succeeded stage's outputs into the live run: train's final metrics
     (``final.*``), evaluate's (``evaluate.*``) and the stage directories of
-    :data:`LIVE_ARTIFACTS`; then the run waits for the next stage."""
+    :data:`LIVE_ARTIFACTS`, with those of earlier stages that ended before they opened the
+    run (:func:`_unlogged_outputs`); then the run waits for the next stage."""
     import attnlab.tracking as tracking
     import attnlab.io as io
 
@@ -248,13 +286,33 @@ def _log_stage_outputs(live: Any, name: str, lay: Layout) -> None:
         return
     metrics: dict[str, float] = {}
     try:
+        artifacts = {a: lay.dir(s) for a, s in LIVE_ARTIFACTS.get(name, {}).items()}
         if name == "train" and lay.train_metrics.is_file():
             metrics = tracking.flat_metrics(io.read_json(lay.train_metrics), "final")
-        elif name == "evaluate" and lay.metrics.is_file():
+        artifacts.update(_unlogged_outputs(live, name, lay))
+        if lay.dir("evaluate") in artifacts.values() and lay.metrics.is_file():
             metrics = tracking.flat_metrics(io.read_json(lay.metrics), "evaluate")
-        live.log_outputs(metrics=metrics, artifacts={a: lay.dir(s) for a, s in LIVE_ARTIFACTS.get(name, {}).items()})
+        live.log_outputs(metrics=metrics, artifacts=artifacts)
     finally:
         live.end_stage()
+
+
+def _unlogged_outputs(live: Any, name: str, lay: Layout) -> dict[str, Path]:
+    """The outputs of the stages before ``name`` that ended before their live run opened
+    (:func:`live_after`), as artifact directory -> stage directory: those whose digest the run
+    does not hold (tag ``attnlab.logged.<dir>``). Empty when the store does not answer."""
+    import attnlab.tracking as tracking
+
+    earlier = [s for s in STAGES[:STAGES.index(name)] if s in LIVE_ARTIFACTS and lay.dir(s).is_dir()]
+    if not earlier:
+        return {}
+    try:
+        logged = live.client.get_run(live.run_id).data.tags
+    except Exception as err:                   # noqa: BLE001 - live logging never stops a stage
+        live.trouble(err)
+        return {}
+    return {a: lay.dir(s) for s in earlier for a in LIVE_ARTIFACTS[s]
+            if logged.get(tracking.LOGGED_TAG + a) != tracking.dir_digest(lay.dir(s))}
 
 
 def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> None:

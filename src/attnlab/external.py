@@ -70,8 +70,8 @@ class GivenExperiment(ExternalExperiment):
 def _params(data: Inputs, methods: Sequence[str] | None, readout: str | int, batch_size: int) -> DirectoryParams:
     """The stages' params: the ``external`` kind's defaults, the options given, the token
     kind's methods for integer inputs (no input gradients) and for several inputs (input
-    attributions cover the first input only), head ablation only with labels
-    (it measures accuracy), at most 20 points on the deletion/insertion curves."""
+    attributions cover the first input only), at most 20 points on the deletion/insertion
+    curves; head ablation measures the drop in confidence, and in accuracy when there are labels."""
     import attnlab.methods as registry
 
     kind = "tokens" if data.token_ids or len(data.arrays) > 1 else "sequence"   # several inputs: attention methods
@@ -85,8 +85,7 @@ def _params(data: Inputs, methods: Sequence[str] | None, readout: str | int, bat
         "model": {"readout": readout},
         "extract": {"batch_size": batch_size},
         "explain": {"methods": chosen, "batch_size": batch_size},
-        "evaluate": {"steps": None if n_items <= 20 else 20, "batch_size": 4 * batch_size,
-                     "ablation": data.labels is not None},
+        "evaluate": {"steps": None if n_items <= 20 else 20, "batch_size": 4 * batch_size},
     })
 
 

@@ -183,15 +183,12 @@ class ClassifierExperiment(Experiment):
 
     def explained(self, cfg, data, meta):
         """The test samples, or ``explain.samples`` of them evenly spread (:func:`spread_rows`)."""
-        import torch
-
-        rows = spread_rows(len(data["x_test"]), getattr(cfg.explain, "samples", None))
-        picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
+        picked = Spread.of(len(data["x_test"]), getattr(cfg.explain, "samples", None))
         y = picked(data["y_test"])
         return Explained(x=picked(data["x_test"]), items=self.items(cfg, meta),
                          forward=lambda model, xb, rows: self.forward(model, xb), y=y,
                          evidence=picked(data["evidence_test"]).flatten(1) if "evidence_test" in data else None,
-                         saved={"y": y.numpy()} if rows is None else {"y": y.numpy(), "rows": rows}, rows=rows)
+                         saved=picked.saved(y), rows=picked.rows)
 
     def baseline(self, cfg, data):
         if cfg.explain.baseline == "mean":
@@ -225,6 +222,29 @@ def spread_rows(n_test: int, samples: int | None) -> np.ndarray | None:
     if samples is None or samples >= n_test:
         return None
     return np.unique(np.linspace(0, n_test - 1, samples).round().astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The explained test samples of :func:`spread_rows`: calling it on a per-sample tensor
+    keeps their rows (all of them when ``rows`` is None); :meth:`saved` is what the explain
+    stage stores beside the importance (``y``, when there are labels, and ``rows``)."""
+
+    rows: np.ndarray | None
+
+    @classmethod
+    def of(cls, n_test: int, samples: int | None) -> "Spread":
+        return cls(spread_rows(n_test, samples))
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return values
+        import torch
+
+        return values[torch.from_numpy(self.rows)]
+
+    def saved(self, y: torch.Tensor | None) -> dict[str, np.ndarray]:
+        return ({} if y is None else {"y": y.numpy()}) | ({} if self.rows is None else {"rows": self.rows})
 
 
 def final_metrics(history: Any) -> dict[str, float | int]:

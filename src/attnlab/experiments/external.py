@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from attnlab import methods as method_registry
-from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared, spread_rows
+from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared, Spread
 from attnlab.schema import Aggregate, ClassifierEvaluate, Explain, Extract, Report, Section, aggregate_fits_store
 
 if TYPE_CHECKING:
@@ -204,19 +204,15 @@ class ExternalExperiment(ClassifierExperiment):
     def explained(self, cfg, data, meta):
         tokens = "tokens_test" in data
         x = self._first(data)
-        import torch
-
         from attnlab.items import SequenceItems
 
-        rows = spread_rows(len(x), cfg.explain.samples)
-        picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
+        picked = Spread.of(len(x), cfg.explain.samples)
         x, rest = picked(x), [picked(r) for r in self._rest(data)]
         y = picked(data["y_test"]) if "y_test" in data else None
-        saved = ({} if y is None else {"y": y.numpy()}) | ({} if rows is None else {"rows": rows})
         return Explained(x=x, items=SequenceItems(meta["n_items"], how=cfg.model.readout, token_ids=tokens),
                          forward=lambda model, xb, rows: model(xb, *(r[rows].to(xb.device) for r in rest)),
                          y=y, evidence=picked(data["evidence_test"]) if "evidence_test" in data else None,
-                         valid=picked(data["mask_test"]) if tokens else None, saved=saved, rows=rows)
+                         valid=picked(data["mask_test"]) if tokens else None, saved=picked.saved(y), rows=picked.rows)
 
     def baseline(self, cfg, data):
         if "tokens_test" in data:

@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from attnlab.experiments.base import (ClassifierExperiment, Explained, Perturbation, Prepared, final_metrics,
-                                      spread_rows)
+from attnlab.experiments.base import ClassifierExperiment, Explained, Perturbation, Prepared, Spread, final_metrics
 from attnlab.schema import (Aggregate, ClassifierEvaluate, Extract, Report, SampleCap, Section, TokensExplain, Train,
                             aggregate_fits_store)
 
@@ -174,18 +173,14 @@ class PretrainedExperiment(ClassifierExperiment):
         return data["mask_test"] & ~torch.isin(data["tokens_test"], special)
 
     def explained(self, cfg, data, meta):
-        import torch
-
         from attnlab.items import SequenceItems
 
-        rows = spread_rows(len(data["tokens_test"]), cfg.explain.samples)
-        picked = (lambda v: v) if rows is None else (lambda v: v[torch.from_numpy(rows)])
+        picked = Spread.of(len(data["tokens_test"]), cfg.explain.samples)
         tokens, mask, y = (picked(data[k]) for k in ("tokens_test", "mask_test", "y_test"))
         how = "cls" if cfg.model.pooling == "cls" else "mean"
-        saved = {"y": y.numpy()} if rows is None else {"y": y.numpy(), "rows": rows}
         return Explained(x=tokens, items=SequenceItems(tokens.shape[1], how=how, token_ids=True),
                          forward=lambda model, xb, rows: model(xb, mask[rows].to(xb.device)),
-                         y=y, valid=picked(self.rankable(data, meta)), saved=saved, rows=rows)
+                         y=y, valid=picked(self.rankable(data, meta)), saved=picked.saved(y), rows=picked.rows)
 
     def baseline(self, cfg, data):
         """Token ids have no input baseline: no input-gradient method runs on them."""

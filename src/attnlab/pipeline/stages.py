@@ -430,7 +430,7 @@ def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data:
            pert: Any, y: torch.Tensor | None, *, progress: bool) -> dict[str, Any]:
     """``heads.csv`` (one row per recorded head), its figure, and the summary for metrics.json:
     the stored attention's head statistics over every test sample; head ablation over the
-    explained samples (``pert.x``, labels ``y``)."""
+    explained samples (``pert.x``; labels ``y``, or None: the drop in confidence only)."""
     import pandas as pd
 
     from attnlab.evaluate import head_importance
@@ -447,10 +447,10 @@ def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data:
     # head ablation zeroes a head's slice of out_proj: the recorded module (an
     # nn.MultiheadAttention) or the attention module holding a recorded AttentionProbs
     ablatable = {n: a for n in dict.fromkeys(names) if (a := ablation_module(model, n)) is not None}
-    if getattr(ev, "ablation", False) and ablatable and y is not None:
+    if getattr(ev, "ablation", False) and ablatable:   # without labels (a model trained elsewhere): prob_drop only
         more = pert.forward_kwargs or {}
         batches = [((pert.x[i:i + ev.batch_size], {k: v[i:i + ev.batch_size] for k, v in more.items()}),
-                    y[i:i + ev.batch_size]) for i in range(0, len(y), ev.batch_size)]
+                    None if y is None else y[i:i + ev.batch_size]) for i in range(0, len(pert.x), ev.batch_size)]
         ablated = head_importance(model, batches, list(ablatable.values()),
                                   forward=lambda _, inputs: pert.fn(inputs[0], **inputs[1]), progress=progress)
         recorded = {a: n for n, a in ablatable.items()}
@@ -461,7 +461,8 @@ def _heads(exp: Experiment, cfg: Any, lay: Layout, model: torch.nn.Module, data:
                               if not np.isnan(float(ablated.prob_drop[l, h]))])
         heads = heads.merge(drops, on=["module", "head"], how="left")
     heads.to_csv(lay.results / "heads.csv", index=False, float_format="%.6g")
-    columns = ["entropy", "sink", "locality_norm"] + (["prob_drop", "accuracy_drop"] if "prob_drop" in heads else [])
+    columns = ["entropy", "sink", "locality_norm"] + [c for c in ("prob_drop", "accuracy_drop")
+                                                      if c in heads and heads[c].notna().any()]
     save_figure(figures.head_heatmaps(heads, columns), lay.results / "figures" / "heads.png")
     return head_summary(heads)
 

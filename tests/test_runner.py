@@ -111,7 +111,7 @@ def test_exit_now_does_what_exit_does_that_matters(tmp_path):
         "sys.stdout.write('buffered out')\n"
         "sys.stderr.write('buffered err')\n"
         "if sys.argv[2] == 'fast':\n"
-        "    from attnlab.pipeline.runner import exit_now\n"
+        "    from attnlab.io import exit_now\n"
         "    exit_now(3)\n"
         "sys.exit(3)\n")
     outcome = {}

@@ -165,3 +165,24 @@ def save_arrays(path: str | Path, *, compress: bool = True, **arrays: np.ndarray
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def exit_now(status: int = 0) -> None:
+    """End the process without Python's teardown (what a stage script does when its stage
+    succeeded): what normal exit does that matters — joining the threads that are not
+    daemons, the ``atexit`` handlers (MLflow's, a tracer's), flushing stdout and stderr —
+    and then ``os._exit``. Finalising every module and object of torch and MLflow at exit
+    costs 0.6-1 s per stage process, about 30 s of a pipeline of 40 stages, for nothing:
+    every file a stage writes is closed by then."""
+    import atexit
+    import sys
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)

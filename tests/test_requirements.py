@@ -4,6 +4,7 @@ lock would install the old version silently (the lock is installed with --no-dep
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,42 @@ def test_the_lock_holds_what_the_installed_environment_holds():
         for name, version in pins(ROOT / lock).items():
             assert name in installed, f"{lock}: {name} is not installed"
             assert installed[name].split("+")[0] == version, f"{lock}: {name} {installed[name]} installed, {version} locked"
+
+
+def _install_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attnlab_install_script", ROOT / "scripts" / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_is_dealt_to_the_pips_and_a_failure_falls_back_to_the_resolver(tmp_path, monkeypatch):
+    install = _install_script()
+    assert install.shares(list("abcdefg"), 3) == [["a", "d", "g"], ["b", "e"], ["c", "f"]]
+    assert install.shares(["a"], 4) == [["a"]]
+    log = tmp_path / "calls.txt"
+    fake_pip = tmp_path / "fake_pip.py"          # records its arguments; fails for the pin bad==1
+    fake_pip.write_text("import sys\nopen(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + '\\n')\n"
+                        "sys.exit(1 if 'bad==1' in sys.argv else 0)\n")
+    monkeypatch.setattr(install, "PIP", [sys.executable, str(fake_pip), str(log)])
+    monkeypatch.setenv("PIP_JOBS", "2")
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("# header\nalpha==1\nbad==1\n\ngamma==2\n")
+    assert install.install_lock(lock, ["req-a.txt", "req-b.txt"]) == 0
+    calls = sorted(log.read_text().splitlines())
+    assert calls == ["--no-deps alpha==1 gamma==2", "--no-deps bad==1", "-r req-a.txt -r req-b.txt"]
+
+
+def test_compile_skips_the_excluded_files_and_compiles_the_others(tmp_path):
+    install = _install_script()
+    import importlib.util
+
+    files = [tmp_path / "pkg" / f"m{i}.py" for i in range(5)] + [tmp_path / "pkg" / "tests" / "t.py"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("X = 1\n")
+    assert install.compile_tree(tmp_path, r"/tests/") == 0
+    compiled = [f.name for f in files if Path(importlib.util.cache_from_source(str(f))).exists()]
+    assert compiled == [f"m{i}.py" for i in range(5)]

@@ -325,6 +325,29 @@ def test_a_quick_stage_leaves_its_outputs_to_track(project, monkeypatch):
     assert stopped.value.code == 2
 
 
+def test_a_stage_that_opens_the_run_reads_no_upstream_output_it_does_not_declare(project, monkeypatch):
+    """A stage opening the state's run (here explain, at once: ATTNLAB_LIVE_AFTER=0, after
+    train..aggregate ran without live runs) dates the run from prepare's record, hashing
+    prepare's outputs to check it -- and no other stage's: external-explain declares none
+    of extract's, and once read them this way when load made it run past the delay."""
+    import attnlab.pipeline.timing as timing
+
+    uri = project["uri"]
+    params, data = _state(project, "opener", epochs=2, lr=0.011)
+    monkeypatch.setenv("ATTNLAB_LIVE", "0")
+    _inprocess(project, monkeypatch, ["train", "extract", "aggregate"], params, data)
+    assert _run_of(uri, params) == []
+    hashed = []
+    digest = timing.outputs_digest
+    monkeypatch.setattr(timing, "outputs_digest", lambda directory: hashed.append(Path(directory).name) or digest(directory))
+    monkeypatch.setenv("ATTNLAB_LIVE", "1")
+    monkeypatch.setenv("ATTNLAB_LIVE_AFTER", "0")
+    _inprocess(project, monkeypatch, ["explain"], params, data)
+    (run,) = _run_of(uri, params)
+    assert set(hashed) <= {"prepare", "explain"}, hashed        # explain: its own timing record
+    assert "explain" in {a.path for a in tracking.MlflowClient(uri).list_artifacts(run.info.run_id)}
+
+
 # --------------------------------------------------------------------------- failures
 def test_killed_and_interrupted_stages_leave_their_runs_failed_and_a_rerun_resumes(project, monkeypatch):
     uri = project["uri"]

@@ -184,9 +184,13 @@ def _open_live(name: str, instance: str, experiment: Any, cfg: Any, lay: Layout,
         key = tracking.live_key({**params, "device": str(getattr(cfg, "_device", ""))},
                                 tracking.code_digest(Path("stages")), [lay.dataset, lay.meta])
 
-        def start_time() -> int:               # the state's start: its earliest stage still in place
-            upstream = [s for s in STAGES[:STAGES.index(name)] if lay.dir(s).is_dir()]
-            first, _, _ = stage_times(stage_records(lay, upstream))
+        def start_time() -> int:
+            # the state's start: when prepare ran, if its outputs are still the ones in place.
+            # Only prepare's: checking a record hashes the outputs it belongs to, and prepare's
+            # are the one upstream output every later stage declares (external-explain, run
+            # late under load, once hashed extract's, which it does not read otherwise: the
+            # stage tracer caught it). track sets the state's real start and end at the end.
+            first, _, _ = stage_times(stage_records(lay, ["prepare"]))
             return min(start_ms, first or start_ms)
 
         return tracking.open_live_run(instance, key=key, params=params, stage=name, start_time=start_time,

@@ -86,12 +86,16 @@ def _share_bar(fig: plt.Figure, axes, label: str) -> None:
 def importance_by_class(importance: dict[str, np.ndarray], y: np.ndarray, classes: Sequence[str],
                         item: str = "item") -> plt.Figure:
     """Mean (± one standard deviation) importance per item position: one row per
-    method, one column per class; the dotted line is uniform importance."""
+    method, one column per class, each row on one y scale (the classes of a method
+    compare at a glance); the dotted line is uniform importance."""
     methods = list(importance)
     # not sharex=True: with methods x classes axes sharing one x axis, every artist added
-    # re-autoscales all of them (13 x 10 axes: 10 s); every method has the same items anyway
+    # re-autoscales all of them (13 x 10 axes: 10 s); every method has the same items anyway.
+    # Tick labels only on the outer axes and fixed spacing instead of tight_layout, which
+    # draws the 130 axes once more to measure them (frames: 6.8 s -> 5.2 s for this figure).
     fig, axes = plt.subplots(len(methods), len(classes), figsize=(2.6 * len(classes), 1.9 * len(methods)),
-                             squeeze=False)
+                             squeeze=False, sharey="row")
+    fig.subplots_adjust(wspace=0.06, hspace=0.08)
     palette = sns.color_palette()
     for r, method in enumerate(methods):
         imp = np.asarray(importance[method])
@@ -108,11 +112,12 @@ def importance_by_class(importance: dict[str, np.ndarray], y: np.ndarray, classe
                 ax.set_title(f"{classes[c]} (n={len(rows)})", fontsize=9)
             if c == 0:
                 ax.set_ylabel(method, fontsize=9)
+            else:
+                ax.tick_params(labelleft=False)
             if r == len(methods) - 1:
                 ax.set_xlabel(item)
             else:
                 ax.tick_params(labelbottom=False)
-    fig.tight_layout()
     return fig
 
 

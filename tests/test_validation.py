@@ -10,6 +10,19 @@ from attnlab import VocabAttention, attention_flow, grad_rollout, readout, rollo
 from attnlab.explain import spacetime_grad_rollout
 
 
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def head_sum_path(request, monkeypatch):
+    """Every test twice: with the compiled head sum + check (attnlab.explain._fused) and
+    with torch's sum and second pass, the path taken when no C compiler built it."""
+    import sys
+    module = sys.modules["attnlab.explain.rollout"]
+    if request.param == "compiled" and module._fused is None:
+        pytest.skip("attnlab.explain._fused was not built (no C compiler at pip install -e .)")
+    if request.param == "torch":
+        monkeypatch.setattr(module, "_fused", None)
+    return request.param
+
+
 def _probs(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(*shape, generator=g).softmax(-1)

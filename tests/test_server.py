@@ -137,7 +137,7 @@ def server(postgres, tmp_path):
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["make", "-s", "-C", ROOT, f"VENV={venv}", "-o", f"{venv}/.installed", "server",
+            ["make", "-s", "-C", ROOT, f"VENV={venv}", "-o", f"{venv}/.installed", "-o", f"{venv}/.attnlab", "server",
              f"SERVER_PORT={port}", "SERVER_WORKERS=1", f"MLFLOW_BACKEND_URI={postgres['uri']}",
              f"SERVER_STORE={tmp_path / 'server'}"],
             stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
@@ -237,7 +237,7 @@ def test_make_store_says_the_server_is_down(tmp_path):
     make's own line after it, in seconds; nothing created."""
     uri, venv = _closed_port_uri(), Path(sys.prefix)
     start = time.monotonic()
-    out = subprocess.run(["make", "-s", "-C", ROOT, f"VENV={venv}", "-o", f"{venv}/.installed", "store"],
+    out = subprocess.run(["make", "-s", "-C", ROOT, f"VENV={venv}", "-o", f"{venv}/.installed", "-o", f"{venv}/.attnlab", "store"],
                          env={**ENV, "MLFLOW_TRACKING_URI": uri, "ATTNLAB_ROOT": str(tmp_path)},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and time.monotonic() - start < 10

@@ -45,7 +45,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # one torch test file written in Python 3.12 syntax.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
 NO_COMPILE := py312_intrinsics\.py|/tests/|/torch/(_inductor|testing)/|/databricks/|/sktime/forecasting/|/sympy/physics/
-$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml scripts/install.py
+$(VENV)/.installed: requirements.txt requirements.lock scripts/install.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) scripts/install.py lock requirements.lock requirements.txt
 	$(PY) scripts/install.py compile "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" '$(NO_COMPILE)'

@@ -168,3 +168,13 @@ def test_a_kernel_built_from_an_older_source_is_refused_with_a_warning():
     assert "rebuild it with `pip install -e .`" in out
     if R._fused is not None:
         assert R._fused.VERSION == R.KERNEL_VERSION
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_an_empty_batch_gives_an_empty_result(path, monkeypatch):
+    if path == "compiled" and R._fused is None:
+        pytest.skip("attnlab.explain._fused was not built")
+    monkeypatch.setattr(R, "_fused", R._fused if path == "compiled" else None)
+    assert rollout([_probs(0, 2, 4, 4)] * 2).shape == (0, 4, 4)
+    assert rollout([_probs(0, 2, 4, 4)] * 2, mask=torch.ones(0, 4, dtype=torch.bool)).shape == (0, 4, 4)
+    assert spacetime_rollout([_probs(0, 2, 3, 5, 5)], [_probs(0, 4, 3, 2, 2)]).shape == (0, 2, 4)

@@ -152,8 +152,8 @@ def spacetime_rollout(
         cls_rows = torch.empty_like(sums)  # [B, F, 1+P], frame f's class-copy row
         moved = torch.empty_like(sums)     # [B, F, 1+P]
         w = torch.empty_like(v_patch)      # [B, F, P]
-        step = max(1, CHUNK_BYTES // max(1, s_attn[0].numel() * s_attn.element_size()))
-        for start in range(0, batch, step):
+        step = max(1, CHUNK_BYTES // max(1, s_attn[:1].numel() * s_attn.element_size()))
+        for start in range(0, max(batch, 1), step):          # once for an empty batch too: it gives unit
             part = slice(start, start + step)
             sigma, unit, ok_s = fused_layer_checked(s_attn[part], head_fusion, dtype, fused_ndim=4,
                                                     check_fused=False, row_sums=sums[part])  # [b, F, 1+P, 1+P]

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("experiments", ("attnlab.config", "attnlab.schema", "attnlab.experiments", "attnlab.data", "attnlab.models",
                      "attnlab.training", "attnlab.report")),
     ("pipeline", ("attnlab.pipeline", "attnlab.workflow")),
-    ("command line and reports", ("attnlab.cli", "attnlab.external", "attnlab.report.index",
+    ("command line and reports", ("attnlab.cli", "attnlab.dvcrun", "attnlab.external", "attnlab.report.index",
                                   "attnlab.report.external")),
 ]
 #: The package root: its lazy re-exports of the public API (PEP 562) name lower modules only.

@@ -498,37 +498,41 @@ def test_sdpa_call_in_an_unrecorded_module_raises_naming_it():
     assert rec.names == ["mha"]
 
 
-def test_attention_lookalikes_raise_on_entry_listing_them():
-    model = Hybrid(SdpaAttention(), "attn")
-    model.add_module("block", QKVAttention())
-    assert attention_lookalikes(model) == ["attn (SdpaAttention: calls scaled_dot_product_attention)",
-                                           "block (QKVAttention: projections q, k, v)"]
-    with pytest.raises(ValueError, match=r"Hybrid has modules that look like attention but that no adapter records: "
-                                         r"'attn' \(SdpaAttention: calls scaled_dot_product_attention\), 'block' "
-                                         r"\(QKVAttention: projections q, k, v\); recordable modules: 'mha'.*"
-                                         r"AttentionProbs"):
-        AttentionRecorder(model)
-    with pytest.raises(ValueError, match=r"'<model>' \(QKVAttention: projections q, k, v\)"):
-        AttentionRecorder(QKVAttention())
-    AttentionRecorder(model, modules=["mha"])               # chosen explicitly: fine
+def test_the_sdpa_watch_covers_every_module_but_torch_nn_and_attnlab_models():
+    """Only torch.nn's layers and attnlab's own classes are known not to call SDPA
+    unrecorded: a call from anything else raises wherever it sits (inside a torch.nn
+    container, in a subclass of an attnlab model), and a model made only of known
+    classes is recorded without a torch function mode on every op."""
+    from attnlab.models.spacetime import DividedSpaceTimeTransformer
 
-    # the same module with the marker is recordable; HF and project models have no lookalikes
-    class Marked(QKVAttention):
-        def __init__(self):
-            super().__init__()
-            self.attn_probs = AttentionProbs()
-
+    class MixedVideo(DividedSpaceTimeTransformer):          # a user's subclass: watched
         def forward(self, x):
-            scores = (self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(D))[:, None]     # one head
-            return (self.attn_probs(scores.softmax(-1)) @ self.v(x)[:, None])[:, 0]
+            F.scaled_dot_product_attention(*(torch.ones(1, 1, 2, 2),) * 3)
+            return super().forward(x)
 
-    marked = nn.Sequential(Marked())
-    assert attention_lookalikes(marked) == [] and recordable_modules(marked) == ["0.attn_probs"]
+    def video(cls=DividedSpaceTimeTransformer):
+        return cls(3, frames=2, size=8, patch=4, d_model=8, nhead=2, num_layers=1)
+
+    torch.manual_seed(0)
     x = torch.randn(2, 5, D)
-    with AttentionRecorder(marked) as rec:
-        marked(x)
-    assert rec.attentions[0].shape == (2, 1, 5, 5)
-    assert attention_lookalikes(timesformer()) == [] and attention_lookalikes(text_model("bert", "sdpa")) == []
+    seq = nn.Sequential(nn.MultiheadAttention(D, H, batch_first=True), nn.Sequential(nn.Identity(), TokenMixer()))
+    seq.forward = lambda x: seq[1](x + seq[0](x, x, x)[0])
+    with pytest.raises(ValueError, match=r"module '1\.1' \(TokenMixer\) calls scaled_dot_product_attention"):
+        with AttentionRecorder(seq):
+            seq(x)
+    mixed = video(MixedVideo)
+    with pytest.raises(ValueError, match=r"the model \(MixedVideo\) calls scaled_dot_product_attention"):
+        with AttentionRecorder(mixed):
+            mixed(torch.randn(1, 2, 1, 8, 8))
+
+    modes = []
+    known = nn.ModuleList([nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, batch_first=True), 2), video()])
+    for module in known:
+        module.register_forward_hook(lambda *_: modes.append(torch._C._len_torch_function_stack()))
+    with torch.no_grad(), AttentionRecorder(known) as rec:
+        known[0](x)
+        known[1](torch.randn(1, 2, 1, 8, 8))
+    assert modes == [0, 0] and len(rec.attentions) == 4      # 2 encoder layers, time + space
 
 
 def test_hf_module_without_a_visible_softmax_raises():

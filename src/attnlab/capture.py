@@ -259,8 +259,10 @@ class AttentionRecorder:
                                      "attention module, whose norms cannot be recorded; norms are recorded for "
                                      "nn.MultiheadAttention and AttentionProbs markers that pass values "
                                      "(pass modules=[...] to record only those)")
-        # every module of the model, to name the caller of an unrecorded SDPA call
-        self._watch = ({id(m): (n, m) for n, m in model.named_modules()} if modules is None else None)
+        # the model's modules that could call SDPA unrecorded, to name the caller of such a
+        # call (None: no watch; without HF modules, then no torch function mode either)
+        watch = {id(m): (n, m) for n, m in model.named_modules() if not _sdpa_free(m)} if modules is None else {}
+        self._watch = watch or None
         self._attentions: list[torch.Tensor] = []
         self._names: list[str] = []
         self._norms: list[torch.Tensor] = []   # keep_norms: [B, Lq, Lk] per entry
@@ -631,6 +633,15 @@ class _Intercept(TorchFunctionMode):
                     f"{where} ({type(module).__name__}) calls scaled_dot_product_attention, which never exposes "
                     "the attention probabilities, and no adapter records it. " + _HOW_TO_RECORD)
         return func(*args, **kwargs)
+
+
+def _sdpa_free(module: nn.Module) -> bool:
+    """Whether ``module``'s own code is known never to call SDPA unrecorded: torch.nn's
+    layers (the only one that calls it, nn.MultiheadAttention, takes its recorded path
+    while a recorder with every module is active) and attnlab's own models and markers.
+    A subclass defined anywhere else is watched (its forward may call anything)."""
+    where = type(module).__module__
+    return where.startswith(("torch.nn.modules.", "attnlab.models.")) or where == __name__
 
 
 def _calling_module(watch: dict[int, tuple[str, nn.Module]]) -> tuple[str, nn.Module] | None:

@@ -153,7 +153,7 @@ def make_project(tmp_path_factory, experiments: list[str], externals: list[str] 
     # reads and runs is checked against its deps by check_every_stage_declares_what_it_uses
     traces = tmp_path_factory.mktemp("traces")
     # as `make run` runs it (attnlab.dvcrun: DVC writing dvc.lock faster); the later checks use plain dvc
-    run_command([str(BIN / "python"), "-m", "attnlab.dvcrun", "repro"], repo,
+    run_command([sys.executable, "-m", "attnlab.dvcrun", "repro"], repo,
                 tracer_env(traces, src=repo / "src", base=env))
     return repo, env, traces
 

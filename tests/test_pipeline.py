@@ -5,6 +5,7 @@ DVC repository, with MLflow runs checked in the project's SQLite store; then `dv
 its queued sweep, user models) is tests/test_pipeline_more.py; the project is built by
 tests/pipeline_project.py."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def test_tokens_vocab_attention_outputs(project):
 
 
 def test_same_params_and_seed_give_identical_outputs(project):
-    """Every motion stage re-run from scratch (`dvc repro --force`) on the same machine
+    """Every motion stage re-run from scratch (`dvc repro --force`, as `make run` runs DVC) on the same machine
     gives byte-identical outputs: the same `dvc.lock` hashes (track's run id aside, the
     state it logs is the same run), hence the same metrics, attention and report."""
     repo, env, _ = project
@@ -142,7 +143,7 @@ def test_same_params_and_seed_give_identical_outputs(project):
     before = outs()
     assert len(before) >= 8
     run = json.loads((repo / "data/motion/track/run.json").read_text())
-    out = run_command(["dvc", "repro", "--force", "track@motion"], repo, env).stdout
+    out = run_command([sys.executable, "-m", "attnlab.dvcrun", "repro", "--force", "track@motion"], repo, env).stdout
     assert "Running stage 'train@motion'" in out
     assert outs() == before
     assert json.loads((repo / "data/motion/track/run.json").read_text()) == run      # the same state: not logged again

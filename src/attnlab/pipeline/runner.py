@@ -215,10 +215,12 @@ def error_line(err: BaseException) -> str:
 
 def live_after() -> float:
     """``ATTNLAB_LIVE_AFTER``: seconds a stage other than train and track runs before it
-    opens its live run (default 5; 0: at once). Opening imports MLflow and queries the
-    store, about 2 s of CPU: a stage that ends sooner (an aggregate without a vocabulary:
-    0.4 s) leaves its outputs to track."""
-    value = os.environ.get("ATTNLAB_LIVE_AFTER", "").strip() or "5"
+    opens its live run (default 15; 0: at once). Opening imports MLflow and queries the
+    store, about 2 s of CPU in a thread beside the stage's work, which costs the stage
+    1-2 s (measured: report of frames 9.0 -> 11.0 s, evaluate of motion 10.0 -> 11.8 s,
+    explain of video 21.1 -> 22.0 s): a stage that ends sooner leaves its outputs to track,
+    which logs them seconds to a minute later; a longer one pays at most about a tenth."""
+    value = os.environ.get("ATTNLAB_LIVE_AFTER", "").strip() or "15"
     try:
         seconds = float(value)
     except ValueError:

@@ -31,7 +31,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # requirements.lock pins every package of the environment (`make lock` writes it from
 # requirements.txt), so nothing needs resolving and the install runs as PIP_JOBS pip
 # processes at once, a share of the lock each (pip reads index pages and unpacks wheels
-# on one core: 52 s for the 170 packages, 34 s as two); `pip check` then proves the
+# on one core: 52 s for the 170 packages, 36-43 s as two, 34-36 s as four on two cores,
+# the default: two per core); `pip check` then proves the
 # environment complete, else pip's resolver installs requirements.txt
 # (scripts/install.py lock).
 #

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("dvc")
 from dvc.utils.serialize._yaml import _dump, parse_yaml, parse_yaml_for_update  # noqa: E402
 
-from attnlab.dvcrun import blocks, entry, splice  # noqa: E402
+from attnlab.dvcrun import blocks, entry, install, splice  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = (ROOT / "dvc.lock").read_text()
@@ -94,6 +94,17 @@ def test_a_key_found_twice_is_left_to_dvc():
     assert splice(text, [entry({"a": {"cmd": "y"}})]) is None
 
 
+def test_a_dvc_without_what_it_replaces_runs_unchanged(monkeypatch, capsys):
+    from dvc.dvcfile import Lockfile
+    from dvc.stage import serialize
+
+    before = Lockfile.dump_stages
+    monkeypatch.delattr(serialize, "to_lockfile")
+    assert install() is False
+    assert "attnlab.dvcrun: dvc.lock is written by DVC's own code" in capsys.readouterr().err
+    assert Lockfile.dump_stages is before
+
+
 def test_repro_through_dvcrun_writes_the_lock_dvc_writes(tmp_path):
     """A two-stage project reproduced by ``python -m attnlab.dvcrun repro`` and by plain
     ``dvc repro`` (first run: DVC's own writer makes the file; then changed deps and a new
@@ -111,7 +122,7 @@ def test_repro_through_dvcrun_writes_the_lock_dvc_writes(tmp_path):
     (tmp_path / "params.yaml").write_text("items: [a, b]\nscale: 2\n")
     (tmp_path / "in.txt").write_text("one\n")
     stages = ("stages:\n  copy:\n    foreach: ${items}\n    do:\n"
-              "      cmd: python -c \"import sys; open('out-${item}.txt','w').write(open('in.txt').read()*${scale})\"\n"
+              "      cmd: python -c \"open('out-${item}.txt','w').write(open('in.txt').read()*${scale})\"\n"
               "      deps:\n        - in.txt\n      params:\n        - scale\n      outs:\n        - out-${item}.txt\n")
     (tmp_path / "dvc.yaml").write_text(stages)
     dvcrun = (sys.executable, "-m", "attnlab.dvcrun")

@@ -9,8 +9,8 @@ the entry (its key at two spaces' indent, everything else deeper), or appending 
 the stage is new, which gives the same bytes as DVC's own writer (tests/test_dvcrun.py
 compares both). Anything else -- no lock file yet, another schema, top-level keys after
 ``stages`` (DVC's datasets), lines at an indent DVC does not write, a stage's block not
-found exactly once -- is written by DVC's own code. ``make run`` and ``make sweep`` use it;
-a plain ``dvc repro`` reads and writes the same files, only slower.
+found exactly once -- is written by DVC's own code. ``make run`` and ``make run-pretrained``
+use it; a plain ``dvc repro`` reads and writes the same files, only slower.
 """
 from __future__ import annotations
 
@@ -87,9 +87,10 @@ def install() -> bool:
     try:
         from dvc.dvcfile import Lockfile, logger
         from dvc.stage import serialize
-        from dvc.utils.serialize._yaml import _dump  # noqa: F401
+        from dvc.utils.serialize import _yaml
+
         original = Lockfile.dump_stages
-        serialize.to_lockfile  # noqa: B018
+        serialize.to_lockfile, _yaml._dump  # noqa: B018  (what the writer calls)
     except (ImportError, AttributeError) as err:
         print(f"attnlab.dvcrun: dvc.lock is written by DVC's own code ({err})", file=sys.stderr)
         return False

@@ -47,45 +47,53 @@ def expected_sum(x: torch.Tensor, ranges) -> torch.Tensor:
     return out
 
 
-def kernel(x, ranges=None, check_negative=True):
+def kernel(x, ranges=None, check_negative=True, avx2=False):
     out = torch.empty(x.shape[0], *x.shape[2:], dtype=x.dtype)
     lo = hi = None
     if ranges is not None:
         lo = np.array([r[0] for r in ranges], dtype=np.int64)
         hi = np.array([r[1] for r in ranges], dtype=np.int64)
     sums = torch.empty(x.shape[0], x.shape[-1], dtype=x.dtype)
-    ok = R._fused.head_sum(x.numpy(), out.numpy(), sums.numpy(), x.shape[1], x.shape[-1], lo, hi, check_negative)
+    ok = R._fused.head_sum(x.numpy(), out.numpy(), sums.numpy(), x.shape[1], x.shape[-1], lo, hi, check_negative,
+                           avx2)
     if bool(torch.isfinite(out).all()):
         torch.testing.assert_close(sums, out.sum(-1), rtol=1e-6, atol=1e-6)     # the rows' sums, with the sum
     return out, ok
 
 
+# the 16-byte code, and the 32-byte one compiled for AVX2 (chosen at run time on CPUs that have it)
+VECTORS = [False, pytest.param(True, marks=pytest.mark.skipif(
+    R._fused is None or not getattr(R._fused, "AVX2", 0), reason="this CPU has no AVX2 (or no kernel was built)"))]
+
+
 @needs_kernel
+@pytest.mark.parametrize("avx2", VECTORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 3, 4, 16, 17, 37])
-def test_the_sum_is_torchs_head_sum(dtype, n):
+@pytest.mark.parametrize("n", [1, 3, 4, 8, 9, 16, 17, 33, 37])
+def test_the_sum_is_torchs_head_sum(dtype, n, avx2):
     x = _probs(3, 5, n, n, dtype=dtype)
-    out, ok = kernel(x)
+    out, ok = kernel(x, avx2=avx2)
     assert ok
     torch.testing.assert_close(out, x.sum(1), rtol=0, atol=4 * torch.finfo(dtype).eps)
 
 
 @needs_kernel
+@pytest.mark.parametrize("avx2", VECTORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_bad_value_at_every_position_is_judged_as_a_literal_check_would(dtype):
-    """n=21 with float32 rows split into blocks of 4 (or 2 for float64) and a tail; the real
+def test_every_bad_value_at_every_position_is_judged_as_a_literal_check_would(dtype, avx2):
+    """n=21 with float32 rows split into blocks of 4 or 8 (2 or 4 for float64) and a tail; the real
     block [3, 18) of sample 1 starts and ends inside blocks; sample 0 is checked whole,
     sample 2 has no real token. The sum is the real block's, zero elsewhere."""
     n, ranges = 21, [(0, 21), (3, 18), (0, 0)]
     base = _probs(3, 2, n, n, dtype=dtype)
     positions = [(m, h, i, j) for m in range(3) for h in (0, 1) for i in (0, 2, 3, 10, 17, 18, 20)
-                 for j in (0, 1, 2, 3, 4, 7, 16, 17, 18, 19, 20)]
+                 for j in (0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 18, 19, 20)]
     for value in (float("nan"), float("inf"), float("-inf"), -1e-30, -0.0, 0.0):
         for check_negative in (True, False):
             for pos in positions:
                 x = base.clone()
                 x[pos] = value
-                out, ok = kernel(x, ranges, check_negative)
+                out, ok = kernel(x, ranges, check_negative, avx2)
                 assert ok == literal_verdict(x, ranges, check_negative), (value, check_negative, pos)
                 # the sum of the real block, zeros around it: garbage in padded entries never reaches it
                 torch.testing.assert_close(out, expected_sum(x, ranges), rtol=0, atol=1e-6, equal_nan=True)

@@ -1,6 +1,6 @@
 /* Head fusion and input check in one read of the input (attnlab.explain.rollout).
  *
- * head_sum(x, out, row_sums, n_heads, n, lo, hi, check_negative) -> bool
+ * head_sum(x, out, row_sums, n_heads, n, lo, hi, check_negative[, avx2]) -> bool
  *
  *   x    float32 or float64 buffer, C-contiguous [M, H, n, n]   (attention, row = query)
  *   out  buffer of the same type, C-contiguous [M, n, n], written: out[m] = sum_h x[m, h]
@@ -9,6 +9,8 @@
  *        entries whose row and column both lie there are checked and summed; out is 0
  *        (and so are the rows' sums) wherever the row or the column is padded: padded
  *        entries may hold anything and are never read
+ *   avx2  False: the 16-byte loop even where the AVX2 one runs (default: AVX2 when the CPU
+ *        has it, module constant AVX2)
  *   returns True when every checked entry is finite and, with check_negative, has a
  *        clear sign bit (>= 0 and not -0.0).
  *

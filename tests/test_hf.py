@@ -535,6 +535,39 @@ def test_the_sdpa_watch_covers_every_module_but_torch_nn_and_attnlab_models():
     assert modes == [0, 0] and len(rec.attentions) == 4      # 2 encoder layers, time + space
 
 
+def test_attention_lookalikes_raise_on_entry_listing_them():
+    model = Hybrid(SdpaAttention(), "attn")
+    model.add_module("block", QKVAttention())
+    assert attention_lookalikes(model) == ["attn (SdpaAttention: calls scaled_dot_product_attention)",
+                                           "block (QKVAttention: projections q, k, v)"]
+    with pytest.raises(ValueError, match=r"Hybrid has modules that look like attention but that no adapter records: "
+                                         r"'attn' \(SdpaAttention: calls scaled_dot_product_attention\), 'block' "
+                                         r"\(QKVAttention: projections q, k, v\); recordable modules: 'mha'.*"
+                                         r"AttentionProbs"):
+        AttentionRecorder(model)
+    with pytest.raises(ValueError, match=r"'<model>' \(QKVAttention: projections q, k, v\)"):
+        AttentionRecorder(QKVAttention())
+    AttentionRecorder(model, modules=["mha"])               # chosen explicitly: fine
+
+    # the same module with the marker is recordable; HF and project models have no lookalikes
+    class Marked(QKVAttention):
+        def __init__(self):
+            super().__init__()
+            self.attn_probs = AttentionProbs()
+
+        def forward(self, x):
+            scores = (self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(D))[:, None]     # one head
+            return (self.attn_probs(scores.softmax(-1)) @ self.v(x)[:, None])[:, 0]
+
+    marked = nn.Sequential(Marked())
+    assert attention_lookalikes(marked) == [] and recordable_modules(marked) == ["0.attn_probs"]
+    x = torch.randn(2, 5, D)
+    with AttentionRecorder(marked) as rec:
+        marked(x)
+    assert rec.attentions[0].shape == (2, 1, 5, 5)
+    assert attention_lookalikes(timesformer()) == [] and attention_lookalikes(text_model("bert", "sdpa")) == []
+
+
 def test_hf_module_without_a_visible_softmax_raises():
     """An attention implementation that computes without softmax/SDPA (here: a custom one
     registered in transformers' interface, as flex_attention would be) cannot be recorded."""

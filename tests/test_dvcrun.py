@@ -4,7 +4,6 @@ whole file must give exactly the bytes DVC's own writer gives (DVC's round-trip 
 from __future__ import annotations
 
 import copy
-import io
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("dvc")
-from dvc.utils.serialize._yaml import _dump, parse_yaml, parse_yaml_for_update  # noqa: E402
+from dvc.utils.serialize._yaml import dumps_yaml, parse_yaml, parse_yaml_for_update  # noqa: E402
 
 from attnlab.dvcrun import blocks, entry, install, splice  # noqa: E402
 
@@ -26,9 +25,7 @@ def dvc_writes(text: str, entries: list[dict]) -> str:
     data = parse_yaml_for_update(text, "dvc.lock")
     for stage_data in entries:
         data["stages"].update(stage_data)
-    stream = io.StringIO()
-    _dump(data, stream)
-    return stream.getvalue()
+    return dumps_yaml(data)
 
 
 def stage(name: str) -> dict:

@@ -14,19 +14,10 @@ use it; a plain ``dvc repro`` reads and writes the same files, only slower.
 """
 from __future__ import annotations
 
-import io
 import sys
 from typing import Any
 
 HEADER = "schema: '2.0'\nstages:\n"
-
-
-def _dump(data: dict[str, Any]) -> str:
-    from dvc.utils.serialize._yaml import _dump
-
-    stream = io.StringIO()
-    _dump(data, stream)
-    return stream.getvalue()
 
 
 def blocks(text: str) -> list[str] | None:
@@ -51,7 +42,9 @@ def blocks(text: str) -> list[str] | None:
 
 def entry(stage_data: dict[str, Any]) -> str:
     """One stage's entry ``{name: {...}}`` as DVC dumps it inside ``stages:``."""
-    text = _dump({"stages": stage_data})
+    from dvc.utils.serialize._yaml import dumps_yaml      # DVC's own dump, as its lock writer's
+
+    text = dumps_yaml({"stages": stage_data})
     if not text.startswith("stages:\n"):
         raise ValueError(f"unexpected dump of {list(stage_data)}: {text[:40]!r}")
     return text[len("stages:\n"):]
@@ -90,7 +83,7 @@ def install() -> bool:
         from dvc.utils.serialize import _yaml
 
         original = Lockfile.dump_stages
-        serialize.to_lockfile, _yaml._dump  # noqa: B018  (what the writer calls)
+        serialize.to_lockfile, _yaml.dumps_yaml  # noqa: B018  (what the writer calls)
     except (ImportError, AttributeError) as err:
         print(f"attnlab.dvcrun: dvc.lock is written by DVC's own code ({err})", file=sys.stderr)
         return False

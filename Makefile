@@ -52,10 +52,10 @@ $(VENV)/.installed: requirements.txt requirements.lock scripts/install.py
 	$(PY) scripts/install.py compile "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" '$(NO_COMPILE)'
 	touch $@
 
-# attnlab itself, editable, with its C kernel (src/attnlab/explain/_fused.c): rebuilt
-# when the kernel's source changes (an older build would be refused at import and the
-# slower torch path taken).
-$(VENV)/.attnlab: $(VENV)/.installed pyproject.toml src/attnlab/explain/_fused.c
+# attnlab itself, editable, with its C kernels (src/attnlab/explain/_fused.c,
+# src/attnlab/_vocab.c): rebuilt when a kernel's source changes (an older build would be
+# refused at import and the slower torch path taken).
+$(VENV)/.attnlab: $(VENV)/.installed pyproject.toml src/attnlab/explain/_fused.c src/attnlab/_vocab.c
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 

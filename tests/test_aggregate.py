@@ -78,10 +78,21 @@ def sparse(request, monkeypatch):
     return request.param != "dense"
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def pairs_kernel(request, monkeypatch):
+    """The non-causal count/expected by the compiled loop (attnlab._vocab, _vocab.c) and by
+    torch's gathers and scatter (the path without a C compiler)."""
+    if request.param == "compiled" and aggregate._vocab is None:
+        pytest.skip("attnlab._vocab was not built (no C compiler at pip install -e .); torch's path is tested alone")
+    if request.param == "torch":
+        monkeypatch.setattr(aggregate, "_vocab", None)
+    return request.param
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_matches_triple_loop(causal, masked, per_head, sparse):
+def test_matches_triple_loop(causal, masked, per_head, sparse, pairs_kernel):
     rng = np.random.default_rng(7 + 2 * causal + 4 * masked + 8 * per_head)
     vocab_size, nhead = 6, 3
     agg = VocabAttention(vocab_size, nhead=nhead if per_head else None, sparse=sparse)
@@ -113,7 +124,7 @@ def test_matches_triple_loop(causal, masked, per_head, sparse):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_three_dim_attention_and_larger_vocab(causal, masked, sparse):
+def test_three_dim_attention_and_larger_vocab(causal, masked, sparse, pairs_kernel):
     # 13 sequences (masked: of very different lengths, 0 to 17 valid positions, with
     # holes), so that rows grouped by their number of distinct ids are cut at different
     # widths, and groups hold several rows.
@@ -368,7 +379,7 @@ def dict_reference(tokens, attention, mask, causal, nhead):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_fifty_thousand_ids_equal_a_literal_loop(causal, monkeypatch):
+def test_fifty_thousand_ids_equal_a_literal_loop(causal, monkeypatch, pairs_kernel):
     """A 50k vocabulary (dense tables would take 60 GB): the pairs seen, their per-head sums,
     counts and expected, top pairs and blocks, against a loop over position pairs, with
     batches that are cut in halves (many distinct ids) and merged into the sorted arrays."""

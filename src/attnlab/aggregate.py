@@ -58,6 +58,20 @@ AUTO_DENSE_BYTES = 64 * 2 ** 20
 MAX_DENSE_BYTES = 2 * 2 ** 30
 """Default ``max_dense_bytes``: the largest dense array one call may allocate."""
 _BYTES_PER_PAIR = 96   # sparse: a batch is reduced in dense tables of at most this many bytes per pair
+
+#: The version of _vocab.c this code expects (its KERNEL_VERSION).
+KERNEL_VERSION = 1
+try:                              # the compiled histogram pairs (_vocab.c), built by pip install
+    from attnlab import _vocab
+except ImportError:               # no C compiler at install: torch's gathers and scatter
+    _vocab = None
+if _vocab is not None and getattr(_vocab, "VERSION", None) != KERNEL_VERSION:
+    import warnings
+
+    warnings.warn(f"attnlab._vocab was built from an older _vocab.c (version {getattr(_vocab, 'VERSION', None)}, "
+                  f"expected {KERNEL_VERSION}): using torch's slower path; rebuild it with `pip install -e .` "
+                  f"(make setup does)", RuntimeWarning, stacklevel=1)
+    _vocab = None
 _PENDING_MIN = 1 << 16  # sparse: new pairs are merged into the main arrays once this many (or 1/4 of them)
 _SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_][A-Za-z0-9_]*\])$")   # <pad>, <bos>, [CLS], [SEP], [unused0]
 
@@ -195,9 +209,15 @@ def _scatter_batch(sum_t: torch.Tensor, ce_t: torch.Tensor, tok_bn: torch.Tensor
         groups = [(idx, torch.gather(inv_keys_bn, 1, query_bt).reshape(-1))]
     else:
         idx = (tok_bn[:, :, None] * side + tok_bn[:, None, :]).reshape(-1)
-        groups = _histogram_pairs(tok_bn, valid_bn, side - 1, upper=sym_t is not None)
-        if sym_t is not None:
-            ce_t = sym_t
+        target = ce_t if sym_t is None else sym_t
+        if _vocab is not None:
+            # each sorted row's histogram pairs in one compiled loop (_vocab.c)
+            _vocab.histogram_pairs(torch.view_as_real(target).numpy(), tok_bn.sort(dim=1).values.numpy(), side,
+                                   sym_t is not None)
+            groups = []
+        else:
+            groups = _histogram_pairs(tok_bn, valid_bn, side - 1, upper=sym_t is not None)
+        ce_t = target
     w64 = weights.to(torch.float64)
     if w64.dim() == 2:
         sum_t[0].scatter_add_(0, idx, w64.reshape(-1))

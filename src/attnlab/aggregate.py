@@ -58,6 +58,8 @@ AUTO_DENSE_BYTES = 64 * 2 ** 20
 MAX_DENSE_BYTES = 2 * 2 ** 30
 """Default ``max_dense_bytes``: the largest dense array one call may allocate."""
 _BYTES_PER_PAIR = 96   # sparse: a batch is reduced in dense tables of at most this many bytes per pair
+_PENDING_MIN = 1 << 16  # sparse: new pairs are merged into the main arrays once this many (or 1/4 of them)
+_SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_][A-Za-z0-9_]*\])$")   # <pad>, <bos>, [CLS], [SEP], [unused0]
 
 #: The version of _vocab.c this code expects (its KERNEL_VERSION).
 KERNEL_VERSION = 1
@@ -72,8 +74,6 @@ if _vocab is not None and getattr(_vocab, "VERSION", None) != KERNEL_VERSION:
                   f"expected {KERNEL_VERSION}): using torch's slower path; rebuild it with `pip install -e .` "
                   f"(make setup does)", RuntimeWarning, stacklevel=1)
     _vocab = None
-_PENDING_MIN = 1 << 16  # sparse: new pairs are merged into the main arrays once this many (or 1/4 of them)
-_SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_][A-Za-z0-9_]*\])$")   # <pad>, <bos>, [CLS], [SEP], [unused0]
 
 
 class TableTooLarge(MemoryError):

@@ -1,5 +1,5 @@
-"""The compiled histogram pairs of VocabAttention (src/attnlab/_vocab.c) against a literal
-loop over position pairs, and its refusals. (VocabAttention with and without it:
+"""The compiled count/expected loops of VocabAttention (src/attnlab/_vocab.c) against a
+literal loop over position pairs, and their refusals. (VocabAttention with and without it:
 tests/test_aggregate.py, fixture ``pairs_kernel``.)"""
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ needs_kernel = pytest.mark.skipif(aggregate._vocab is None, reason="attnlab._voc
                                                                    "pip install -e .); VocabAttention uses torch's path")
 
 
-def literal_tables(tokens: np.ndarray, side: int, upper: bool) -> np.ndarray:
+def literal_tables(tokens: np.ndarray, side: int, upper: bool = False, causal: bool = False) -> np.ndarray:
     """count + i·expected [side, side] by a loop over every (query, key) position pair of
-    each row; ids below the sink (side - 1) are valid; ``upper``: only cells q <= k."""
+    each row; ids below the sink (side - 1) are valid; ``upper``: only cells q <= k;
+    ``causal``: only keys at or before the query."""
     table = np.zeros((side, side), np.complex128)
     for row in tokens.tolist():
-        valid = [t for t in row if t != side - 1]
-        for q in valid:
-            for k in valid:
-                if not upper or q <= k:
-                    table[q, k] += 1 + 1j / len(valid)
+        for i, q in enumerate(row):
+            keys = [k for j, k in enumerate(row) if k != side - 1 and (j <= i or not causal)]
+            for k in keys:
+                if q != side - 1 and (not upper or q <= k):
+                    table[q, k] += 1 + 1j / len(keys)
     return table
 
 
@@ -55,6 +56,31 @@ def test_pairs_equal_a_loop_over_positions(side, upper):
 
 
 @needs_kernel
+@pytest.mark.parametrize("side", [2, 7, 301])
+def test_causal_pairs_equal_a_loop_over_positions(side):
+    rng = np.random.default_rng(side)
+    tokens = rng.integers(0, side, size=(9, 23))                # the sink anywhere (masked positions)
+    tokens[0], tokens[1] = 0, side - 1                          # one id only; nothing valid
+    start = rng.random((side, side)) + 1j * rng.random((side, side))
+    table = torch.as_tensor(start.copy()).reshape(-1)
+    aggregate._vocab.causal_pairs(torch.view_as_real(table).numpy(), tokens, side)
+    got = table.numpy().reshape(side, side) - start
+    want = literal_tables(tokens, side, causal=True)
+    np.testing.assert_allclose(got.real, want.real, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got.imag, want.imag, rtol=1e-12, atol=1e-12)
+    assert not got[-1].any() and not got[:, -1].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("row", [[0, 1, 5, 2], [3, -1, 0, 4]])
+def test_causal_rows_with_ids_out_of_range_are_refused(row):
+    tokens = np.array([[4, 1, 0, 1], row], dtype=np.int64)
+    table = torch.zeros(25, dtype=torch.complex128)
+    with pytest.raises(ValueError, match=r"causal_pairs: tokens row 1 has an id outside \[0, 4\]"):
+        aggregate._vocab.causal_pairs(torch.view_as_real(table).numpy(), tokens, 5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("row, why", [
     ([0, 2, 1, 4], "not sorted"),
     ([0, 1, 4, 2], "an id after the sink"),
@@ -75,6 +101,8 @@ def test_bad_buffers_are_refused_with_what_was_expected():
     table = torch.view_as_real(torch.zeros(16, dtype=torch.complex128)).numpy()
     with pytest.raises(ValueError, match=r"ce must be float64 \[side\^2, 2\] = 400 bytes for side 5; got 256 bytes"):
         aggregate._vocab.histogram_pairs(table, tokens, 5, False)
+    with pytest.raises(ValueError, match=r"causal_pairs: ce must be float64 \[side\^2, 2\] = 400 bytes"):
+        aggregate._vocab.causal_pairs(table, tokens, 5)
     with pytest.raises(ValueError, match=r"ce must be float64 .* of format f"):
         aggregate._vocab.histogram_pairs(np.zeros(32, np.float32), tokens, 4, False)
     with pytest.raises(ValueError, match=r"tokens must be int64 \[B, N\]; got format i, 2 dimensions"):
@@ -96,7 +124,7 @@ def test_a_kernel_built_from_an_older_source_is_refused_with_a_warning():
             "    import attnlab.aggregate as a\n"
             "print(a._vocab is None, [str(w.message) for w in seen if w.category is RuntimeWarning])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("True [\"attnlab._vocab was built from an older _vocab.c (version None, expected 1)"), out
+    assert out.startswith("True [\"attnlab._vocab was built from an older _vocab.c (version None, expected 2)"), out
     assert "rebuild it with `pip install -e .`" in out
     if aggregate._vocab is not None:
         assert aggregate._vocab.VERSION == aggregate.KERNEL_VERSION

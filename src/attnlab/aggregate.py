@@ -62,8 +62,8 @@ _PENDING_MIN = 1 << 16  # sparse: new pairs are merged into the main arrays once
 _SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_][A-Za-z0-9_]*\])$")   # <pad>, <bos>, [CLS], [SEP], [unused0]
 
 #: The version of _vocab.c this code expects (its KERNEL_VERSION).
-KERNEL_VERSION = 1
-try:                              # the compiled histogram pairs (_vocab.c), built by pip install
+KERNEL_VERSION = 2
+try:                              # the compiled count/expected loops (_vocab.c), built by pip install
     from attnlab import _vocab
 except ImportError:               # no C compiler at install: torch's gathers and scatter
     _vocab = None
@@ -201,12 +201,17 @@ def _scatter_batch(sum_t: torch.Tensor, ce_t: torch.Tensor, tok_bn: torch.Tensor
         query_bt = query_of_pair.expand(b, -1)      # (gather beats index_select on dim 1)
         idx = torch.gather(tok_bn, 1, query_bt).mul_(side)
         idx = idx.add_(torch.gather(tok_bn, 1, key_of_pair.expand(b, -1))).reshape(-1)
-        n_keys_bn = (torch.arange(1, n + 1).expand(b, n) if valid_bn is None
-                     else valid_bn.cumsum(dim=1))
-        # count + i·expected of each pair: 1 + i / (valid keys of its query)
-        inv_keys_bn = torch.complex(torch.ones(b, n, dtype=torch.float64),
-                                    1.0 / n_keys_bn.clamp_min(1).to(torch.float64))
-        groups = [(idx, torch.gather(inv_keys_bn, 1, query_bt).reshape(-1))]
+        if _vocab is not None:
+            # each row's valid pairs in one compiled loop (_vocab.c), masked pairs skipped
+            _vocab.causal_pairs(torch.view_as_real(ce_t).numpy(), tok_bn.contiguous().numpy(), side)
+            groups = []
+        else:
+            n_keys_bn = (torch.arange(1, n + 1).expand(b, n) if valid_bn is None
+                         else valid_bn.cumsum(dim=1))
+            # count + i·expected of each pair: 1 + i / (valid keys of its query)
+            inv_keys_bn = torch.complex(torch.ones(b, n, dtype=torch.float64),
+                                        1.0 / n_keys_bn.clamp_min(1).to(torch.float64))
+            groups = [(idx, torch.gather(inv_keys_bn, 1, query_bt).reshape(-1))]
     else:
         idx = (tok_bn[:, :, None] * side + tok_bn[:, None, :]).reshape(-1)
         target = ce_t if sym_t is None else sym_t

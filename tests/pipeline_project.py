@@ -142,6 +142,10 @@ def make_project(tmp_path_factory, experiments: list[str], externals: list[str] 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    # two projects run at once (one per pytest worker) beside other tests: a stage on one
+    # intra-op thread, not torch's default of one per core (four threads on two cores made
+    # each project's first repro ~30 s longer)
+    env["ATTNLAB_NUM_THREADS"] = "1"
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("ATTNLAB_ROOT", None)
     env["PYTHONPATH"] = str(repo / "src")     # the copy's code, not the editable install's

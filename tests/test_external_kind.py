@@ -184,7 +184,7 @@ def test_own_model_pipeline_example_runs_as_written(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "ATTNLAB_ROOT")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com")
+               GIT_COMMITTER_EMAIL="t@example.com", ATTNLAB_NUM_THREADS="1")   # beside the other worker's tests
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True)
     import docblocks

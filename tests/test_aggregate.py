@@ -80,8 +80,8 @@ def sparse(request, monkeypatch):
 
 @pytest.fixture(params=["compiled", "torch"])
 def pairs_kernel(request, monkeypatch):
-    """The non-causal count/expected by the compiled loop (attnlab._vocab, _vocab.c) and by
-    torch's gathers and scatter (the path without a C compiler)."""
+    """The count/expected by the compiled loops (attnlab._vocab, _vocab.c) and by torch's
+    gathers and scatter (the path without a C compiler)."""
     if request.param == "compiled" and aggregate._vocab is None:
         pytest.skip("attnlab._vocab was not built (no C compiler at pip install -e .); torch's path is tested alone")
     if request.param == "torch":

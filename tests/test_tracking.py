@@ -1,4 +1,6 @@
 """MLflow tracking: one complete run per pipeline state, through SQLite and a real server."""
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -183,3 +185,52 @@ def test_dirty_means_a_tracked_file_changed_not_what_dvc_writes(tmp_path):
     assert provenance_tags(tmp_path, "motion")["git.dirty"] == "False"
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert provenance_tags(tmp_path, "motion")["git.dirty"] == "True"
+
+
+@pytest.mark.parametrize("loader", ["CSafeLoader", "SafeLoader"])
+def test_dvc_lock_tags_are_the_experiments_outs_digests(tmp_path, monkeypatch, loader):
+    """`dvc.lock.<stage>` (MLflow tags): the MD5 of the JSON of the stage's `outs` in
+    dvc.lock, for this experiment's stages only -- the same with libyaml's parser (used
+    where PyYAML has it) and PyYAML's own."""
+    import yaml
+
+    import attnlab.tracking as tracking
+
+    if not hasattr(yaml, loader):
+        pytest.skip(f"PyYAML was built without libyaml: no yaml.{loader}")
+    monkeypatch.setattr(tracking, "_LOCK_LOADER", getattr(yaml, loader))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\n"
+        "stages:\n"
+        "  train@motion:\n"
+        "    cmd: python stages/train.py motion\n"
+        "    outs:\n"
+        "    - path: data/motion/train\n"
+        "      hash: md5\n"
+        "      md5: 0123456789abcdef0123456789abcdef.dir\n"
+        "      size: 1024\n"
+        "      nfiles: 3\n"
+        "  train@tokens:\n"
+        "    cmd: python stages/train.py tokens\n"
+        "    outs:\n"
+        "    - path: data/tokens/train\n"
+        "      md5: ffffffffffffffffffffffffffffffff.dir\n"
+        "  prepare@motion:\n"
+        "    cmd: python stages/prepare.py motion\n"
+        "    outs:\n"
+        "    - path: data/motion/prepare/data.npz\n"
+        "      md5: '00000000000000000000000000000001'\n"
+        "      size: 7\n"
+        "    - path: data/motion/prepare/meta.json\n"
+        "      md5: '12'\n")
+    train = [{"path": "data/motion/train", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir",
+              "size": 1024, "nfiles": 3}]
+    prepare = [{"path": "data/motion/prepare/data.npz", "md5": "00000000000000000000000000000001", "size": 7},
+               {"path": "data/motion/prepare/meta.json", "md5": "12"}]
+
+    def digest(outs):
+        return hashlib.md5(json.dumps(outs, sort_keys=True).encode()).hexdigest()[:12]
+
+    tags = {k: v for k, v in tracking.provenance_tags(tmp_path, "motion").items() if k.startswith("dvc.lock.")}
+    assert tags == {"dvc.lock.train": digest(train), "dvc.lock.prepare": digest(prepare)}

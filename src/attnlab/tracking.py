@@ -58,6 +58,10 @@ ERROR_TAG = "attnlab.error"
 RUNNING_TAG = "attnlab.running"
 #: ``attnlab.logged.<artifact dir>``: digest of the directory logged there (:func:`dir_digest`).
 LOGGED_TAG = "attnlab.logged."
+#: dvc.lock is read with libyaml's parser where PyYAML was built with it (the same objects
+#: as ``yaml.safe_load``): this project's 4,600-line lock takes 0.05 s instead of 0.41 s,
+#: paid by every stage that opens a live run, every ``track`` and the index page.
+_LOCK_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: MLflow 3's experiment kind (the UI's "Machine learning" vs "GenAI apps & agents").
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 #: The UI's own guesses, which an explicit kind replaces (a user's explicit choice stays).
@@ -132,7 +136,7 @@ def provenance_tags(root: Path, experiment: str) -> dict[str, str]:
             tags["mlflow.source.name"] = tags["mlflow.source.git.repoURL"] = remote
     lock = Path.cwd() / "dvc.lock"
     if lock.exists():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        stages = (yaml.load(lock.read_text(), Loader=_LOCK_LOADER) or {}).get("stages", {})
         for name, entry in stages.items():
             if name.endswith(f"@{experiment}"):
                 outs = json.dumps(entry.get("outs", []), sort_keys=True)

@@ -3,9 +3,6 @@ literal loop over position pairs, and their refusals. (VocabAttention with and w
 tests/test_aggregate.py, fixture ``pairs_kernel``.)"""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -111,20 +108,3 @@ def test_bad_buffers_are_refused_with_what_was_expected():
         aggregate._vocab.histogram_pairs(table, tokens[0], 4, False)
     with pytest.raises(ValueError, match="ce must be a C-contiguous writable buffer"):
         aggregate._vocab.histogram_pairs(bytes(256), tokens, 4, False)
-
-
-def test_a_kernel_built_from_an_older_source_is_refused_with_a_warning():
-    """An editable install keeps the .so of its last build after a pull that changed
-    _vocab.c: aggregate.py then warns and takes torch's path instead of trusting it."""
-    code = ("import sys, types, warnings\n"
-            "old = types.ModuleType('attnlab._vocab'); old.histogram_pairs = None\n"
-            "sys.modules['attnlab._vocab'] = old\n"
-            "with warnings.catch_warnings(record=True) as seen:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import attnlab.aggregate as a\n"
-            "print(a._vocab is None, [str(w.message) for w in seen if w.category is RuntimeWarning])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("True [\"attnlab._vocab was built from an older _vocab.c (version None, expected 2)"), out
-    assert "rebuild it with `pip install -e .`" in out
-    if aggregate._vocab is not None:
-        assert aggregate._vocab.VERSION == aggregate.KERNEL_VERSION

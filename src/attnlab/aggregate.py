@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from attnlab.io import compiled_kernel
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -63,17 +65,8 @@ _SPECIAL = re.compile(r"^(<[^<>\s]+>|\[[A-Za-z_][A-Za-z0-9_]*\])$")   # <pad>, <
 
 #: The version of _vocab.c this code expects (its KERNEL_VERSION).
 KERNEL_VERSION = 2
-try:                              # the compiled count/expected loops (_vocab.c), built by pip install
-    from attnlab import _vocab
-except ImportError:               # no C compiler at install: torch's gathers and scatter
-    _vocab = None
-if _vocab is not None and getattr(_vocab, "VERSION", None) != KERNEL_VERSION:
-    import warnings
-
-    warnings.warn(f"attnlab._vocab was built from an older _vocab.c (version {getattr(_vocab, 'VERSION', None)}, "
-                  f"expected {KERNEL_VERSION}): using torch's slower path; rebuild it with `pip install -e .` "
-                  f"(make setup does)", RuntimeWarning, stacklevel=1)
-    _vocab = None
+#: The compiled count/expected loops (_vocab.c); None: torch's gathers and scatter.
+_vocab = compiled_kernel("attnlab._vocab", KERNEL_VERSION)
 
 
 class TableTooLarge(MemoryError):

@@ -1,13 +1,17 @@
-"""Small file helpers shared by the stages: atomic outputs, JSON, datasets."""
+"""Small helpers shared by the stages and the library: atomic outputs, JSON, datasets, the
+compiled kernels."""
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 import numpy as np
@@ -165,6 +169,27 @@ def save_arrays(path: str | Path, *, compress: bool = True, **arrays: np.ndarray
 def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def compiled_kernel(name: str, expected: int, unversioned: int | None = None) -> ModuleType | None:
+    """The C extension ``name`` (``attnlab.explain._fused``, ``attnlab._vocab``: built by
+    ``pip install -e .`` from the ``.c`` file of the same name), or None when the caller
+    must take torch's path: not built (no C compiler at install), or built from an older
+    source -- its ``VERSION`` (``unversioned`` when it has none) is not ``expected``, the
+    caller's ``KERNEL_VERSION`` -- which warns: an editable install keeps the ``.so`` of its
+    last build after a pull that changed the source."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    version = getattr(module, "VERSION", unversioned)
+    if version != expected:
+        source = name.rpartition(".")[2] + ".c"
+        warnings.warn(f"{name} was built from an older {source} (version {version}, expected {expected}): "
+                      f"using torch's slower path; rebuild it with `pip install -e .` (make setup does)",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return module
 
 
 def exit_now(status: int = 0) -> None:

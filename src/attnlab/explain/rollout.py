@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attnlab.io import compiled_kernel
+
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
@@ -229,17 +231,9 @@ CHUNK_BYTES = 4 << 20
 
 #: The version of _fused.c this code expects (its KERNEL_VERSION).
 KERNEL_VERSION = 2
-try:                              # the compiled head sum + check (_fused.c), built by pip install
-    from attnlab.explain import _fused
-except ImportError:               # no C compiler at install: torch's sum and a second, cached pass
-    _fused = None
-if _fused is not None and getattr(_fused, "VERSION", None) != KERNEL_VERSION:
-    import warnings
-
-    warnings.warn(f"attnlab.explain._fused was built from an older _fused.c (version "
-                  f"{getattr(_fused, 'VERSION', 1)}, expected {KERNEL_VERSION}): using torch's slower path; "
-                  f"rebuild it with `pip install -e .` (make setup does)", RuntimeWarning, stacklevel=1)
-    _fused = None
+#: The compiled head sum + check (_fused.c; a build before version 2 has no VERSION);
+#: None: torch's sum and a second, cached pass.
+_fused = compiled_kernel("attnlab.explain._fused", KERNEL_VERSION, unversioned=1)
 _FUSED_DTYPES = (torch.float32, torch.float64)
 #: Inputs of at least this many entries are split across torch's intra-op threads.
 _FUSED_THREADED = 1 << 22
